@@ -1,0 +1,60 @@
+"""Shared pytest fixtures.
+
+* ``shared_data_dir``: the sample datasets (``../shared/data`` beside the repository, or ``$EDITLENS_SHARED_DATA``).
+* ``smollm``: the embedded SmolLM2-135M-Instruct, loaded once per session (integration tests).
+* ``tiny_llama`` / ``tiny_gpt2``: randomly initialised tiny models built from a config (unit tests).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path | None:
+    env = os.environ.get("EDITLENS_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    d = _shared_data()
+    if d is None:
+        pytest.skip("shared sample data not found (set EDITLENS_SHARED_DATA)")
+    return d
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    import editlens
+
+    return editlens.load_model("smollm2-135m")
+
+
+@pytest.fixture()
+def tiny_llama():
+    import editlens
+
+    return editlens.load_model("tiny-llama")
+
+
+@pytest.fixture()
+def tiny_gpt2():
+    import editlens
+
+    return editlens.load_model("tiny-gpt2")
