@@ -1,0 +1,109 @@
+"""Editing speed: ROME s/edit, MEMIT 100-case batch, AlphaEdit s/sequential edit, statistics one-pass vs per-layer.
+
+``python -m benchmarks.bench_edit [--device cpu|cuda] [--model NAME] [--quick]`` prints and returns flat figures:
+
+* ``edit.stats_s_per_layer`` — second moments, all layers recorded in one forward pass per batch, per layer;
+* ``edit.stats_per_layer_pass_s_per_layer`` — the naive baseline (one forward pass per layer), same corpus;
+* ``edit.stats_one_pass_speedup`` — their ratio, measured in the same run;
+* ``edit.rome_s_per_edit``, ``edit.memit_batch100_s`` (``batch10`` with ``quick``), ``edit.alphaedit_s_per_seq_edit``.
+
+Statistics are computed without the disk cache (``use_cache=False``) so that both modes do the same work; the
+edits use a small model-sampled corpus cached once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+
+def _cases(n: int):
+    try:
+        from editlens.data import synthetic_cases
+
+        cases = list(synthetic_cases(n, seed=0))
+        if len(cases) >= n:
+            return cases[:n]
+    except Exception:  # noqa: BLE001 - the synthetic generator is optional here
+        pass
+    from editlens.data.schema import Rewrite, make_case
+
+    cities = ["Paris", "Rome", "Berlin", "Madrid", "Vienna", "Tokyo", "Lisbon", "Oslo", "Cairo", "Lima"]
+    return [make_case(f"b{i}", Rewrite("{} lives in the city of", f"Person Number {i}", cities[i % len(cities)]))
+            for i in range(n)]
+
+
+def _sync(dev) -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, dtype: str | None = None
+        ) -> dict[str, float]:
+    """Run the editing benchmark; returns ``{figure: value}`` (seconds / ratios)."""
+    import editlens
+    from editlens.edit import edit, edit_sequential
+    from editlens.edit.stats import second_moment
+
+    lm = editlens.load_model(model, device=device, dtype=dtype)
+    out: dict[str, float] = {}
+    tmp = tempfile.mkdtemp(prefix="editlens-bench-")
+    os.environ.setdefault("EDITLENS_STATS_DIR", tmp)
+    layers = list(range(min(4, lm.n_layers - 1), min(9, lm.n_layers)))
+    docs = [f"Document {i}: the quick brown fox number {i} jumps over the lazy dog near river {i % 7}. " * 8
+            for i in range(16 if quick else 64)]
+    kw = dict(corpus=docs, n_samples=len(docs), max_length=128, use_cache=False, progress=False)
+    _sync(device)
+    t0 = time.perf_counter()
+    second_moment(lm, layers, one_pass=True, **kw)
+    _sync(device)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    second_moment(lm, layers, one_pass=False, **kw)
+    _sync(device)
+    per = time.perf_counter() - t0
+    out["edit.stats_s_per_layer"] = one / len(layers)
+    out["edit.stats_per_layer_pass_s_per_layer"] = per / len(layers)
+    out["edit.stats_one_pass_speedup"] = per / one
+    fast = dict(stats_n_samples=32 if quick else 128, stats_max_length=64)
+    # warm the statistics/prefix cache once so the timings below measure editing only
+    edit(lm, _cases(1), "memit", **fast).undo()
+    n_rome = 2 if quick else 5
+    t0 = time.perf_counter()
+    for c in _cases(n_rome):
+        e = edit(lm, [c], "rome", **fast)
+        e.undo()
+    _sync(device)
+    out["edit.rome_s_per_edit"] = (time.perf_counter() - t0) / n_rome
+    n_batch = 10 if quick else 100
+    t0 = time.perf_counter()
+    e = edit(lm, _cases(n_batch), "memit", **fast)
+    _sync(device)
+    out[f"edit.memit_batch{n_batch}_s"] = time.perf_counter() - t0
+    e.undo()
+    n_seq = 3 if quick else 20
+    t0 = time.perf_counter()
+    run_ = edit_sequential(lm, _cases(n_seq), "alphaedit", batch_size=1, **fast)
+    _sync(device)
+    out["edit.alphaedit_s_per_seq_edit"] = (time.perf_counter() - t0) / n_seq
+    run_.undo()
+    for k, v in out.items():
+        print(f"{k:<42} {v:10.4f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    run(device=a.device, model=a.model, quick=a.quick, dtype=a.dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,590 @@
+"""The editing API: typed hyperparameters, reversible :class:`Edit` handles, the :class:`Editor` registry.
+
+Every editing method is an :class:`Editor` subclass registered by name with :func:`register_method` in its own
+module (``editlens/edit/<method>.py``) and has a typed :class:`HParams` dataclass with per-architecture
+defaults. Users call :func:`edit` (one batch) or :func:`edit_sequential` (batch after batch).
+
+Writing a method (contract for implementers)
+--------------------------------------------
+``apply(lm, cases, hparams, *, evk_align=None, progress=True, sequence=None) -> Edit``
+
+* Weight-editing methods compute their deltas and finish with :meth:`Editor.weight_edit`, which saves every
+  touched tensor once in a :class:`WeightSnapshot` (the run's snapshot when ``sequence`` is given), adds the
+  deltas in place, calls ``lm.push_state(tag)`` so ``lm.fingerprint`` reflects the new weights, and returns an
+  :class:`Edit` whose ``system`` is a :class:`~editlens.evaluate.system.ModelSystem`.
+* Wrapper methods (GRACE, WISE, IKE, SCR) build ``Edit(system=<WrappedSystem>, ..., on_undo=...)`` themselves.
+* ``sequence`` is the per-run :class:`SequenceState` made by :meth:`Editor.begin_sequence` when the edit is
+  one step of :func:`edit_sequential`. Methods that accumulate state across steps (AlphaEdit's previous keys,
+  EMMET, PRUNE, GRACE codebooks...) keep it in ``sequence.data`` (fixed-size tensors, never per-step lists),
+  and wrapper methods set ``sequence.on_undo`` (a single callable, replaced at every step) to remove what the
+  whole run added. In sequence mode the returned step :class:`Edit` is not undoable by itself: the run's
+  :class:`Edit` from :func:`edit_sequential` is.
+* ``evk_align``: optional EVK-Align regulariser (see :mod:`editlens.edit.locate`, ``extra_loss``); methods
+  that optimise values pass it to :func:`editlens.edit.locate.compute_values` and record
+  ``diagnostics["evk_align"]`` (:func:`evk_settings`).
+* Diagnostics are plain Python scalars: ``"delta_norm/<layer>"`` (Frobenius ||ΔW||), ``"dk_norm/<layer>"``
+  (||ΔW K0|| on preserved keys, see :mod:`editlens.edit.stats`), ``"loss/..."``, ``"wall_time_s"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field, fields, replace as dc_replace
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
+
+import torch
+
+from editlens.errors import HParamsError, MethodError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editlens.data.schema import EditCase
+    from editlens.evaluate.system import ModelSystem, System
+    from editlens.lm.load import LM
+
+H = TypeVar("H", bound="HParams")
+
+#: model-name fragments recognised for per-model defaults (checked in this order, lower-case substring match)
+_MODEL_KEYS = ("smollm2-135m", "smollm2", "gpt2-xl", "gpt2-large", "gpt2-medium", "gpt-j", "gptj", "llama-3",
+               "llama3", "llama-2", "llama", "qwen2.5", "qwen2", "mistral", "gemma")
+
+
+def model_keys(lm: "LM") -> list[str]:
+    """Lookup keys for per-architecture defaults, most specific first.
+
+    ``tiny`` for the built-in random models, then recognised fragments of the model name (e.g.
+    ``"smollm2-135m"``, ``"gpt2-xl"``), then the architecture family (``gpt2``, ``gptj``, ``llama``, ``qwen2``,
+    ...), then ``"default"``.
+    """
+    name = str(getattr(lm, "name", "")).lower()
+    keys: list[str] = []
+    if name.startswith("tiny-"):
+        keys.append("tiny")
+    keys += [k for k in _MODEL_KEYS if k in name]
+    fam = lm.arch.family
+    keys.append(fam)
+    if fam in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo"):
+        keys.append("llama")  # llama-like blocks share the llama defaults unless a method says otherwise
+    keys.append("default")
+    return keys
+
+
+@dataclass
+class HParams:
+    """Base class of every method's typed hyperparameters.
+
+    Subclasses are dataclasses whose field defaults are the generic defaults, plus an optional class
+    attribute ``ARCH_DEFAULTS: dict[key, dict | Callable[[LM], dict]]`` keyed by the strings of
+    :func:`model_keys` (``"tiny"``, ``"smollm2-135m"``, ``"gpt2-xl"``, ``"gptj"``, ``"llama"``...): the first key
+    that matches the model gives its overrides. ``method`` (class attribute) names the method in error messages.
+    """
+
+    method: ClassVar[str] = "?"
+    ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def for_model(cls: type[H], lm: "LM") -> H:
+        """Defaults for ``lm``'s architecture (see ``ARCH_DEFAULTS``), validated."""
+        hp = cls()
+        for key in model_keys(lm):
+            if key in cls.ARCH_DEFAULTS:
+                over = cls.ARCH_DEFAULTS[key]
+                if callable(over):
+                    over = over(lm)
+                hp = hp.replace(**dict(over))
+                break
+        hp = hp._resolve(lm)
+        return hp
+
+    def _resolve(self: H, lm: "LM") -> H:
+        """Hook: fill values that depend on the model (e.g. layer lists relative to ``n_layers``)."""
+        return self
+
+    def replace(self: H, **overrides: Any) -> H:
+        """A copy with ``overrides`` applied.
+
+        Raises:
+            HParamsError: an unknown key (naming it, the method and the valid keys) or an invalid value.
+        """
+        names = self.field_names()
+        for key in overrides:
+            if key not in names:
+                raise HParamsError(
+                    f"unknown hyperparameter {key!r} for method {self.method!r}; valid keys: {', '.join(sorted(names))}")
+        clean = {k: _coerce(self.method, k, getattr(self, k), v) for k, v in overrides.items()}
+        new = dc_replace(self, **clean)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Hook: raise :class:`HParamsError` naming the key when a value is invalid."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(method: str, key: str, current: Any, value: Any) -> Any:
+    """Light type coercion for values read from TOML/YAML/CLI (ints for floats, lists for tuples)."""
+    if value is None or current is None:
+        return value
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if isinstance(current, float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(current, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(current, (tuple, list)):
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            if current and isinstance(current[0], int):
+                value = [int(v) for v in value]
+            return type(current)(value)
+        if isinstance(current, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise HParamsError(f"hyperparameter {key!r} of method {method!r}: expected a value like {current!r}, "
+                           f"got {value!r}") from None
+    return value
+
+
+class WeightSnapshot:
+    """Copies of tensors taken before their first modification, restored bit for bit.
+
+    ``save`` clones a tensor only the first time its name is seen (also across the steps of a sequential run),
+    so memory is one copy per touched tensor whatever the number of edits.
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def save(self, name: str, param: torch.Tensor) -> None:
+        if name not in self._saved:
+            self._saved[name] = (param, param.detach().clone())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._saved
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._saved)
+
+    def original(self, name: str) -> torch.Tensor:
+        """The saved (original) value of ``name``."""
+        return self._saved[name][1]
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(live tensor, saved original)`` pairs (used by :meth:`editlens.lm.LM.state_view`)."""
+        return list(self._saved.values())
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy every saved tensor back in place (bit for bit)."""
+        for param, saved in self._saved.values():
+            param.copy_(saved)
+
+    def clear(self) -> None:
+        self._saved.clear()
+
+
+@dataclass
+class SequenceState:
+    """Per-run state of a sequential editing run (made by :meth:`Editor.begin_sequence`).
+
+    Attributes:
+        snapshot: the run's snapshot (each tensor cloned once for the whole run).
+        step: number of batches applied so far.
+        n_edits: number of cases applied so far.
+        data: method-specific accumulated state (fixed-size tensors, e.g. AlphaEdit's ``K_p K_pᵀ`` per layer).
+        tag: the current fingerprint tag of the run (replaced at every step; see :func:`edit_sequential`).
+        on_undo: optional callable run by the run's :meth:`Edit.undo` (wrapper methods).
+        seed: base seed of the run.
+    """
+
+    snapshot: WeightSnapshot = field(default_factory=WeightSnapshot)
+    step: int = 0
+    n_edits: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    tag: str | None = None
+    on_undo: Callable[[], None] | None = None
+    seed: int = 0
+
+
+class Edit:
+    """A reversible edit.
+
+    Attributes:
+        system: the edited system (a ModelSystem for weight edits, a WrappedSystem for GRACE/WISE/IKE/SCR).
+        method: the method name.
+        cases: the cases applied (for a sequential run: all of them).
+        hparams: the hyperparameters used.
+        diagnostics: plain scalars (``delta_norm/<layer>``, ``dk_norm/<layer>``, ``loss/...``, ``wall_time_s``, ...).
+    """
+
+    def __init__(self, system: "System", method: str, cases: Sequence["EditCase"], hparams: HParams,
+                 diagnostics: dict[str, Any] | None = None, *, lm: "LM | None" = None,
+                 snapshot: WeightSnapshot | None = None, tag: str | None = None,
+                 on_undo: Callable[[], None] | None = None, undoable: bool = True):
+        self.system = system
+        self.method = method
+        self.cases = list(cases)
+        self.hparams = hparams
+        self.diagnostics: dict[str, Any] = dict(diagnostics or {})
+        self.lm = lm
+        self._snapshot = snapshot
+        self.tag = tag
+        self._on_undo = on_undo
+        self._undoable = undoable
+        self.undone = False
+
+    def undo(self) -> None:
+        """Restore every touched tensor bit for bit (and ``lm.pop_state``); a second call does nothing.
+
+        Raises:
+            MethodError: this is one step of a sequential run (undo the run's Edit), or a later weight edit
+                of the same model is still applied (undo that one first).
+        """
+        if self.undone:
+            return
+        if not self._undoable:
+            raise MethodError(f"this {self.method} edit is one step of a sequential run; undo the Edit returned by "
+                              "edit_sequential instead")
+        if self.lm is not None and self.tag is not None:
+            stack = getattr(self.lm, "_state", [])
+            if self.tag in stack and stack[-1] != self.tag:
+                raise MethodError(f"cannot undo this {self.method} edit while a later edit of the same model is "
+                                  f"applied ({stack[-1]!r}); undo edits in reverse order")
+        if self._snapshot is not None:
+            self._snapshot.restore()
+            self._snapshot.clear()
+        if self._on_undo is not None:
+            self._on_undo()
+        if self.lm is not None and self.tag is not None:
+            self.lm.pop_state(self.tag)
+        self.undone = True
+
+    def __repr__(self) -> str:
+        return f"Edit(method={self.method!r}, cases={len(self.cases)}, undone={self.undone})"
+
+
+class Editor:
+    """Base class of editing methods (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = "?"
+    hparams_class: ClassVar[type[HParams]] = HParams
+
+    def default_hparams(self, lm: "LM") -> HParams:
+        return self.hparams_class.for_model(lm)
+
+    def begin_sequence(self, lm: "LM", hparams: HParams, *, seed: int = 0) -> SequenceState:
+        """Create the per-run state of a sequential run (override to pre-fill ``data``)."""
+        return SequenceState(seed=seed)
+
+    def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
+              progress: bool = True, sequence: SequenceState | None = None) -> Edit:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helper for weight edits
+    @staticmethod
+    def snapshot_for(sequence: SequenceState | None) -> WeightSnapshot:
+        """The snapshot to save tensors in: the run's when ``sequence`` is given, else a new one."""
+        return sequence.snapshot if sequence is not None else WeightSnapshot()
+
+    @staticmethod
+    def add_now(lm: "LM", snapshot: WeightSnapshot, module_name: str, delta: torch.Tensor) -> None:
+        """Save the module's weight in ``snapshot`` (first time only) and add ``delta`` ``[out, in]`` in place.
+
+        For methods whose later steps must see earlier updates (MEMIT's layer after layer, ROME's fact after fact);
+        finish with ``weight_edit(..., snapshot=snapshot, applied=True)``.
+        """
+        from editlens.lm.arch import add_delta, weight_param
+
+        module = lm.module(module_name)
+        snapshot.save(module_name, weight_param(module))
+        add_delta(module, delta)
+
+    def weight_edit(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams,
+                    deltas: Mapping[str, torch.Tensor], diagnostics: dict[str, Any] | None = None,
+                    sequence: SequenceState | None = None, *, snapshot: WeightSnapshot | None = None,
+                    applied: bool = False) -> Edit:
+        """Add ``deltas`` (``{module path: ΔW [out, in]}``) to the weights and return the reversible :class:`Edit`.
+
+        Each module's weight is saved once in the snapshot (the run's when ``sequence`` is given) before it is
+        modified. With ``applied=True`` the deltas were already added with :meth:`add_now` into ``snapshot`` and
+        are only used for the fingerprint. The fingerprint tag is a hash of the method, the hyperparameters, the
+        cases and the deltas' float64 sums, so the same edit of the same weights gives the same fingerprint.
+        """
+        from editlens.evaluate.system import ModelSystem
+        from editlens.lm.arch import add_delta, weight_param
+
+        snap = snapshot if snapshot is not None else self.snapshot_for(sequence)
+        h = hashlib.sha256(f"{self.name}|{hparams!r}|".encode())
+        for c in cases:
+            for r in c.rewrites:
+                h.update(f"{c.case_id}|{r.prompt}|{r.subject}|{r.target_new}".encode())
+        sums = []
+        for name, delta in deltas.items():
+            if not applied:
+                module = lm.module(name)
+                snap.save(name, weight_param(module))
+                add_delta(module, delta)
+            d64 = delta.detach().double()
+            sums.append(torch.stack([d64.sum(), (d64 * d64).sum()]))
+        if sums:
+            h.update(torch.stack(sums).cpu().numpy().tobytes())
+        tag = f"{self.name}:{h.hexdigest()[:16]}"
+        if sequence is not None:
+            # edit_sequential pushes the run's state and replaces this system by one pinned to it
+            return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, tag=tag, undoable=False)
+        lm.push_state(tag, snap)
+        return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, snapshot=snap, tag=tag)
+
+
+_METHODS: dict[str, type[Editor]] = {}
+#: modules imported on demand to find a method that is not registered yet
+_BUILTIN_MODULES = {
+    "rome": "editlens.edit.rome", "memit": "editlens.edit.memit", "alphaedit": "editlens.edit.alphaedit",
+    "emmet": "editlens.edit.emmet", "ft": "editlens.edit.ft", "ft-l": "editlens.edit.ft", "ft-m": "editlens.edit.ft",
+    "rect": "editlens.edit.rect", "prune": "editlens.edit.prune", "pmet": "editlens.edit.pmet",
+    "grace": "editlens.edit.grace", "wise": "editlens.edit.wise", "ike": "editlens.edit.ike", "scr": "editlens.edit.scr",
+}
+
+
+def register_method(name: str) -> Callable[[type[Editor]], type[Editor]]:
+    """Class decorator registering an :class:`Editor` under ``name`` (lower case)."""
+    key = name.lower()
+
+    def deco(cls: type[Editor]) -> type[Editor]:
+        if not (isinstance(cls, type) and issubclass(cls, Editor)):
+            raise MethodError(f"register_method({name!r}) must decorate an Editor subclass")
+        cls.name = key
+        if getattr(cls.hparams_class, "method", "?") == "?":
+            cls.hparams_class.method = key
+        _METHODS[key] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin(key: str) -> None:
+    import importlib
+
+    mod = _BUILTIN_MODULES.get(key)
+    if mod is None:
+        return
+    try:
+        importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name != mod:  # a real missing dependency inside the module
+            raise
+
+
+def registered_methods() -> list[str]:
+    """Names of the registered methods (importing the built-in method modules that exist)."""
+    for key in list(_BUILTIN_MODULES):
+        if key not in _METHODS:
+            _load_builtin(key)
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Editor]:
+    """The :class:`Editor` class registered as ``name``.
+
+    Raises:
+        MethodError: unknown name (listing the registered names).
+    """
+    key = str(name).lower()
+    if key not in _METHODS:
+        _load_builtin(key)
+    if key not in _METHODS:
+        raise MethodError(f"unknown editing method {name!r}; registered methods: {', '.join(registered_methods())}")
+    return _METHODS[key]
+
+
+def evk_settings(evk_align: Any) -> Any:
+    """What to record as ``diagnostics["evk_align"]``: ``None``, the object's ``settings()``/``to_dict()``, or repr."""
+    if evk_align is None:
+        return None
+    for attr in ("settings", "to_dict"):
+        fn = getattr(evk_align, attr, None)
+        if callable(fn):
+            return fn()
+    return repr(evk_align)
+
+
+def _resolve_hparams(editor: Editor, lm: "LM", hparams: HParams | Mapping[str, Any] | None,
+                     overrides: Mapping[str, Any]) -> HParams:
+    if hparams is None:
+        hp = editor.default_hparams(lm)
+    elif isinstance(hparams, Mapping):
+        hp = editor.default_hparams(lm).replace(**dict(hparams))
+    elif isinstance(hparams, editor.hparams_class):
+        hp = hparams
+    else:
+        raise HParamsError(f"method {editor.name!r} expects {editor.hparams_class.__name__}, got "
+                           f"{type(hparams).__name__}")
+    if overrides:
+        hp = hp.replace(**dict(overrides))
+    else:
+        hp.validate()
+    return hp
+
+
+def _check_cases(cases: Any) -> list["EditCase"]:
+    from editlens.data.schema import EditCase
+
+    if isinstance(cases, EditCase):
+        return [cases]
+    cases = list(cases)
+    for i, c in enumerate(cases):
+        if not isinstance(c, EditCase):
+            raise MethodError(f"case {i} is a {type(c).__name__}, not an EditCase (see editlens.data.schema)")
+    if not cases:
+        raise MethodError("no cases to edit")
+    return cases
+
+
+def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memit",
+         hparams: HParams | Mapping[str, Any] | None = None, *, evk_align: Any = None, progress: bool = False,
+         **overrides: Any) -> Edit:
+    """Apply ``method`` to ``lm`` for all ``cases`` in one batch; returns a reversible :class:`Edit`.
+
+    Args:
+        hparams: an ``HParams`` instance of the method, a mapping of overrides of the model's defaults, or
+            ``None`` for the defaults of ``lm``'s architecture.
+        evk_align: optional EVK-Align regulariser passed to the method's value optimisation.
+        **overrides: hyperparameter overrides (unknown key -> :class:`HParamsError`).
+    """
+    if not isinstance(method, str):
+        raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. edit(lm, cases, 'memit')")
+    editor = get_method(method)()
+    cases = _check_cases(cases)
+    hp = _resolve_hparams(editor, lm, hparams, overrides)
+    t0 = time.perf_counter()
+    result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
+    result.diagnostics["wall_time_s"] = time.perf_counter() - t0
+    result.diagnostics.setdefault("evk_align", evk_settings(evk_align))
+    return result
+
+
+def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch_size: int = 1,
+                    hparams: HParams | Mapping[str, Any] | None = None, checkpoints: Iterable[int] = (),
+                    callback: Callable[[int, int, Edit], Any] | None = None, evk_align: Any = None,
+                    progress: bool = False, seed: int = 0, **overrides: Any) -> Edit:
+    """Edit batch after batch (``batch_size`` cases each), in order; returns the run's reversible :class:`Edit`.
+
+    ``callback(step, n_edits, edit_so_far)`` is called after the batch at which ``n_edits`` first reaches each
+    value in ``checkpoints`` (numbers of edits; empty = after every batch). ``edit_so_far.system`` is the
+    current edited system and ``edit_so_far.diagnostics`` the last step's diagnostics plus ``n_edits``,
+    ``step`` and the cumulative ``wall_time_s``. Its ``undo()`` restores the original weights.
+
+    Memory stays flat over long runs: every tensor is cloned once into the run's snapshot, per-step Edits are
+    dropped, the fingerprint tag is replaced (not stacked) at each step.
+    """
+    if batch_size < 1:
+        raise MethodError(f"batch_size must be >= 1, got {batch_size}")
+    editor = get_method(method)()
+    cases = _check_cases(cases)
+    hp = _resolve_hparams(editor, lm, hparams, overrides)
+    state = editor.begin_sequence(lm, hp, seed=seed)
+    marks = sorted({int(c) for c in checkpoints})
+    run_id = uuid.uuid4().hex[:8]
+    total = 0.0
+    run_edit: Edit | None = None
+    next_mark = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cases), desc=f"{editor.name} sequential", unit="edit")
+    try:
+        for start in range(0, len(cases), batch_size):
+            batch = cases[start:start + batch_size]
+            t0 = time.perf_counter()
+            step_edit = editor.apply(lm, batch, hp, evk_align=evk_align, progress=False, sequence=state)
+            total += time.perf_counter() - t0
+            state.step += 1
+            state.n_edits += len(batch)
+            # replace the run's fingerprint tag so lm.fingerprint reflects the weights after this step
+            new_tag = f"{editor.name}:seq:{run_id}:" + hashlib.sha256(
+                f"{state.tag}|{step_edit.tag}".encode()).hexdigest()[:16]
+            if state.tag is not None:
+                lm.pop_state(state.tag)
+            lm.push_state(new_tag, state.snapshot)
+            state.tag = new_tag
+            diag = dict(step_edit.diagnostics)
+            diag.update(n_edits=state.n_edits, step=state.step, wall_time_s=total,
+                        evk_align=evk_settings(evk_align))
+            system = step_edit.system
+            if type(system).__name__ == "ModelSystem":
+                # pin the step's system to the weights after this step (the tag was just pushed)
+                from editlens.evaluate.system import ModelSystem
+
+                system = ModelSystem(lm, prompt_format=system.format, batch_tokens=system.batch_tokens)
+            if run_edit is None:
+                run_edit = _RunEdit(system, editor.name, cases, hp, diag, lm=lm, state=state)
+            else:
+                run_edit.system = system
+                run_edit.diagnostics = diag
+            run_edit.tag = new_tag
+            del step_edit
+            if bar is not None:
+                bar.update(len(batch))
+            if callback is not None:
+                if not marks:
+                    callback(state.step, state.n_edits, run_edit)
+                else:
+                    hit = False
+                    while next_mark < len(marks) and state.n_edits >= marks[next_mark]:
+                        next_mark += 1
+                        hit = True
+                    if hit:
+                        callback(state.step, state.n_edits, run_edit)
+    except BaseException:
+        # leave the model as it was before the run
+        if run_edit is not None:
+            run_edit.undo()
+        else:
+            state.snapshot.restore()
+            if state.on_undo is not None:
+                state.on_undo()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    assert run_edit is not None
+    return run_edit
+
+
+class _RunEdit(Edit):
+    """The Edit of a sequential run: undo restores the run's snapshot and runs ``state.on_undo``."""
+
+    def __init__(self, system: "System", method: str, cases: Sequence["EditCase"], hparams: HParams,
+                 diagnostics: dict[str, Any], *, lm: "LM", state: SequenceState):
+        super().__init__(system, method, cases, hparams, diagnostics, lm=lm, snapshot=state.snapshot, tag=state.tag)
+        self.state = state
+
+    def undo(self) -> None:
+        if self.undone:
+            return
+        self._on_undo = self.state.on_undo
+        self.tag = self.state.tag
+        super().undo()
+        self.state.data.clear()

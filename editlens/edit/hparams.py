@@ -1,0 +1,86 @@
+"""Hyperparameters shared by the locate-then-edit methods (ROME, MEMIT, AlphaEdit, EMMET, and PMET/RECT/PRUNE).
+
+:class:`LocateHParams` holds what :mod:`editlens.edit.locate` and :mod:`editlens.edit.stats` need: the context
+prefixes, the value optimisation (ROME eq. 4 / MEMIT eq. 16) and the second-moment statistics. Defaults are the
+papers' GPT-2-XL / GPT-J values (20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5); methods set the
+clamp factor and layers per architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from editlens.edit.base import HParams
+from editlens.errors import HParamsError
+
+
+@dataclass
+class LocateHParams(HParams):
+    """Shared hyperparameters of locate-then-edit methods.
+
+    Attributes:
+        n_prefixes: number of sampled context prefixes (plus the empty one).
+        prefix_length: tokens per sampled prefix.
+        v_num_grad_steps: forward passes of the value optimisation (``−1`` updates at most).
+        v_lr: Adam learning rate of the value optimisation.
+        v_weight_decay: weight of ``‖δ‖²/‖v₀‖²``.
+        clamp_norm_factor: ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖``.
+        kl_factor: weight of the essence KL term.
+        kl_template: prompt whose last-subject-token distribution must not drift (``""`` disables).
+        early_stop_loss: per-request target NLL below which optimisation of that request stops.
+        stats_corpus: corpus of the second moments (``""``: text sampled from the model; or a .txt/.jsonl path).
+        stats_n_samples: documents of the statistics corpus.
+        stats_max_length: tokens per document.
+        stats_dir: statistics cache directory (``""``: ``$EDITLENS_STATS_DIR`` or the editlens cache).
+        batch_tokens: token budget of one forward chunk in the value optimisation.
+        seed: seed of the prefixes and of the sampled corpus.
+    """
+
+    n_prefixes: int = 5
+    prefix_length: int = 10
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    kl_template: str = "{} is a"
+    early_stop_loss: float = 0.05
+    stats_corpus: str = ""
+    stats_n_samples: int = 256
+    stats_max_length: int = 128
+    stats_dir: str = ""
+    batch_tokens: int = 2048
+    seed: int = 0
+
+    ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+
+    def validate(self) -> None:
+        for key in ("n_prefixes", "prefix_length", "v_num_grad_steps", "stats_n_samples", "stats_max_length",
+                    "batch_tokens"):
+            v = getattr(self, key)
+            if v < (0 if key == "n_prefixes" else 1):
+                raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be positive, got {v}")
+        for key in ("v_lr", "clamp_norm_factor"):
+            if getattr(self, key) <= 0:
+                raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be > 0")
+        for key in ("v_weight_decay", "kl_factor", "early_stop_loss"):
+            if getattr(self, key) < 0:
+                raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be >= 0")
+        if self.kl_template and "{}" not in self.kl_template:
+            raise HParamsError(f"hyperparameter 'kl_template' of method {self.method!r} needs a '{{}}'")
+
+    def stats_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`editlens.edit.stats.second_moment`."""
+        return dict(corpus=self.stats_corpus or None, n_samples=self.stats_n_samples,
+                    max_length=self.stats_max_length, cache_dir=self.stats_dir or None, seed=self.seed)
+
+    def value_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`editlens.edit.locate.compute_values`."""
+        return dict(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                    weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                    early_stop_loss=self.early_stop_loss, kl_template=self.kl_template or None,
+                    batch_tokens=self.batch_tokens)
+
+
+#: small settings for the built-in random tiny models (tests)
+TINY = dict(n_prefixes=2, prefix_length=4, v_num_grad_steps=8, stats_n_samples=16, stats_max_length=32)

@@ -1,0 +1,476 @@
+"""Keys and values of locate-then-edit methods (ROME, MEMIT, AlphaEdit, EMMET, PMET...).
+
+A fact ``(subject, relation template, target)`` is written into the MLP output projection ``W`` of a layer
+(``arch.mlp_out_at(layer)``): the *key* ``k`` is the projection's input at the last subject token, the *value*
+its output. This module computes both:
+
+* :func:`context_prefixes` — the context prefixes ``x_j`` of ROME §3.1 / MEMIT §4.3: the empty prefix plus a few
+  short texts sampled from the model itself (seeded), each followed by ``". "``. Keys are averaged and the
+  target loss is summed over the prefixed prompts so the edit generalises over contexts.
+* :func:`compute_keys` — ``k* = mean_j k(x_j + prompt)`` at the last subject token (ROME eq. 3; MEMIT's ``k_i^l``).
+* :func:`compute_values` — the residual change ``δ`` added at the last subject token of a layer's MLP output,
+  optimised with Adam to minimise (ROME eq. 4, MEMIT eq. 16)::
+
+      L(δ) = mean_j −log P(target | x_j + prompt; h += δ) / |target tokens|        (target NLL)
+             + kl_factor · KL(P_edited(· | "{subject}") ‖ P_orig(· | "{subject}"))  (essence drift, "{} is a" prompt
+                                                                                     read at the last subject token)
+             + weight_decay · ‖δ‖² / ‖v₀‖²                                           (decay)
+             + extra_loss(ctx)                                                      (optional, e.g. EVK-Align)
+
+  with ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖`` after each step, where ``v₀`` is the original MLP output (``space="mlp"``,
+  ROME) or the original residual stream after the layer (``space="residual"``, MEMIT's ``h^L``) at the last
+  subject token of the unprefixed prompt. Adding ``δ`` to the MLP output at the last subject token is the same
+  as adding it to the residual stream after that layer, so ROME's ``v* = W k* + δ`` and MEMIT's
+  ``z = h^L + δ`` both come from here.
+
+Deviations from the papers (documented): the essence KL reads the next-token distribution at the last subject
+token of ``"{subject} is a"``, which by causality equals the distribution after ``"{subject}"``, so the prompt is
+cut after the subject (fewer logits); the weight decay is ``‖δ‖²/‖v₀‖²``; requests of a batch are optimised
+jointly (their losses are independent, so this equals separate optimisation) with per-request early stopping
+once the target NLL is below ``early_stop_loss``; forward passes are chunked by a token budget with gradient
+accumulation (exact).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+
+from editlens.errors import EditlensError, MethodError
+from editlens.lm import ops
+from editlens.lm.hooks import add_to_output, record_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editlens.data.schema import EditCase
+    from editlens.lm.load import LM
+
+#: seed texts of the sampled context prefixes (as in MEMIT)
+PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One fact to write: ``template`` (with ``{}``), ``subject``, ``target`` (no leading space)."""
+
+    template: str
+    subject: str
+    target: str
+
+    @property
+    def prompt(self) -> str:
+        return self.template.replace("{}", self.subject, 1)
+
+
+def requests_from_cases(cases: Sequence["EditCase"]) -> list[Request]:
+    """All rewrites of ``cases`` (primary and extra) as :class:`Request` s, in order."""
+    out = []
+    for c in cases:
+        for r in c.rewrites:
+            if "{}" not in r.prompt:
+                raise MethodError(f"case {c.case_id!r}: rewrite prompt {r.prompt!r} has no '{{}}' for the subject")
+            if r.subject not in r.prompt.replace("{}", r.subject, 1):
+                raise MethodError(f"case {c.case_id!r}: subject {r.subject!r} not found in the filled prompt")
+            out.append(Request(r.prompt, r.subject, r.target_new))
+    return out
+
+
+@torch.no_grad()
+def sample_texts(lm: "LM", seeds: Sequence[str], max_new_tokens: int, *, seed: int = 0, temperature: float = 1.0,
+                 top_k: int = 0, batch_size: int = 64) -> list[str]:
+    """Texts sampled from the model after each seed text (seed text included), deterministic for a seed.
+
+    ``temperature=0`` is greedy decoding. Sampling uses a forked RNG (the global RNG is left untouched).
+    """
+    out: list[str] = []
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    eos = lm.tokenizer.eos_token_id
+    for start in range(0, len(seeds), batch_size):
+        chunk = list(seeds[start:start + batch_size])
+        ids = [ops.encode(lm.tokenizer, s) for s in chunk]
+        batch = ops.pad_left(ids, ops._pad_id(lm), lm.device)
+        batch.pop("position_ids")
+        kw: dict[str, Any] = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if temperature > 0:
+            kw = dict(do_sample=True, temperature=float(temperature), top_p=None, top_k=int(top_k) if top_k else 0)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed + start)
+            gen = lm.model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    pad_token_id=ops._pad_id(lm), eos_token_id=eos, num_beams=1, **kw)
+        new = gen[:, batch["input_ids"].shape[1]:].cpu()
+        for r, s in enumerate(chunk):
+            out.append(s + lm.tokenizer.decode(new[r].tolist(), skip_special_tokens=True))
+    return out
+
+
+def context_prefixes(lm: "LM", n: int = 5, length: int = 10, *, seed: int = 0) -> list[str]:
+    """``[""]`` plus ``n`` texts of ``length`` sampled tokens (seeded, top-k 5 sampling), each + ``". "``.
+
+    These are ROME's/MEMIT's context templates ``x_j`` (MEMIT: ``"{generated}. {}"``). Braces and newlines are
+    removed from the generated text.
+    """
+    if n <= 0:
+        return [""]
+    seeds = [PREFIX_SEEDS[i % len(PREFIX_SEEDS)] for i in range(n)]
+    texts = sample_texts(lm, seeds, length, seed=seed, temperature=1.0, top_k=5)
+    clean = []
+    for t in texts:
+        t = " ".join(t.replace("{", " ").replace("}", " ").split())
+        clean.append(t.rstrip(".") + ". ")
+    return ["", *clean]
+
+
+def _prefixed(prefix: str, template: str) -> str:
+    return prefix + template
+
+
+def compute_keys(lm: "LM", layer: int, requests: Sequence[Request], prefixes: Sequence[str] = ("",),
+                 batch_tokens: int = ops.DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+    """``k*`` per request: the input of ``arch.mlp_out_at(layer)`` at the last subject token, averaged over prefixes.
+
+    Returns ``[n_requests, d_in]`` float32 on ``lm.device``.
+    """
+    module = lm.arch.mlp_out_at(layer)
+    prompts, positions = [], []
+    for r in requests:
+        for p in prefixes:
+            prompts.append(p + r.prompt)
+            positions.append(ops.subject_last_token(lm.tokenizer, r.template, r.subject, prefix=p))
+    keys = ops.capture(lm, prompts, [module], positions, kind="input", batch_tokens=batch_tokens)[module]
+    keys = keys.view(len(requests), len(prefixes), -1).mean(1)
+    return keys.to(lm.device)
+
+
+def capture_at_subject(lm: "LM", requests: Sequence[Request], module: str, kind: str = "output",
+                       batch_tokens: int = ops.DEFAULT_BATCH_TOKENS) -> torch.Tensor:
+    """Input or output of ``module`` at the last subject token of each unprefixed prompt ``[n, d]`` (device, fp32)."""
+    prompts = [r.prompt for r in requests]
+    positions = [ops.subject_last_token(lm.tokenizer, r.template, r.subject) for r in requests]
+    return ops.capture(lm, prompts, [module], positions, kind=kind, batch_tokens=batch_tokens)[module].to(lm.device)
+
+
+# --------------------------------------------------------------------------------------------- values
+@dataclass
+class ValueLossContext:
+    """What an ``extra_loss`` hook of :func:`compute_values` receives at each optimisation step.
+
+    Attributes:
+        lm: the model (weights frozen).
+        layer: the layer whose MLP output receives ``delta``.
+        module: the module path (``arch.mlp_out_at(layer)``) whose output receives ``delta``.
+        requests: the facts being written.
+        delta: ``[n_requests, d_model]`` float32 leaf tensor being optimised (``requires_grad``); the loss returned
+            must be differentiable w.r.t. it (through :meth:`run`).
+        init: ``[n_requests, d_model]`` original value ``v₀`` at the unprefixed prompt.
+        prefixes: the context prefixes.
+        step: optimisation step (0-based).
+    """
+
+    lm: "LM"
+    layer: int
+    module: str
+    requests: Sequence[Request]
+    delta: torch.Tensor
+    init: torch.Tensor
+    prefixes: Sequence[str]
+    step: int = 0
+
+    def subject_positions(self, prompts_templates: Sequence[tuple[str, str]], prefix: str = "") -> list[int]:
+        """Last-subject-token index of each ``(template, subject)`` (in ``prefix + filled template`` tokens)."""
+        return [ops.subject_last_token(self.lm.tokenizer, t, s, prefix=prefix) for t, s in prompts_templates]
+
+    @contextlib.contextmanager
+    def with_delta(self, rows: torch.Tensor, positions: torch.Tensor, request_index: torch.Tensor) -> Iterator[None]:
+        """Within the context, forward passes add ``delta[request_index[i]]`` at ``output[rows[i], positions[i]]``."""
+        with add_to_output(self.lm.model, self.module, self.delta[request_index], rows=rows, positions=positions):
+            yield
+
+    def run(self, request_index: torch.Tensor, positions: torch.Tensor, *, input_ids: torch.Tensor | None = None,
+            inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, logits_to_keep: int = 1, use_delta: bool = True) -> torch.Tensor:
+        """Forward a left-padded batch (token ids or embeddings) with ``delta[request_index[r]]`` added at
+        ``positions[r]`` of row ``r``; returns float32 logits of the last ``logits_to_keep`` positions
+        ``[rows, logits_to_keep, vocab]``. ``use_delta=False`` gives the unedited model (for reference outputs)."""
+        kw: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                                  logits_to_keep=logits_to_keep)
+        if inputs_embeds is not None:
+            kw["inputs_embeds"] = inputs_embeds
+        else:
+            kw["input_ids"] = input_ids
+        n = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        rows = torch.arange(n, device=self.lm.device)
+        cm = self.with_delta(rows, positions.to(self.lm.device), request_index.to(self.lm.device)) if use_delta \
+            else contextlib.nullcontext()
+        with cm:
+            out = self.lm.model(**kw)
+        return out.logits[:, -logits_to_keep:, :].float()
+
+
+#: signature of the optional extra loss of :func:`compute_values`
+ExtraLoss = Callable[[ValueLossContext], torch.Tensor]
+
+
+@dataclass
+class ValueResult:
+    """Result of :func:`compute_values`.
+
+    Attributes:
+        delta: ``[n, d_model]`` optimised change (float32, device).
+        init: ``[n, d_model]`` original value ``v₀`` at the unprefixed prompt (MLP output or residual).
+        target: ``init + delta`` (ROME's v* for ``space="mlp"`` up to ``W k*``; MEMIT's ``z``).
+        losses: ``loss/nll_init``, ``loss/nll``, ``loss/kl``, ``loss/extra``, ``loss/steps`` (plain floats, means
+            over requests).
+    """
+
+    delta: torch.Tensor
+    init: torch.Tensor
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+@dataclass
+class _Row:
+    req: int
+    kind: str  # "nll" or "kl"
+    ids: list[int]
+    pos: int  # subject-last index within ids
+    target: list[int]
+
+
+def _build_rows(lm: "LM", requests: Sequence[Request], prefixes: Sequence[str], kl_template: str | None) -> list[_Row]:
+    rows: list[_Row] = []
+    for i, r in enumerate(requests):
+        for p in prefixes:
+            text = p + r.prompt
+            p_ids, t_ids = ops.target_token_ids(lm.tokenizer, text, r.target)
+            pos = ops.subject_last_token(lm.tokenizer, r.template, r.subject, prefix=p)
+            if pos >= len(p_ids):
+                raise MethodError(f"subject {r.subject!r} not found in the tokens of prompt {text!r}")
+            rows.append(_Row(i, "nll", p_ids + t_ids[:-1], pos, t_ids))
+        if kl_template:
+            ids = ops.encode(lm.tokenizer, kl_template.replace("{}", r.subject, 1))
+            pos = ops.subject_last_token(lm.tokenizer, kl_template, r.subject)
+            rows.append(_Row(i, "kl", ids[: pos + 1], pos, []))
+    return rows
+
+
+def compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefixes: Sequence[str] = ("",),
+                   space: str = "mlp", steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
+                   weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, early_stop_loss: float = 5e-2,
+                   kl_template: str | None = "{} is a", batch_tokens: int = 2048,
+                   extra_loss: ExtraLoss | None = None, progress: bool = False) -> ValueResult:
+    """Optimise the residual change ``δ`` that makes the model answer each request's target (see module doc).
+
+    Args:
+        requests: facts to write (each gets its own ``δ``).
+        layer: the layer whose MLP output (``arch.mlp_out_at(layer)``) receives ``δ`` at the last subject token.
+        prefixes: context prefixes (:func:`context_prefixes`); the first should be ``""``.
+        space: ``"mlp"`` — ``v₀`` is the MLP output (ROME); ``"residual"`` — ``v₀`` is the residual stream after
+            the layer (MEMIT's ``h^L``). Only the clamp radius and :attr:`ValueResult.init` depend on it.
+        steps: maximal number of forward passes (``steps − 1`` Adam updates at most).
+        lr: Adam learning rate.
+        kl_factor: weight of the essence KL term (0 disables it; ``kl_template=None`` too).
+        weight_decay: weight of ``‖δ‖²/‖v₀‖²``.
+        clamp_norm_factor: ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖`` after each update.
+        early_stop_loss: a request stops updating once its target NLL is below this.
+        batch_tokens: token budget of one forward chunk (gradients are accumulated over chunks).
+        extra_loss: optional hook ``extra_loss(ctx: ValueLossContext) -> Tensor`` (a scalar, differentiable in
+            ``ctx.delta``) added to the loss at every step (the EVK-Align regulariser plugs in here). It is called
+            once per step after the chunked forward passes; use ``ctx.run(...)`` to forward any batch (token ids or
+            perturbed ``inputs_embeds``) with ``δ`` applied at chosen positions, ``use_delta=False`` for reference
+            outputs (wrap those in ``torch.no_grad()``).
+        progress: show a tqdm bar over steps.
+
+    Returns:
+        :class:`ValueResult` (``delta``, ``init`` and mean losses).
+    """
+    if space not in ("mlp", "residual"):
+        raise MethodError(f"space must be 'mlp' or 'residual', got {space!r}")
+    if not requests:
+        raise MethodError("no requests")
+    dev = lm.device
+    module = lm.arch.mlp_out_at(layer)
+    n = len(requests)
+    n_pref = len(prefixes)
+    # v0 at the unprefixed prompt
+    init_module = module if space == "mlp" else lm.arch.block(layer)
+    init = capture_at_subject(lm, requests, init_module, kind="output")
+    init_norm = init.norm(dim=-1)
+    rows = _build_rows(lm, requests, prefixes, kl_template if kl_factor > 0 else None)
+    groups = ops.plan_batches([len(r.ids) for r in rows], batch_tokens)
+    pad = ops._pad_id(lm)
+    batches = []
+    for g in groups:
+        b = ops.pad_left([rows[i].ids for i in g], pad, dev)
+        width = b["input_ids"].shape[1]
+        keep = max([len(rows[i].target) for i in g if rows[i].kind == "nll"] + [1])
+        pos = torch.tensor([width - len(rows[i].ids) + rows[i].pos for i in g], device=dev)
+        req = torch.tensor([rows[i].req for i in g], device=dev)
+        # target gather indices: for nll rows the last m positions; padded with -1 (ignored)
+        tgt = torch.full((len(g), keep), -1, dtype=torch.long)
+        for r, i in enumerate(g):
+            if rows[i].kind == "nll":
+                m = len(rows[i].target)
+                tgt[r, keep - m:] = torch.tensor(rows[i].target)
+        is_kl = torch.tensor([rows[i].kind == "kl" for i in g], device=dev)
+        n_tok = torch.tensor([max(1, len(rows[i].target)) for i in g], device=dev, dtype=torch.float32)
+        batches.append(dict(batch=b, keep=keep, pos=pos, req=req, tgt=tgt.to(dev), is_kl=is_kl, n_tok=n_tok))
+    # original next-token log-probs of the KL rows
+    kl_init: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for bt in batches:
+            if bool(bt["is_kl"].any()):
+                lg = lm.model(**bt["batch"], logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+                kl_init.append(torch.log_softmax(lg, -1)[bt["is_kl"]])
+            else:
+                kl_init.append(None)
+
+    delta = torch.zeros((n, init.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    max_norm = (clamp_norm_factor * init_norm).unsqueeze(1)
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    ctx = ValueLossContext(lm=lm, layer=layer, module=module, requests=requests, delta=delta, init=init,
+                           prefixes=list(prefixes))
+    losses: dict[str, float] = {}
+    nll_first: torch.Tensor | None = None
+    it_bar = range(max(1, steps))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it_bar = tqdm(it_bar, desc=f"values L{layer}", leave=False)
+    last_step = 0
+    for it in it_bar:
+        last_step = it
+        update = it < steps - 1
+        opt.zero_grad(set_to_none=True)
+        nll = torch.zeros(n, device=dev)
+        kl = torch.zeros(n, device=dev)
+        for bt, kli in zip(batches, kl_init):
+            with torch.set_grad_enabled(update or extra_loss is not None):
+                d = delta[bt["req"]]
+                with add_to_output(lm.model, module, d, rows=torch.arange(len(bt["req"]), device=dev),
+                                   positions=bt["pos"]):
+                    logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
+                lp = torch.log_softmax(logits[:, -bt["keep"]:, :].float(), -1)
+                tgt = bt["tgt"]
+                tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
+                row_nll = -tok_lp.sum(-1) / bt["n_tok"] / n_pref
+                row_nll = torch.where(bt["is_kl"], torch.zeros_like(row_nll), row_nll)
+                chunk_nll = torch.zeros(n, device=dev).index_add(0, bt["req"], row_nll)
+                chunk_loss = chunk_nll.sum()
+                if kli is not None:
+                    lp_kl = lp[bt["is_kl"], -1, :]
+                    row_kl = (lp_kl.exp() * (lp_kl - kli)).sum(-1)
+                    chunk_kl = torch.zeros(n, device=dev).index_add(0, bt["req"][bt["is_kl"]], row_kl)
+                    chunk_loss = chunk_loss + kl_factor * chunk_kl.sum()
+                    kl = kl + chunk_kl.detach()
+                nll = nll + chunk_nll.detach()
+                if update:
+                    chunk_loss.backward()
+        if nll_first is None:
+            nll_first = nll.clone()
+        wd = weight_decay * (delta.pow(2).sum(-1) / init_norm.pow(2).clamp(min=1e-12))
+        extra = None
+        if extra_loss is not None:
+            ctx.step = it
+            extra = extra_loss(ctx)
+            if not (torch.is_tensor(extra) and extra.dim() == 0):
+                raise EditlensError("extra_loss must return a scalar tensor")
+        active = active & (nll > early_stop_loss)
+        if update:
+            total = wd.sum() + (extra if extra is not None else 0.0)
+            if torch.is_tensor(total) and total.requires_grad:
+                total.backward()
+        losses = {"loss/nll": float(nll.mean()), "loss/kl": float(kl.mean()), "loss/wd": float(wd.detach().mean())}
+        if extra is not None:
+            losses["loss/extra"] = float(extra.detach())
+        if not update or not bool(active.any()):
+            break
+        old = delta.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            norms = delta.norm(dim=-1, keepdim=True)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.mul_(scale)
+            delta.copy_(torch.where(active.unsqueeze(1), delta, old))
+    assert nll_first is not None
+    losses["loss/nll_init"] = float(nll_first.mean())
+    losses["loss/steps"] = float(last_step + 1)
+    return ValueResult(delta=delta.detach(), init=init, losses=losses)
+
+
+def spread_layers(layers: Sequence[int]) -> list[int]:
+    """Validate a layer list (sorted, unique)."""
+    out = sorted({int(x) for x in layers})
+    if not out:
+        raise MethodError("no layers to edit")
+    return out
+
+
+def check_layers(lm: "LM", layers: Sequence[int], method: str) -> None:
+    """Raise :class:`MethodError` when a layer index is outside the model."""
+    for l in layers:
+        if not 0 <= int(l) < lm.n_layers:
+            raise MethodError(f"{method}: layer {l} is outside the model ({lm.n_layers} layers, 0..{lm.n_layers - 1})")
+
+
+def fro(t: torch.Tensor) -> float:
+    """Frobenius norm as a float (float64 accumulation)."""
+    return float(t.double().norm())
+
+
+def sqrt_or_nan(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else float("nan")
+
+
+def prepare(lm: "LM", hparams: Any, layers: Sequence[int], sequence: Any = None,
+            progress: bool = False) -> tuple[dict[int, torch.Tensor], list[str]]:
+    """Second moments ``{layer: C}`` (float64 on ``lm.device``) and context prefixes for an edit.
+
+    In a sequential run (``sequence`` given) both are computed once, before the first edit, and kept in
+    ``sequence.data`` so later steps neither reload them nor compute them on edited weights.
+    ``hparams`` is a :class:`~editlens.edit.hparams.LocateHParams`.
+    """
+    from editlens.edit.stats import second_moment
+
+    data = sequence.data if sequence is not None else {}
+    cov: dict[int, torch.Tensor] = data.setdefault("mom2", {})
+    missing = [l for l in layers if l not in cov]
+    if missing:
+        got = second_moment(lm, missing, progress=progress, **hparams.stats_kwargs())
+        for l, c in got.items():
+            cov[l] = c.to(device=lm.device, dtype=torch.float64)
+    pkey = ("prefixes", hparams.n_prefixes, hparams.prefix_length, hparams.seed)
+    if pkey not in data:
+        data[pkey] = cached_prefixes(lm, hparams.n_prefixes, hparams.prefix_length, seed=hparams.seed,
+                                     cache_dir=hparams.stats_dir or None)
+    return {l: cov[l] for l in layers}, data[pkey]
+
+
+def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None) -> list[str]:
+    """:func:`context_prefixes`, cached as JSON beside the statistics (keyed by ``lm.fingerprint`` and the settings)."""
+    import json
+
+    from editlens.edit.stats import stats_dir
+
+    path = stats_dir(cache_dir) / f"prefixes-{lm.fingerprint}-n{n}-t{length}-s{seed}.json"
+    if path.is_file():
+        try:
+            got = json.loads(path.read_text())
+            if isinstance(got, list) and len(got) == n + 1 and all(isinstance(x, str) for x in got):
+                return got
+        except (OSError, json.JSONDecodeError):
+            pass
+    out = context_prefixes(lm, n, length, seed=seed)
+    try:
+        from editlens.edit.stats import _atomic_write_text
+
+        _atomic_write_text(path, json.dumps(out))
+    except OSError:
+        pass
+    return out

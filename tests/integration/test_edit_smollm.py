@@ -1,0 +1,75 @@
+"""ROME, MEMIT, AlphaEdit and EMMET on SmolLM2-135M: known facts are overwritten, unrelated answers stay.
+
+Statistics use a small model-sampled corpus (64 documents × 64 tokens) cached in the editlens cache, so only the
+first run pays for it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editlens.data.schema import Rewrite, make_case
+from editlens.edit import edit
+from editlens.lm import ops
+
+pytestmark = pytest.mark.integration
+
+#: (template, subject, answer the model gives, new target)
+FACTS = [
+    ("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome"),
+    ("The capital of {} is", "France", "Paris", "Berlin"),
+    ("The capital of {} is", "Japan", "Tokyo", "London"),
+    ("The capital of {} is", "Italy", "Rome", "Madrid"),
+    ("{} is located in the city of", "The Colosseum", "Rome", "Vienna"),
+]
+UNRELATED = [
+    "Water is made of hydrogen and",
+    "The largest planet in the solar system is",
+    "The currency of the United States is the",
+    "The first man on the moon was named",
+    "The chemical symbol for gold is",
+    "The tallest mountain in the world is",
+    "Romeo and Juliet was written by",
+    "The author of Harry Potter is",
+    "The Great Wall is located in",
+    "The Amazon River flows through",
+]
+FAST = dict(stats_n_samples=64, stats_max_length=64, n_prefixes=3)
+
+
+def _prompts():
+    return [t.replace("{}", s) for t, s, _, _ in FACTS]
+
+
+def _cases():
+    return [make_case(f"f{i}", Rewrite(t, s, new, old)) for i, (t, s, old, new) in enumerate(FACTS)]
+
+
+def _first_words(lm, prompts):
+    return [g.strip().split(" ")[0].strip(".,") if g.strip() else "" for g in ops.generate(lm, prompts, 3)]
+
+
+@pytest.fixture(scope="module")
+def base(smollm):
+    answers = _first_words(smollm, _prompts())
+    assert answers == [old for _, _, old, _ in FACTS], answers  # the model knows the facts
+    top1 = ops.next_token_logprobs(smollm, UNRELATED).argmax(-1)
+    return top1
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "emmet"])
+def test_known_facts_are_rewritten(smollm, base, method):
+    before = {k: v.clone() for k, v in smollm.model.state_dict().items() if "mlp" in k}
+    e = edit(smollm, _cases(), method, **FAST)
+    try:
+        answers = _first_words(smollm, _prompts())
+        assert answers == [new for _, _, _, new in FACTS], (method, answers, e.diagnostics)
+        if method != "emmet":
+            top1 = ops.next_token_logprobs(smollm, UNRELATED).argmax(-1)
+            changed = [p for p, a, b in zip(UNRELATED, top1.tolist(), base.tolist()) if a != b]
+            assert not changed, (method, changed)
+    finally:
+        e.undo()
+    for k, v in smollm.model.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
