@@ -1,0 +1,318 @@
+"""PMET: Precise Model Editing in a Transformer (Li et al., AAAI 2024, arXiv 2308.08742).
+
+PMET observes that the hidden state of a transformer layer is the sum of the residual input, the multi-head
+self-attention (MHSA) output and the FFN output, and that MEMIT's target — the whole residual stream after the
+last edited layer — therefore also contains the attention's contribution, which the FFN weights should not be
+made to absorb. PMET instead optimises the *transformer-component (TC) hidden states* of both MHSA and FFN at
+the last critical layer ``L`` **simultaneously**, then updates only the FFN weights, with the FFN part:
+
+1. **Values** (:func:`compute_pmet_values`): two vectors ``δ_attn``, ``δ_mlp`` per request are added to the
+   outputs of the attention output projection (``arch.attn_out_at(L)``) and of the MLP output projection
+   (``arch.mlp_out_at(L)``) at the last subject token and optimised jointly with Adam to minimise
+
+       mean_j −log P(target | x_j + prompt; δ) / |target|  +  kl_factor · KL(essence)
+       + weight_decay · (‖δ_mlp‖²/‖m₀‖² + ‖δ_attn‖²/‖a₀‖²)  (+ extra_loss, e.g. EVK-Align)
+
+   with each ``δ`` clamped to ``clamp_norm_factor`` times the norm of its original output (``m₀``, ``a₀``).
+   The FFN target is ``m* = m₀ + δ_mlp``; the attention part is discarded (the MHSA weights are not edited).
+2. **Update** (:func:`pmet_layer_update`), for each critical layer ``l`` in order (``i = 0..|R|−1``): keys
+   ``K_l`` (inputs of the FFN output projection at the last subject token, averaged over the context prefixes),
+   residual ``R = m* − m_L(current weights)`` measured at the FFN output of the last layer ``L`` after the
+   updates of the earlier layers are in place, and
+
+       ΔW_l = (R / √(|R| − i)) K_lᵀ (K_l K_lᵀ + λ C_l)⁻¹        (written [out, in]; C_l = E[k kᵀ], λ = mom2_update_weight)
+
+   i.e. MEMIT's closed form with the FFN part of the residual spread over the remaining layers by the square
+   root of their number (PMET's spreading; MEMIT divides by the number itself).
+
+Machinery shared with ROME/MEMIT (:mod:`editlens.edit.locate`, :mod:`editlens.edit.stats`): context prefixes,
+keys, statistics, the essence-KL prompt. Deviations (documented): the weight decay is ``‖δ‖²/‖v₀‖²`` as in
+:func:`editlens.edit.locate.compute_values` (the authors' code uses ``‖δ‖/‖v₀‖²``); the essence KL reads the
+distribution after ``"{subject}"`` (equal by causality to the authors' read at the subject of ``"{} is a"``);
+PMET's dynamic lowering of the NLL weight once the target is the argmax is not reproduced (per-request early
+stopping below ``early_stop_loss`` is used instead, as in the MEMIT implementation here).
+
+Per-architecture defaults: GPT-J 3–8 (clamp 0.75, lr 0.2, 30 steps, KL 1), LLaMA-family 4–8 (clamp 1.0, lr 0.5,
+20 steps), GPT-2 family MEMIT's 13–17, λ = 15000 (the authors' settings); SmolLM2-135M 3–7; tiny models 1–2.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+
+from editlens.edit import locate
+from editlens.edit.base import Edit, Editor, SequenceState, evk_settings, register_method
+from editlens.edit.hparams import TINY, LocateHParams
+from editlens.edit.stats import dk_norm
+from editlens.errors import EditlensError, HParamsError, MethodError
+from editlens.lm import ops
+from editlens.lm.hooks import add_to_output
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editlens.lm.load import LM
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+def pmet_layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, n_remaining: int) -> torch.Tensor:
+    """PMET's closed form for one layer, in float64.
+
+    Args:
+        K: ``[n, d_in]`` keys of the edited facts at this layer.
+        R: ``[n, d_out]`` FFN residuals ``m* − m_L`` at the last critical layer.
+        C: ``[d_in, d_in]`` preserved-key term, already multiplied by λ (``λ E[k kᵀ]``).
+        n_remaining: number of critical layers from this one to the last (``|R| − i``); the residual is
+            divided by its square root.
+
+    Returns:
+        ``ΔW [d_out, d_in]`` solving ``ΔW (Kᵀ K + C) = (R/√n_remaining)ᵀ K`` (``K`` here has one key per row).
+    """
+    if n_remaining < 1:
+        raise MethodError(f"PMET: n_remaining must be >= 1, got {n_remaining}")
+    K64 = K.double()
+    R64 = R.double().to(K64.device) / math.sqrt(n_remaining)
+    A = K64.T @ K64 + C.to(device=K64.device, dtype=torch.float64)
+    rhs = R64.T @ K64  # [d_out, d_in]
+    # ΔW A = rhs  <=>  A ΔWᵀ = rhsᵀ (A symmetric)
+    return torch.linalg.solve(A, rhs.T).T
+
+
+# ------------------------------------------------------------------------------------------------ values
+@dataclass
+class PMETLossContext(locate.ValueLossContext):
+    """:class:`~editlens.edit.locate.ValueLossContext` for PMET's joint optimisation: ``run``/``with_delta``
+    add both ``delta`` (to the MLP output) and ``delta_attn`` (to the attention output)."""
+
+    delta_attn: torch.Tensor | None = None
+    attn_module: str = ""
+
+    @contextlib.contextmanager
+    def with_delta(self, rows: torch.Tensor, positions: torch.Tensor, request_index: torch.Tensor) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(add_to_output(self.lm.model, self.module, self.delta[request_index], rows=rows,
+                                              positions=positions))
+            if self.delta_attn is not None:
+                stack.enter_context(add_to_output(self.lm.model, self.attn_module, self.delta_attn[request_index],
+                                                  rows=rows, positions=positions))
+            yield
+
+
+@dataclass
+class PMETValues:
+    """Result of :func:`compute_pmet_values`: optimised deltas, original outputs and mean losses."""
+
+    delta_mlp: torch.Tensor
+    delta_attn: torch.Tensor
+    init_mlp: torch.Tensor
+    init_attn: torch.Tensor
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def target_mlp(self) -> torch.Tensor:
+        return self.init_mlp + self.delta_mlp
+
+    @property
+    def target_attn(self) -> torch.Tensor:
+        return self.init_attn + self.delta_attn
+
+
+def compute_pmet_values(lm: "LM", requests: Sequence[locate.Request], layer: int, *,
+                        prefixes: Sequence[str] = ("",), steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
+                        weight_decay: float = 0.5, clamp_norm_factor: float = 1.0, early_stop_loss: float = 5e-2,
+                        kl_template: str | None = "{} is a", batch_tokens: int = 2048,
+                        extra_loss: Any = None, progress: bool = False) -> PMETValues:
+    """Jointly optimise ``δ_attn`` and ``δ_mlp`` at ``layer`` (see the module docstring, step 1)."""
+    if not requests:
+        raise MethodError("no requests")
+    dev = lm.device
+    mlp_mod = lm.arch.mlp_out_at(layer)
+    attn_mod = lm.arch.attn_out_at(layer)
+    n = len(requests)
+    n_pref = len(prefixes)
+    init_mlp = locate.capture_at_subject(lm, requests, mlp_mod, kind="output")
+    init_attn = locate.capture_at_subject(lm, requests, attn_mod, kind="output")
+    nm = init_mlp.norm(dim=-1).clamp(min=1e-12)
+    na = init_attn.norm(dim=-1).clamp(min=1e-12)
+    rows = locate._build_rows(lm, requests, prefixes, kl_template if kl_factor > 0 else None)
+    pad = ops._pad_id(lm)
+    batches = []
+    for g in ops.plan_batches([len(r.ids) for r in rows], batch_tokens):
+        b = ops.pad_left([rows[i].ids for i in g], pad, dev)
+        width = b["input_ids"].shape[1]
+        keep = max([len(rows[i].target) for i in g if rows[i].kind == "nll"] + [1])
+        tgt = torch.full((len(g), keep), -1, dtype=torch.long)
+        for r, i in enumerate(g):
+            if rows[i].kind == "nll":
+                tgt[r, keep - len(rows[i].target):] = torch.tensor(rows[i].target)
+        batches.append(dict(
+            batch=b, keep=keep, tgt=tgt.to(dev),
+            pos=torch.tensor([width - len(rows[i].ids) + rows[i].pos for i in g], device=dev),
+            req=torch.tensor([rows[i].req for i in g], device=dev),
+            is_kl=torch.tensor([rows[i].kind == "kl" for i in g], device=dev),
+            n_tok=torch.tensor([max(1, len(rows[i].target)) for i in g], device=dev, dtype=torch.float32)))
+    kl_init: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for bt in batches:
+            if bool(bt["is_kl"].any()):
+                lg = lm.model(**bt["batch"], logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+                kl_init.append(torch.log_softmax(lg, -1)[bt["is_kl"]])
+            else:
+                kl_init.append(None)
+    d_mlp = torch.zeros((n, init_mlp.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
+    d_attn = torch.zeros((n, init_attn.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.Adam([d_mlp, d_attn], lr=lr)
+    max_m = (clamp_norm_factor * nm).unsqueeze(1)
+    max_a = (clamp_norm_factor * na).unsqueeze(1)
+    ctx = PMETLossContext(lm=lm, layer=layer, module=mlp_mod, requests=requests, delta=d_mlp, init=init_mlp,
+                          prefixes=list(prefixes), delta_attn=d_attn, attn_module=attn_mod)
+    active = torch.ones(n, dtype=torch.bool, device=dev)
+    losses: dict[str, float] = {}
+    nll_first = None
+    last = 0
+    it_range: Any = range(max(1, steps))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it_range = tqdm(it_range, desc=f"PMET values L{layer}", leave=False)
+    for it in it_range:
+        last = it
+        update = it < steps - 1
+        opt.zero_grad(set_to_none=True)
+        nll = torch.zeros(n, device=dev)
+        kl = torch.zeros(n, device=dev)
+        for bt, kli in zip(batches, kl_init):
+            with torch.set_grad_enabled(update):
+                ridx = torch.arange(len(bt["req"]), device=dev)
+                with ctx.with_delta(ridx, bt["pos"], bt["req"]):
+                    logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
+                lp = torch.log_softmax(logits[:, -bt["keep"]:, :].float(), -1)
+                tgt = bt["tgt"]
+                tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
+                row_nll = -tok_lp.sum(-1) / bt["n_tok"] / n_pref
+                row_nll = torch.where(bt["is_kl"], torch.zeros_like(row_nll), row_nll)
+                chunk_nll = torch.zeros(n, device=dev).index_add(0, bt["req"], row_nll)
+                loss = chunk_nll.sum()
+                if kli is not None:
+                    lp_kl = lp[bt["is_kl"], -1, :]
+                    row_kl = (lp_kl.exp() * (lp_kl - kli)).sum(-1)
+                    chunk_kl = torch.zeros(n, device=dev).index_add(0, bt["req"][bt["is_kl"]], row_kl)
+                    loss = loss + kl_factor * chunk_kl.sum()
+                    kl = kl + chunk_kl.detach()
+                nll = nll + chunk_nll.detach()
+                if update:
+                    loss.backward()
+        if nll_first is None:
+            nll_first = nll.clone()
+        wd = weight_decay * (d_mlp.pow(2).sum(-1) / nm.pow(2) + d_attn.pow(2).sum(-1) / na.pow(2))
+        extra = None
+        if extra_loss is not None:
+            ctx.step = it
+            with torch.set_grad_enabled(True):
+                extra = extra_loss(ctx)
+            if not (torch.is_tensor(extra) and extra.dim() == 0):
+                raise EditlensError("extra_loss must return a scalar tensor")
+        active = active & (nll > early_stop_loss)
+        if update:
+            total = wd.sum() + (extra if extra is not None else 0.0)
+            if torch.is_tensor(total) and total.requires_grad:
+                total.backward()
+        losses = {"loss/nll": float(nll.mean()), "loss/kl": float(kl.mean()), "loss/wd": float(wd.detach().mean())}
+        if extra is not None:
+            losses["loss/extra"] = float(extra.detach())
+        if not update or not bool(active.any()):
+            break
+        old_m, old_a = d_mlp.detach().clone(), d_attn.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            for d, mx, old in ((d_mlp, max_m, old_m), (d_attn, max_a, old_a)):
+                norms = d.norm(dim=-1, keepdim=True)
+                d.mul_(torch.where(norms > mx, mx / norms.clamp(min=1e-12), torch.ones_like(norms)))
+                d.copy_(torch.where(active.unsqueeze(1), d, old))
+    assert nll_first is not None
+    losses["loss/nll_init"] = float(nll_first.mean())
+    losses["loss/steps"] = float(last + 1)
+    return PMETValues(delta_mlp=d_mlp.detach(), delta_attn=d_attn.detach(), init_mlp=init_mlp,
+                      init_attn=init_attn, losses=losses)
+
+
+# ------------------------------------------------------------------------------------------------ method
+@dataclass
+class PMETHParams(LocateHParams):
+    """PMET hyperparameters (shared ones: :class:`~editlens.edit.hparams.LocateHParams`).
+
+    Attributes:
+        layers: the critical layers (FFN output projections edited); values are optimised at the last one.
+        mom2_update_weight: λ multiplying ``C = E[k kᵀ]``.
+    """
+
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    mom2_update_weight: float = 1.5e4
+    clamp_norm_factor: float = 1.0
+
+    ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        "tiny": dict(layers=[1, 2], clamp_norm_factor=4.0, **TINY),
+        "smollm2-135m": dict(layers=[3, 4, 5, 6, 7], clamp_norm_factor=1.0),
+        "gpt2-xl": dict(layers=[13, 14, 15, 16, 17], clamp_norm_factor=0.75, mom2_update_weight=2e4),
+        "gpt2": dict(layers=[3, 4, 5, 6, 7], clamp_norm_factor=0.75),
+        "gpt-j": dict(layers=[3, 4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.2, v_num_grad_steps=30,
+                      kl_factor=1.0),
+        "gptj": dict(layers=[3, 4, 5, 6, 7, 8], clamp_norm_factor=0.75, v_lr=0.2, v_num_grad_steps=30,
+                     kl_factor=1.0),
+        "llama": dict(layers=[4, 5, 6, 7, 8], clamp_norm_factor=1.0),
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.layers:
+            raise HParamsError(f"hyperparameter 'layers' of method {self.method!r} must name at least one layer")
+        if self.mom2_update_weight <= 0:
+            raise HParamsError(f"hyperparameter 'mom2_update_weight' of method {self.method!r} must be > 0")
+
+
+@register_method("pmet")
+class PMET(Editor):
+    """PMET: joint MHSA+FFN value optimisation, FFN-only MEMIT-style update."""
+
+    hparams_class = PMETHParams
+
+    def apply(self, lm: "LM", cases, hparams: PMETHParams, *, evk_align: Any = None, progress: bool = True,
+              sequence: SequenceState | None = None) -> Edit:
+        hp = hparams
+        layers = locate.spread_layers(hp.layers)
+        locate.check_layers(lm, layers, self.name)
+        requests = locate.requests_from_cases(cases)
+        cov, prefixes = locate.prepare(lm, hp, layers, sequence, progress)
+        L = layers[-1]
+        vals = compute_pmet_values(lm, requests, L, prefixes=prefixes, extra_loss=evk_align, progress=progress,
+                                   **hp.value_kwargs())
+        target = vals.target_mlp
+        mlp_L = lm.arch.mlp_out_at(L)
+        snap = self.snapshot_for(sequence)
+        deltas: dict[str, torch.Tensor] = {}
+        diag: dict[str, Any] = dict(vals.losses)
+        diag["pmet/delta_attn_norm"] = float(vals.delta_attn.norm(dim=-1).mean())
+        diag["pmet/delta_mlp_norm"] = float(vals.delta_mlp.norm(dim=-1).mean())
+        try:
+            for i, layer in enumerate(layers):
+                K = locate.compute_keys(lm, layer, requests, prefixes, batch_tokens=hp.batch_tokens)
+                cur = locate.capture_at_subject(lm, requests, mlp_L, kind="output")
+                R = target - cur
+                delta = pmet_layer_update(K, R, hp.mom2_update_weight * cov[layer], len(layers) - i)
+                name = lm.arch.mlp_out_at(layer)
+                self.add_now(lm, snap, name, delta)
+                deltas[name] = delta
+                diag[f"delta_norm/{layer}"] = locate.fro(delta)
+                diag[f"dk_norm/{layer}"] = dk_norm(delta, cov[layer])
+                diag[f"resid_norm/{layer}"] = float(R.norm(dim=-1).mean())
+            after = locate.capture_at_subject(lm, requests, mlp_L, kind="output")
+            diag["pmet/resid_after"] = float((target - after).norm(dim=-1).mean())
+        except BaseException:
+            if sequence is None:
+                snap.restore()
+            raise
+        diag["layers"] = list(layers)
+        diag["evk_align"] = evk_settings(evk_align)
+        return self.weight_edit(lm, cases, hp, deltas, diag, sequence, snapshot=snap, applied=True)
