@@ -1,0 +1,150 @@
+"""Evaluation throughput: the bulk evaluator vs a naive per-case, per-probe loop, measured in the same run.
+
+* **bulk** — :func:`editlens.evaluate.evaluate`: every request of every metric over all cases gathered,
+  de-duplicated, answered with one System call per request type per system (large padded batches).
+* **naive** — :func:`editlens.evaluate.evaluate_naive`: each metric walks the cases and probes and asks for
+  one prompt at a time, when it needs it (no batching, no de-duplication across metrics, base outputs
+  recomputed for every metric). This is the loop one writes first.
+
+Both run on the same cases and systems (a base model and a perturbed copy standing in for an edited model);
+every ``(case, probe kind, metric)`` value must agree (max abs diff < 1e-4). The naive loop runs on the first
+``n_naive`` cases (all of them unless ``quick``/CPU limits it), the bulk evaluator on the same subset for the
+speedup, and on all ``n_cases`` for the throughput figure. A second bulk call against another edited system
+shows the cached base outputs.
+
+FLOP-bound fraction: ``2 × n_params × tokens / seconds / (measured matmul FLOP/s)``, with ``tokens`` the real
+(unpadded) tokens of the unique forward passes of both systems.
+
+Metrics: the teacher-forced and next-token ones (``t_acc, c_acc, c_mag, kl, js, topk, nkl, nkl_code,
+cfplus_ns, cfplus_nm, cfplus_nkl``); greedy-generation metrics are left out because the naive loop would spend
+its time in per-token decoding.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import Figures, forward_flops, matmul_flops_per_s, timer
+
+METRICS = ["t_acc", "c_acc", "c_mag", "kl", "js", "topk", "nkl", "nkl_code", "cfplus_ns", "cfplus_nm", "cfplus_nkl"]
+
+
+def _perturbed_copy(name: str, device: str, dtype: Any, seed: int, scale: float = 0.02):
+    """A second copy of the model with Gaussian noise on one MLP output matrix (an 'edited' model)."""
+    import editlens
+
+    lm = editlens.load_model(name, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    mid = lm.n_layers // 2
+    with torch.no_grad():
+        w = lm.module(lm.arch.mlp_out_at(mid)).weight
+        w.add_((scale * w.float().std() * torch.randn(w.shape, generator=g)).to(w.dtype).to(w.device))
+    lm.push_state(f"bench-noise-{seed}")
+    return lm
+
+
+def _unique_tokens(lm, cases, metrics) -> int:
+    """Real tokens of the unique forward passes the bulk evaluator ran (both systems)."""
+    from editlens.evaluate.core import BASE, EDITED, NextToken, Score, resolve_metrics
+    from editlens.lm.ops import encode, target_token_ids
+
+    wanted: dict[str, set] = {BASE: set(), EDITED: set()}
+    for m in resolve_metrics(metrics):
+        for role, r in m.requests(cases):
+            wanted[role].add(r)
+    total = 0
+    for reqs in wanted.values():
+        for r in reqs:
+            if isinstance(r, NextToken):
+                total += len(encode(lm.tokenizer, r.prompt))
+            elif isinstance(r, Score):
+                p, t = target_token_ids(lm.tokenizer, r.prompt, r.target)
+                total += len(p) + len(t) - 1
+    return total
+
+
+def _n_probes(cases) -> int:
+    return sum(len(c.probes_of(k)) for c in cases for k in c.kinds if k != "generation")
+
+
+def run(device: str = "cpu", model: str = "smollm2-135m", n_cases: int = 200, quick: bool = False,
+        dtype: str | None = None, n_naive: int | None = None, seed: int = 0) -> dict[str, float]:
+    """Measure bulk vs naive evaluation; returns flat figures (also printed)."""
+    import editlens
+    from editlens.data import synthetic_cases
+    from editlens.evaluate import BaseCache, ModelSystem, evaluate, evaluate_naive
+
+    if quick:
+        n_cases = min(n_cases, 12)
+    if n_naive is None:
+        n_naive = n_cases if (device != "cpu" or n_cases <= 40) else 40
+    n_naive = min(n_naive, n_cases)
+    figs = Figures()
+    lm = editlens.load_model(model, device=device, dtype=dtype)
+    base = ModelSystem(lm)
+    edited = ModelSystem(_perturbed_copy(model, device, dtype, seed + 1))
+    other = ModelSystem(_perturbed_copy(model, device, dtype, seed + 2))
+    cases = synthetic_cases(n_cases, seed=seed)
+    subset = cases[:n_naive]
+
+    # ---- same subset: bulk vs naive, values must agree
+    with timer(device) as tb:
+        bulk_sub = evaluate(edited, subset, base=base, metrics=METRICS, cache=False, progress=False)
+    with timer(device) as tn:
+        naive_sub, n_calls = evaluate_naive(edited, subset, base=base, metrics=METRICS)
+    key = ["case_id", "probe_kind", "metric"]
+    a = bulk_sub.to_pandas().set_index(key).sort_index()
+    b = naive_sub.to_pandas().set_index(key).sort_index()
+    if list(a.index) != list(b.index):
+        raise AssertionError("bulk and naive evaluation produced different rows")
+    max_diff = float((a.value - b.value).abs().max())
+    assert max_diff < 1e-4, f"bulk and naive evaluation disagree: max abs diff {max_diff:.3g}"
+    probes_sub = _n_probes(subset)
+
+    # ---- all cases: bulk throughput, then a second edited system with the base outputs cached
+    cache = BaseCache()
+    with timer(device) as tf:
+        full = evaluate(edited, cases, base=base, metrics=METRICS, cache=cache, progress=not quick)
+    with timer(device) as tc:
+        evaluate(other, cases, base=base, metrics=METRICS, cache=cache, progress=False)
+    tokens = _unique_tokens(lm, cases, METRICS)
+    probes = _n_probes(cases)
+    flops = matmul_flops_per_s(device)
+    frac = forward_flops(lm.n_params(), tokens) / tf["s"] / flops
+
+    figs.add("eval_cases", n_cases)
+    figs.add("eval_probes", probes, "non-generation probes × all metrics")
+    figs.add("eval_bulk_s", tf["s"], f"{len(METRICS)} metric families, base + edited")
+    figs.add("eval_bulk_probes_per_s", probes / tf["s"])
+    figs.add("eval_bulk_tokens_per_s", tokens / tf["s"], "real tokens of unique forward passes")
+    figs.add("eval_bulk_cached_base_s", tc["s"], "2nd edited system, base outputs from cache")
+    figs.add("eval_cache_speedup", tf["s"] / tc["s"])
+    figs.add("eval_naive_cases", n_naive)
+    figs.add("eval_naive_calls", n_calls, "System calls of the naive loop")
+    figs.add("eval_naive_probes_per_s", probes_sub / tn["s"])
+    figs.add("eval_bulk_same_cases_probes_per_s", probes_sub / tb["s"])
+    figs.add("eval_speedup", tn["s"] / tb["s"], "naive / bulk time, same cases (target >= 10x on CPU)")
+    figs.add("eval_max_abs_diff", max_diff, "bulk vs naive, every row")
+    figs.add("eval_matmul_gflops", flops / 1e9)
+    figs.add("eval_flop_fraction", frac, "2·n_params·tokens / time / matmul FLOP/s")
+    print(figs.table())
+    print(f"bulk evaluation is {tn['s'] / tb['s']:.1f}x faster than the naive loop on {n_naive} cases "
+          f"({probes_sub} probes); values agree to {max_diff:.2g}")
+    return figs.values
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n-cases", type=int, default=200)
+    ap.add_argument("--n-naive", type=int, default=None)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    run(device=args.device, model=args.model, n_cases=args.n_cases, quick=args.quick, n_naive=args.n_naive)
+    print(f"total {time.perf_counter() - t0:.1f} s")

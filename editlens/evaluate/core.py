@@ -1,0 +1,762 @@
+"""The bulk evaluator: metric registry, request gathering, base-output cache, :class:`Results`.
+
+How a metric works
+==================
+A metric is a small class registered by name in its own module::
+
+    from editlens.evaluate.core import Metric, NextToken, Score, Generate, BASE, EDITED, Row, register_metric
+
+    @register_metric("my_metric", groups=("gtfree",))
+    class MyMetric(Metric):
+        '''One-line description (shown by ``editlens eval --list-metrics``).'''
+        direction = "lower"            # "higher" / "lower" is better (docs and reports)
+
+        def case_requests(self, case):                 # what it needs, per case
+            for probe in case.probes_of("neighborhood"):
+                yield BASE, NextToken(probe.prompt)    # next-token log-probs under the base system
+                yield EDITED, NextToken(probe.prompt)  # ... and under the evaluated (edited) system
+
+        def case_rows(self, case, answers):            # rows from the answers, per case
+            vals = [f(answers.next_token(p.prompt, on=BASE), answers.next_token(p.prompt, on=EDITED))
+                    for p in case.probes_of("neighborhood")]
+            yield from self.mean_row(case, "neighborhood", vals)
+
+* **Requests** are hashable values: :class:`NextToken` (``prompt`` → log-probs ``[vocab]``), :class:`Score`
+  (``prompt, target`` → :class:`~editlens.lm.ops.TeacherForced`), :class:`Generate` (``prompt,
+  max_new_tokens`` → greedy continuation text); a metric module may define its own request type by
+  subclassing :class:`CustomRequest` (EVK's embedding-perturbed requests do). Each is asked of a *role*: :data:`EDITED` (the system under
+  evaluation) or :data:`BASE` (the unedited reference, whose answers are cached).
+* The evaluator gathers the requests of every metric over every case, de-duplicates them, and answers them
+  with **one System call per request type (per ``max_new_tokens`` for generation) per system**; the system
+  packs the prompts into large padded batches. Base answers are cached by ``(base.fingerprint,
+  prompt_format, hash of the base request set)`` in an in-memory LRU and, optionally, on disk.
+* ``case_rows`` / ``case_requests`` are the per-case convenience hooks. Metrics that are not per case (a
+  general-ability benchmark, a dataset-level TF-IDF fit) override :meth:`Metric.requests` and
+  :meth:`Metric.rows`, which receive all cases at once; rows may then use any ``case_id`` (e.g. an item id).
+* A metric family may be parametrised by the part of the name after ``@`` (``topk@5``): override
+  :meth:`Metric.from_name`, which returns the metric instances for a name (``topk`` → k ∈ {1, 5, 10}).
+  Each instance has a canonical :attr:`Metric.name` and JSON-able :attr:`Metric.params` (recorded in
+  ``Results.meta``).
+* ``groups`` puts a metric in named groups (``"gt"``, ``"gtfree"``, ...) that users can request by the
+  group name; ``"all"`` expands to every metric that is in at least one group.
+* Metric modules are imported lazily: the module must be listed in :data:`METRIC_MODULES` (modules that do
+  not exist yet are skipped).
+
+Rows are ``(case_id, probe_kind, metric, value)``; by convention a metric emits one row per case and probe
+kind whose value is the mean over that case's probes of that kind (macro-averaging over cases, as
+CounterFact and CounterFact+ do). :meth:`Results.summary` then averages rows over cases with standard errors.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
+
+import torch
+
+from editlens.errors import EditlensError, MetricError
+from editlens.lm.ops import TeacherForced
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from editlens.data.schema import EditCase
+    from editlens.evaluate.system import System
+
+#: role of the evaluated (edited) system in a request
+EDITED = "edited"
+#: role of the unedited reference system in a request
+BASE = "base"
+ROLES = (EDITED, BASE)
+
+#: modules that register metrics (imported lazily; missing ones are skipped)
+METRIC_MODULES = (
+    "editlens.evaluate.gt",
+    "editlens.evaluate.gtfree",
+    "editlens.evaluate.generation",
+    "editlens.evaluate.portability",
+    "editlens.evaluate.general",
+    "editlens.evaluate.evk",
+)
+
+DEFAULT_MAX_NEW_TOKENS = 16
+
+
+# ================================================================================================ requests
+@dataclass(frozen=True, order=True)
+class NextToken:
+    """Next-token log-probabilities after ``prompt`` (answer: float32 tensor ``[vocab]``)."""
+
+    prompt: str
+
+
+@dataclass(frozen=True, order=True)
+class Score:
+    """Teacher-forced scores of ``target`` after ``prompt`` (answer: :class:`~editlens.lm.ops.TeacherForced`)."""
+
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True, order=True)
+class Generate:
+    """Greedy continuation of ``prompt`` with at most ``max_new_tokens`` new tokens (answer: ``str``)."""
+
+    prompt: str
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+
+class CustomRequest:
+    """Base of request types defined by a metric module (e.g. :mod:`editlens.evaluate.evk`'s embedding-perturbed
+    next-token requests), for needs the three built-in types do not cover.
+
+    A subclass is a frozen, ordered dataclass whose fields are plain values (str, int, float, bool and tuples of
+    them) and implements :meth:`answer_group`. The evaluator groups custom requests by type and answers each group
+    with one call; a system may answer them itself through an optional method ``answer_custom(requests) -> list``
+    (e.g. a system that only replays precomputed base answers). Answers are cached like the built-in ones.
+    """
+
+    @classmethod
+    def answer_group(cls, system: "System", requests: Sequence["CustomRequest"]) -> list[Any]:
+        """Answers to ``requests`` (all of this type) on ``system``, in order."""
+        raise NotImplementedError
+
+
+Request = Union[NextToken, Score, Generate, CustomRequest]
+
+
+class Row(NamedTuple):
+    """One result row."""
+
+    case_id: str
+    probe_kind: str
+    metric: str
+    value: float
+
+
+# ================================================================================================ answers
+class Answers:
+    """Answers to requests, looked up by role; what :meth:`Metric.case_rows` reads."""
+
+    def __init__(self, store: Mapping[str, Mapping[Request, Any]]):
+        self._store = store
+
+    def get(self, request: Request, on: str = EDITED) -> Any:
+        try:
+            return self._store[on][request]
+        except KeyError:
+            raise MetricError(f"no answer for {request!r} on the {on} system: the metric did not request it") from None
+
+    def next_token(self, prompt: str, on: str = EDITED) -> torch.Tensor:
+        """Next-token log-probs ``[vocab]`` after ``prompt``."""
+        return self.get(NextToken(prompt), on)
+
+    def score(self, prompt: str, target: str, on: str = EDITED) -> TeacherForced:
+        """Teacher-forced scores of ``target`` after ``prompt``."""
+        return self.get(Score(prompt, target), on)
+
+    def generate(self, prompt: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, on: str = EDITED) -> str:
+        """Greedy continuation of ``prompt``."""
+        return self.get(Generate(prompt, max_new_tokens), on)
+
+
+class OnDemandAnswers(Answers):
+    """Answers computed one request at a time when asked (no batching, no caching).
+
+    This is the naive reference the bulk evaluator is checked against (see ``benchmarks/bench_eval.py``).
+    """
+
+    def __init__(self, systems: Mapping[str, "System"]):
+        super().__init__({})
+        self._systems = systems
+        self.n_calls = 0
+
+    def get(self, request: Request, on: str = EDITED) -> Any:
+        system = self._systems.get(on)
+        if system is None:
+            raise MetricError(f"no {on} system given")
+        self.n_calls += 1
+        return _answer(system, [request])[0]
+
+
+def _answer(system: "System", requests: Sequence[Request]) -> list[Any]:
+    """Answer requests of one type (and one ``max_new_tokens``) with one System call."""
+    if not requests:
+        return []
+    first = requests[0]
+    if isinstance(first, NextToken):
+        lp = system.next_token_logprobs([r.prompt for r in requests])  # type: ignore[union-attr]
+        return list(lp.float().unbind(0))
+    if isinstance(first, Score):
+        return list(system.teacher_forced([r.prompt for r in requests], [r.target for r in requests]))  # type: ignore[union-attr]
+    if isinstance(first, Generate):
+        return list(system.generate([r.prompt for r in requests], max_new_tokens=first.max_new_tokens))
+    if isinstance(first, CustomRequest):
+        own = getattr(system, "answer_custom", None)
+        out = own(list(requests)) if callable(own) else type(first).answer_group(system, list(requests))
+        return list(out)
+    raise MetricError(f"unknown request type {type(first).__name__}")
+
+
+def _groups_of(requests: Iterable[Request]) -> list[list[Request]]:
+    """Split requests into groups answerable by one System call each (sorted for determinism)."""
+    nxt = sorted(r for r in requests if isinstance(r, NextToken))
+    sc = sorted(r for r in requests if isinstance(r, Score))
+    gens: dict[int, list[Generate]] = {}
+    for r in requests:
+        if isinstance(r, Generate):
+            gens.setdefault(r.max_new_tokens, []).append(r)
+    out: list[list[Request]] = [g for g in (nxt, sc) if g]  # type: ignore[misc]
+    out += [sorted(gens[n]) for n in sorted(gens)]
+    customs: dict[str, list[CustomRequest]] = {}
+    for r in requests:
+        if isinstance(r, CustomRequest):
+            customs.setdefault(f"{type(r).__module__}.{type(r).__qualname__}", []).append(r)
+    out += [sorted(customs[k], key=repr) for k in sorted(customs)]
+    return out
+
+
+# ================================================================================================ metrics
+class Metric:
+    """Base class of metrics (see the module docstring for the protocol).
+
+    Class attributes:
+        family: the registered name (set by :func:`register_metric`).
+        groups: groups the metric belongs to (``"gt"``, ``"gtfree"``, ...).
+        direction: ``"higher"`` or ``"lower"`` is better.
+
+    Instance attributes:
+        name: canonical name of this instance (``"topk@5"``); defaults to ``family``.
+        params: JSON-able parameters recorded in ``Results.meta``.
+    """
+
+    family: ClassVar[str] = ""
+    groups: ClassVar[tuple[str, ...]] = ()
+    direction: ClassVar[str] = "higher"
+
+    def __init__(self, name: str | None = None, **params: Any):
+        self.name = name or self.family
+        self.params = dict(params)
+
+    @classmethod
+    def from_name(cls, name: str, arg: str | None) -> list["Metric"]:
+        """Instances for ``name`` (``arg`` is the part after ``@``; ``None`` when absent)."""
+        if arg is not None:
+            raise MetricError(f"metric {cls.family!r} takes no '@' parameter (got {name!r})")
+        return [cls()]
+
+    # ---- per-case hooks (most metrics override these two)
+    def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:
+        return ()
+
+    def case_rows(self, case: "EditCase", answers: Answers) -> Iterable[Row]:
+        return ()
+
+    # ---- dataset-level hooks (default: loop over cases)
+    def requests(self, cases: Sequence["EditCase"]) -> Iterable[tuple[str, Request]]:
+        """``(role, request)`` pairs this metric needs over all cases."""
+        for case in cases:
+            yield from self.case_requests(case)
+
+    def rows(self, cases: Sequence["EditCase"], answers: Answers) -> Iterable[Row]:
+        """Result rows over all cases."""
+        for case in cases:
+            yield from self.case_rows(case, answers)
+
+    # ---- helpers
+    def mean_row(self, case: "EditCase", kind: str, values: Sequence[float]) -> Iterator[Row]:
+        """One row with the mean of ``values`` (nothing when empty)."""
+        vals = [float(v) for v in values]
+        if vals:
+            yield Row(case.case_id, str(kind), self.name, sum(vals) / len(vals))
+
+    def describe(self) -> dict[str, Any]:
+        return {"family": self.family, "groups": list(self.groups), "direction": self.direction, **self.params}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, params={self.params!r})"
+
+
+_REGISTRY: dict[str, type[Metric]] = {}
+
+
+def register_metric(name: str, groups: Sequence[str] = ()) -> Callable[[type[Metric]], type[Metric]]:
+    """Class decorator registering a :class:`Metric` subclass under ``name`` (and in ``groups``)."""
+    if not name or "@" in name or "," in name:
+        raise MetricError(f"invalid metric name {name!r}")
+
+    def deco(cls: type[Metric]) -> type[Metric]:
+        if not (isinstance(cls, type) and issubclass(cls, Metric)):
+            raise MetricError(f"@register_metric({name!r}) must decorate a Metric subclass")
+        prev = _REGISTRY.get(name)
+        if prev is not None and prev.__qualname__ != cls.__qualname__:
+            raise MetricError(f"metric {name!r} is already registered by {prev.__module__}.{prev.__qualname__}")
+        cls.family = name
+        if groups:
+            cls.groups = tuple(groups)
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_metric_modules() -> None:
+    for mod in METRIC_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def registered_metrics() -> dict[str, type[Metric]]:
+    """Registered metric families (name → class), after importing the metric modules."""
+    _load_metric_modules()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def metric_groups() -> dict[str, list[str]]:
+    """Group name → metric names (``"all"`` = every metric in some group)."""
+    reg = registered_metrics()
+    groups: dict[str, list[str]] = {}
+    for name, cls in reg.items():
+        for g in cls.groups:
+            groups.setdefault(g, []).append(name)
+    groups["all"] = [n for n, c in reg.items() if c.groups]
+    return groups
+
+
+def resolve_metrics(names: str | Sequence[str | Metric]) -> list[Metric]:
+    """Metric instances for names, groups (``"gt"``, ``"gtfree"``, ``"all"``) or instances.
+
+    Accepts a comma-separated string. Unknown names raise :class:`MetricError` listing the valid ones.
+    """
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    reg = registered_metrics()
+    groups = metric_groups()
+    out: dict[str, Metric] = {}
+
+    def add(m: Metric) -> None:
+        out.setdefault(m.name, m)
+
+    for item in names:
+        if isinstance(item, Metric):
+            add(item)
+            continue
+        name = str(item).strip()
+        if name in groups and name not in reg:
+            for member in groups[name]:
+                for m in reg[member].from_name(member, None):
+                    add(m)
+            continue
+        family, _, arg = name.partition("@")
+        cls = reg.get(family)
+        if cls is None:
+            raise MetricError(f"unknown metric {name!r}; valid metrics: {', '.join(reg)}; "
+                              f"groups: {', '.join(sorted(groups))}")
+        for m in cls.from_name(name, arg if "@" in name else None):
+            add(m)
+    if not out:
+        raise MetricError(f"no metrics given; valid metrics: {', '.join(reg)}")
+    return list(out.values())
+
+
+# ================================================================================================ cache
+def _answer_nbytes(a: Any) -> int:
+    if isinstance(a, torch.Tensor):
+        return a.numel() * a.element_size()
+    if isinstance(a, TeacherForced):
+        return sum(t.numel() * t.element_size() for t in (a.target_ids, a.logprobs, a.argmax_ids))
+    return len(str(a)) + 64
+
+
+def _to_plain(req: Request, a: Any) -> tuple:
+    if isinstance(req, CustomRequest):
+        import dataclasses
+
+        cls = type(req)
+        return ("c", f"{cls.__module__}:{cls.__qualname__}",
+                tuple(getattr(req, f.name) for f in dataclasses.fields(req)), a)  # type: ignore[arg-type]
+    if isinstance(req, NextToken):
+        return ("n", req.prompt, a)
+    if isinstance(req, Score):
+        return ("s", req.prompt, req.target, a.target_ids, a.logprobs, a.argmax_ids)
+    return ("g", req.prompt, req.max_new_tokens, a)
+
+
+def _from_plain(t: tuple) -> tuple[Request, Any]:
+    if t[0] == "c":
+        mod, _, qual = str(t[1]).partition(":")
+        cls: Any = importlib.import_module(mod)
+        for part in qual.split("."):
+            cls = getattr(cls, part)
+        return cls(*t[2]), t[3]
+    if t[0] == "n":
+        return NextToken(t[1]), t[2]
+    if t[0] == "s":
+        return Score(t[1], t[2]), TeacherForced(t[3], t[4], t[5])
+    return Generate(t[1], int(t[2])), t[3]
+
+
+class BaseCache:
+    """Cache of base-system answers: an in-memory LRU (bounded in bytes) plus an optional directory.
+
+    Keys are built by :func:`cache_key` from ``(fingerprint, prompt_format, request set)``. Entries on disk
+    are ``<key>.pt`` files of plain tensors/strings (loaded with ``weights_only=True``).
+
+    Args:
+        directory: where to persist entries (``None``: memory only).
+        max_bytes: memory budget of the LRU (least recently used entries are dropped first).
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None, max_bytes: int = 1 << 30):
+        self.directory = None if directory is None else Path(directory)
+        self.max_bytes = int(max_bytes)
+        self._mem: OrderedDict[str, tuple[dict[Request, Any], int]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._mem)
+
+    def get(self, key: str) -> dict[Request, Any] | None:
+        if key in self._mem:
+            self._mem.move_to_end(key)
+            self.hits += 1
+            return self._mem[key][0]
+        if self.directory is not None:
+            path = self.directory / f"{key}.pt"
+            if path.is_file():
+                try:
+                    plain = torch.load(path, weights_only=True)
+                except Exception as e:  # a corrupt entry is recomputed, not fatal
+                    raise EditlensError(f"cache file {path} is unreadable ({e}); delete it") from None
+                answers = dict(_from_plain(tuple(t)) for t in plain)
+                self._remember(key, answers)
+                self.hits += 1
+                return answers
+        self.misses += 1
+        return None
+
+    def put(self, key: str, answers: dict[Request, Any]) -> None:
+        self._remember(key, answers)
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp = self.directory / f".{key}.{os.getpid()}.tmp"
+            torch.save([_to_plain(r, a) for r, a in answers.items()], tmp)
+            os.replace(tmp, self.directory / f"{key}.pt")
+
+    def _remember(self, key: str, answers: dict[Request, Any]) -> None:
+        size = sum(_answer_nbytes(a) for a in answers.values())
+        self._mem[key] = (answers, size)
+        self._mem.move_to_end(key)
+        total = sum(s for _, s in self._mem.values())
+        while len(self._mem) > 1 and total > self.max_bytes:
+            _, (_, s) = self._mem.popitem(last=False)
+            total -= s
+
+    def clear(self) -> None:
+        self._mem.clear()
+
+
+def cache_key(fingerprint: str, prompt_format: str, requests: Iterable[Request]) -> str:
+    """Hash of ``(fingerprint, prompt_format, sorted request set)``."""
+    h = hashlib.sha256()
+    h.update(f"{fingerprint}\0{prompt_format}\0".encode())
+    for r in sorted(set(requests), key=lambda r: (type(r).__name__, repr(r))):
+        h.update(f"{type(r).__name__}\0{repr(r)}\n".encode())
+    return h.hexdigest()[:32]
+
+
+_DEFAULT_CACHE: BaseCache | None = None
+
+
+def default_cache() -> BaseCache:
+    """The process-wide in-memory base cache used when ``evaluate(cache=True)`` (the default).
+
+    It only memoises base-system answers keyed by content fingerprints, so it never changes results.
+    """
+    global _DEFAULT_CACHE
+    if _DEFAULT_CACHE is None:
+        _DEFAULT_CACHE = BaseCache()
+    return _DEFAULT_CACHE
+
+
+def _as_cache(cache: Any) -> BaseCache | None:
+    if cache is None or cache is False:
+        return None
+    if cache is True:
+        return default_cache()
+    if isinstance(cache, BaseCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return BaseCache(directory=cache)
+    raise EditlensError(f"cache must be True/False/None, a BaseCache or a directory path, got {type(cache).__name__}")
+
+
+# ================================================================================================ results
+@dataclass
+class Results:
+    """Tidy evaluation results.
+
+    Attributes:
+        rows: ``(case_id, probe_kind, metric, value)`` rows.
+        meta: prompt format, system fingerprints, metric names and parameters, timings, cache statistics.
+    """
+
+    rows: list[Row] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_pandas(self) -> "pd.DataFrame":
+        """DataFrame with columns ``case_id, probe_kind, metric, value``."""
+        import pandas as pd
+
+        return pd.DataFrame([tuple(r) for r in self.rows], columns=list(Row._fields)).astype(
+            {"case_id": str, "probe_kind": str, "metric": str, "value": float})
+
+    def summary(self) -> "pd.DataFrame":
+        """DataFrame ``probe_kind, metric, mean, sem, n``: mean over rows (cases) and its standard error.
+
+        ``sem`` is the sample standard deviation (ddof=1) over ``sqrt(n)``; NaN when ``n < 2``.
+        """
+        import pandas as pd
+
+        groups: dict[tuple[str, str], list[float]] = {}
+        for r in self.rows:
+            groups.setdefault((r.probe_kind, r.metric), []).append(float(r.value))
+        out = []
+        for (kind, metric), vals in groups.items():
+            out.append((kind, metric, *mean_sem(vals), len(vals)))
+        df = pd.DataFrame(out, columns=["probe_kind", "metric", "mean", "sem", "n"])
+        return df.sort_values(["metric", "probe_kind"], kind="stable").reset_index(drop=True)
+
+    def value(self, metric: str, probe_kind: str | None = None) -> float:
+        """Mean of one metric (optionally one probe kind) over rows; MetricError when absent."""
+        vals = [r.value for r in self.rows if r.metric == metric and (probe_kind is None or r.probe_kind == probe_kind)]
+        if not vals:
+            raise MetricError(f"no rows for metric {metric!r}" + (f" on {probe_kind!r} probes" if probe_kind else ""))
+        return sum(vals) / len(vals)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write rows to ``.csv``, ``.parquet`` or ``.json`` (JSON also holds ``meta``)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        df = self.to_pandas()
+        if suffix == ".csv":
+            df.to_csv(path, index=False)
+        elif suffix == ".parquet":
+            df.to_parquet(path, index=False)
+        elif suffix == ".json":
+            path.write_text(json.dumps({"meta": self.meta, "rows": [list(r) for r in self.rows]}, indent=1,
+                                       default=str))
+        else:
+            raise EditlensError(f"cannot write results to {path}: use a .csv, .parquet or .json file")
+        return path
+
+    def __add__(self, other: "Results") -> "Results":
+        return Results(self.rows + other.rows, {**self.meta, **other.meta})
+
+
+def mean_sem(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (ddof=1; NaN for fewer than 2 values)."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(values) / n
+    if n < 2:
+        return m, math.nan
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+# ================================================================================================ evaluator
+def _with_format(system: "System", prompt_format: str | None, role: str) -> "System":
+    if prompt_format is None or getattr(system, "prompt_format", "raw") == prompt_format:
+        return system
+    from editlens.evaluate.system import ModelSystem
+
+    if type(system) is ModelSystem:
+        new = ModelSystem(system.lm, prompt_format=prompt_format, batch_tokens=system.batch_tokens,
+                          fingerprint=system._fingerprint)
+        new.model_state = getattr(system, "model_state", new.model_state)  # keep the weights it is pinned to
+        return new
+    raise MetricError(f"the {role} system ({type(system).__name__}) poses prompts as "
+                      f"{system.prompt_format!r}; build it with prompt_format={prompt_format!r} instead")
+
+
+@contextlib.contextmanager
+def _batch_tokens(systems: Iterable["System"], batch_tokens: int | None) -> Iterator[None]:
+    saved = []
+    if batch_tokens is not None:
+        for s in systems:
+            if hasattr(s, "batch_tokens"):
+                saved.append((s, s.batch_tokens))
+                s.batch_tokens = int(batch_tokens)
+    try:
+        yield
+    finally:
+        for s, v in saved:
+            s.batch_tokens = v
+
+
+def _check_cases(cases: Sequence["EditCase"]) -> list["EditCase"]:
+    from editlens.data.schema import EditCase
+
+    cases = list(cases)
+    seen: set[str] = set()
+    for i, c in enumerate(cases):
+        if not isinstance(c, EditCase):
+            raise EditlensError(f"cases[{i}] is a {type(c).__name__}, not an EditCase")
+        if c.case_id in seen:
+            raise EditlensError(f"duplicate case_id {c.case_id!r} (cases[{i}]): results rows are keyed by case_id")
+        seen.add(c.case_id)
+    return cases
+
+
+def _progress(progress: bool, total: int, desc: str):
+    if not progress:
+        return contextlib.nullcontext(None)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="call", leave=False)
+
+
+def _run(system: "System", requests: Iterable[Request], bar: Any, label: str) -> dict[Request, Any]:
+    out: dict[Request, Any] = {}
+    for group in _groups_of(requests):
+        if bar is not None:
+            bar.set_postfix_str(f"{label}: {len(group)} {type(group[0]).__name__}")
+        for r, a in zip(group, _answer(system, group)):
+            out[r] = a
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None" = None,
+             metrics: str | Sequence[str | Metric] = ("gt", "gtfree"), batch_tokens: int | None = 4096,
+             prompt_format: str | None = None, cache: Any = True, progress: bool = True) -> Results:
+    """Evaluate ``system`` on ``cases`` with ``metrics`` (bulk, batched, base outputs cached).
+
+    Args:
+        system: the system under evaluation (the edited model, a wrapped system, or the base itself).
+        cases: the edit cases whose probes are asked.
+        base: the unedited reference system; needed by metrics that compare with it (``kl``, ``topk``, ...).
+        metrics: metric names, ``@``-parametrised names (``topk@5``), groups (``gt``, ``gtfree``, ``all``) or
+            :class:`Metric` instances; a comma-separated string is accepted.
+        batch_tokens: token budget of one padded batch, set on the systems for the duration of the call
+            (``None`` keeps each system's own setting).
+        prompt_format: ``"raw"`` / ``"chat"``; a plain :class:`ModelSystem` is re-posed in that format, other
+            systems must already use it. ``None``: the systems' own format.
+        cache: ``True`` (process-wide in-memory LRU, the default), ``False``/``None`` (no cache), a
+            :class:`BaseCache`, or a directory path (persistent cache there).
+        progress: show a tqdm progress bar over the model calls.
+
+    Returns:
+        :class:`Results` with one row per case, probe kind and metric; ``meta`` records the prompt format,
+        fingerprints, metric parameters, the number of unique requests, timings and cache use.
+
+    Raises:
+        MetricError: unknown metric, or a metric that needs ``base`` when none is given.
+    """
+    t0 = time.perf_counter()
+    cases = _check_cases(cases)
+    metric_objs = resolve_metrics(metrics)
+    system = _with_format(system, prompt_format, "evaluated")
+    same = base is not None and (base is system)
+    if base is not None:
+        base = system if same else _with_format(base, prompt_format, "base")
+    if base is not None and base.prompt_format != system.prompt_format:
+        raise MetricError(f"the base system poses prompts as {base.prompt_format!r} but the evaluated one as "
+                          f"{system.prompt_format!r}; use one prompt format")
+
+    # ---- gather
+    wanted: dict[str, set[Request]] = {EDITED: set(), BASE: set()}
+    needs_base: list[str] = []
+    for m in metric_objs:
+        n_base = 0
+        for role, req in m.requests(cases):
+            if role not in wanted:
+                raise MetricError(f"metric {m.name!r} requested role {role!r}; use {EDITED!r} or {BASE!r}")
+            wanted[role].add(req)
+            n_base += role == BASE
+        if n_base:
+            needs_base.append(m.name)
+    if needs_base and base is None:
+        raise MetricError(f"metrics {', '.join(needs_base)} compare with the unedited model: pass base=<System>")
+
+    # ---- answer
+    store: dict[str, dict[Request, Any]] = {EDITED: {}, BASE: {}}
+    cache_obj = _as_cache(cache)
+    cache_hit = None
+    fmt = system.prompt_format
+    timings: dict[str, float] = {}
+    with _batch_tokens([s for s in (system, base) if s is not None], batch_tokens):
+        base_reqs = set(wanted[BASE]) | (set(wanted[EDITED]) if same else set())
+        n_groups = len(_groups_of(base_reqs)) + (0 if same else len(_groups_of(wanted[EDITED])))
+        with _progress(progress, n_groups, "evaluate") as bar:
+            if base_reqs:
+                tb = time.perf_counter()
+                key = cache_key(base.fingerprint, fmt, base_reqs)  # type: ignore[union-attr]
+                cached = cache_obj.get(key) if cache_obj is not None else None
+                cache_hit = cached is not None
+                if cached is None:
+                    cached = _run(base, base_reqs, bar, "base")  # type: ignore[arg-type]
+                    if cache_obj is not None:
+                        cache_obj.put(key, cached)
+                elif bar is not None:
+                    bar.update(len(_groups_of(base_reqs)))
+                store[BASE] = cached
+                timings["base_s"] = time.perf_counter() - tb
+            if same:
+                store[EDITED] = store[BASE]
+            else:
+                te = time.perf_counter()
+                store[EDITED] = _run(system, wanted[EDITED], bar, "edited")
+                timings["edited_s"] = time.perf_counter() - te
+
+    # ---- compute
+    tc = time.perf_counter()
+    answers = Answers(store)
+    rows: list[Row] = []
+    for m in metric_objs:
+        for r in m.rows(cases, answers):
+            rows.append(Row(str(r[0]), str(r[1]), str(r[2]), float(r[3])))
+    timings["metrics_s"] = time.perf_counter() - tc
+    timings["total_s"] = time.perf_counter() - t0
+
+    meta = {
+        "prompt_format": fmt,
+        "system": {"fingerprint": system.fingerprint, "repr": repr(system)},
+        "base": None if base is None else {"fingerprint": base.fingerprint, "repr": repr(base)},
+        "metrics": {m.name: m.describe() for m in metric_objs},
+        "n_cases": len(cases),
+        "n_requests": {role: {t.__name__: sum(isinstance(r, t) for r in wanted[role])
+                              for t in (NextToken, Score, Generate)} for role in ROLES},
+        "batch_tokens": batch_tokens,
+        "base_cache_hit": cache_hit,
+        "timings": timings,
+    }
+    return Results(rows, meta)
+
+
+def evaluate_naive(system: "System", cases: Sequence["EditCase"], base: "System | None" = None,
+                   metrics: str | Sequence[str | Metric] = ("gt", "gtfree")) -> tuple[Results, int]:
+    """Reference evaluation: every request answered alone, when a metric asks for it (no batching, no
+    de-duplication, no cache). Returns the results and the number of System calls. Used to check and time
+    :func:`evaluate`; not meant for real use."""
+    cases = _check_cases(cases)
+    metric_objs = resolve_metrics(metrics)
+    systems = {EDITED: system} if base is None else {EDITED: system, BASE: base}
+    answers = OnDemandAnswers(systems)
+    rows = [Row(*r) for m in metric_objs for r in m.rows(cases, answers)]
+    return Results(rows, {"prompt_format": system.prompt_format, "metrics": {m.name: m.describe() for m in metric_objs}}), answers.n_calls

@@ -1,0 +1,266 @@
+"""LLM judges for autoregressive answers (the ``ar_judge`` metric).
+
+A judge receives :class:`JudgeItem` s (the question as posed, the accepted answers, the model's generation) and
+returns :class:`Verdict` s. The judge prompt is :data:`DEFAULT_TEMPLATE` (fields ``{question}``,
+``{reference}`` = the accepted answers joined with ``" / "``, ``{answer}`` = the generation's first line).
+
+* :class:`LocalJudge` — an editlens LM (default the embedded ``smollm2-135m``, loaded on first use as its own
+  copy, so it is never the edited model). The prompt is posed in the model's chat template when it has one
+  (one user turn, then the generation prompt), else as raw text followed by ``"\\nAnswer:"``. The verdict is
+  deterministic: ``log P(Yes) > log P(No)`` for the first answer token, where ``log P(Yes)`` is the
+  log-sum-exp over the first tokens of ``"Yes"`` and ``" Yes"`` (likewise ``No``) — the form with a leading
+  space is what follows ``"Answer:"``, the bare form what starts an assistant turn. ``Verdict.score`` is the
+  margin ``log P(Yes) − log P(No)``.
+* :class:`EndpointJudge` — any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, llama.cpp server,
+  OpenAI, ...), called with :mod:`urllib` (no extra dependency). ``temperature=0``, ``max_tokens=3``; the verdict
+  is ``True`` when the reply starts with "yes" (case-insensitive, after stripping punctuation), ``False``
+  otherwise (an unparseable reply counts as "no" and is kept in ``Verdict.raw``). The API key is read from the
+  environment variable named by ``api_key_env`` (default ``EDITLENS_JUDGE_API_KEY``); when it is unset no
+  ``Authorization`` header is sent (local servers need none).
+
+A 135M-parameter judge is weak; it is a deterministic, offline default. For judgements worth reporting use an
+endpoint with a strong model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import torch
+
+from editlens.errors import EditlensError, MetricError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editlens.lm import LM
+
+DEFAULT_TEMPLATE = (
+    "You are grading a short answer.\n"
+    "Question: {question}\n"
+    "Correct answer: {reference}\n"
+    "Model answer: {answer}\n"
+    "Does the model answer state the correct answer? Reply with Yes or No."
+)
+DEFAULT_LOCAL_JUDGE = "smollm2-135m"
+DEFAULT_API_KEY_ENV = "EDITLENS_JUDGE_API_KEY"
+YES_FORMS = ("Yes", " Yes")
+NO_FORMS = ("No", " No")
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    """One answer to judge: the ``question`` (prompt as posed), accepted ``answers``, the model's ``generation``."""
+
+    question: str
+    answers: tuple[str, ...]
+    generation: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's decision: ``correct``, a ``score`` (local: Yes−No log-prob margin; endpoint: ±1 or NaN),
+    the ``prompt`` sent and the ``raw`` judge output."""
+
+    correct: bool
+    score: float
+    prompt: str
+    raw: str
+
+
+class Judge(Protocol):
+    """What the ``ar_judge`` metric needs from a judge."""
+
+    template: str
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def build_prompt(item: JudgeItem, template: str = DEFAULT_TEMPLATE) -> str:
+    """The judge prompt for one item (``{question}``, ``{reference}``, ``{answer}`` filled in)."""
+    answer = item.generation.strip().split("\n", 1)[0].strip() if item.generation.strip() else ""
+    fields = {"question": item.question.strip(), "reference": " / ".join(item.answers),
+              "answer": answer or "(no answer)"}
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError) as e:
+        raise MetricError(f"judge template has an unknown field {e}; use {{question}}, {{reference}}, {{answer}}") from None
+
+
+# ================================================================================================ local
+def first_token_ids(tokenizer: Any, forms: Sequence[str]) -> list[int]:
+    """The distinct first token ids of ``forms`` (tokenised without special tokens)."""
+    ids: list[int] = []
+    for f in forms:
+        toks = list(tokenizer(f, add_special_tokens=False).input_ids)
+        if toks and toks[0] not in ids:
+            ids.append(int(toks[0]))
+    if not ids:
+        raise EditlensError(f"none of {list(forms)} tokenises to a token")
+    return ids
+
+
+def yes_no_margin(logprobs: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
+    """``logsumexp(logprobs[yes_ids]) − logsumexp(logprobs[no_ids])`` over the last axis."""
+    lp = logprobs.double()
+    return torch.logsumexp(lp[..., list(yes_ids)], -1) - torch.logsumexp(lp[..., list(no_ids)], -1)
+
+
+def pose_for_model(tokenizer: Any, prompt: str) -> str:
+    """The judge prompt in the model's chat template (user turn + generation prompt), else raw + ``Answer:``."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and text.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]  # the tokenizer adds BOS itself
+        return text
+    return f"{prompt}\nAnswer:"
+
+
+class LocalJudge:
+    """A local editlens LM answering Yes/No, scored by next-token log-probs (deterministic).
+
+    Args:
+        lm: an :class:`~editlens.lm.LM` or a model name for :func:`editlens.load_model` (loaded on first use).
+        template: the judge prompt template.
+        batch_tokens: token budget of one padded batch.
+    """
+
+    def __init__(self, lm: "LM | str" = DEFAULT_LOCAL_JUDGE, template: str = DEFAULT_TEMPLATE,
+                 batch_tokens: int = 4096):
+        self._lm = lm
+        self.template = template
+        self.batch_tokens = int(batch_tokens)
+
+    @property
+    def lm(self) -> "LM":
+        if isinstance(self._lm, str):
+            import editlens
+
+            self._lm = editlens.load_model(self._lm)
+        return self._lm
+
+    def describe(self) -> dict[str, Any]:
+        name = self._lm if isinstance(self._lm, str) else self._lm.name
+        return {"kind": "local", "model": name, "decision": "logsumexp P(Yes|' Yes') > P(No|' No') at the next token"}
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        from editlens.lm import ops
+
+        if not items:
+            return []
+        lm = self.lm
+        prompts = [build_prompt(it, self.template) for it in items]
+        posed = [pose_for_model(lm.tokenizer, p) for p in prompts]
+        lp = ops.next_token_logprobs(lm, posed, batch_tokens=self.batch_tokens)
+        margin = yes_no_margin(lp, first_token_ids(lm.tokenizer, YES_FORMS), first_token_ids(lm.tokenizer, NO_FORMS))
+        out = []
+        for p, m in zip(posed, margin.tolist()):
+            out.append(Verdict(correct=m > 0, score=float(m), prompt=p, raw=f"margin={m:.4f}"))
+        return out
+
+
+# ================================================================================================ endpoint
+def chat_completions_url(url: str) -> str:
+    """``…/chat/completions`` for a base URL (``http://host:8000/v1``) or the full endpoint URL."""
+    url = url.strip()
+    if not url.startswith(("http://", "https://")):
+        raise MetricError(f"judge URL must start with http:// or https://, got {url!r}")
+    url = url.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def build_request(url: str, prompt: str, model: str | None, api_key: str | None = None,
+                  max_tokens: int = 3) -> urllib.request.Request:
+    """The HTTP request of one judgement (JSON body: model, one user message, temperature 0)."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                            "max_tokens": int(max_tokens)}
+    if model:
+        body["model"] = model
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return urllib.request.Request(chat_completions_url(url), data=json.dumps(body).encode(), headers=headers,
+                                  method="POST")
+
+
+def parse_verdict(text: str) -> bool | None:
+    """``True`` for a reply starting with "yes", ``False`` for "no", ``None`` otherwise."""
+    words = "".join(c if c.isalnum() or c.isspace() else " " for c in str(text)).lower().split()
+    if not words:
+        return None
+    if words[0] == "yes":
+        return True
+    if words[0] == "no":
+        return False
+    return None
+
+
+def parse_response(obj: Any) -> str:
+    """The reply text of an OpenAI-compatible chat completion response (``choices[0].message.content``)."""
+    try:
+        choice = obj["choices"][0]
+        content = choice.get("message", {}).get("content")
+        if content is None:
+            content = choice.get("text")  # completions-style servers
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise MetricError(f"judge endpoint returned an unexpected response: {str(obj)[:200]}") from None
+    if not isinstance(content, str):
+        raise MetricError(f"judge endpoint returned no text content: {str(obj)[:200]}")
+    return content
+
+
+class EndpointJudge:
+    """An OpenAI-compatible chat-completions endpoint as judge (one request per item, standard library only).
+
+    Args:
+        url: base URL (``http://localhost:8000/v1``) or the full ``…/chat/completions`` URL.
+        model: the model name sent in the request (some servers ignore it).
+        api_key_env: name of the environment variable holding the API key (unset: no Authorization header).
+        template: the judge prompt template.
+        timeout: seconds per request.
+    """
+
+    def __init__(self, url: str, model: str | None = None, api_key_env: str = DEFAULT_API_KEY_ENV,
+                 template: str = DEFAULT_TEMPLATE, timeout: float = 60.0):
+        self.url = chat_completions_url(url)
+        self.model = model
+        self.api_key_env = api_key_env
+        self.template = template
+        self.timeout = float(timeout)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "endpoint", "url": self.url, "model": self.model, "api_key_env": self.api_key_env,
+                "decision": "reply starts with 'yes'"}
+
+    def _post(self, prompt: str) -> str:
+        key = os.environ.get(self.api_key_env) or None
+        req = build_request(self.url, prompt, self.model, key)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                obj = json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode("utf-8", "replace")[:200] if e.fp is not None else ""
+            raise MetricError(f"judge endpoint {self.url} answered HTTP {e.code}: {detail}"
+                              + (f" (is ${self.api_key_env} set?)" if e.code in (401, 403) else "")) from None
+        except (urllib.error.URLError, OSError) as e:
+            raise MetricError(f"cannot reach judge endpoint {self.url}: {getattr(e, 'reason', e)}") from None
+        except json.JSONDecodeError:
+            raise MetricError(f"judge endpoint {self.url} did not return JSON") from None
+        return parse_response(obj)
+
+    def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        out = []
+        for it in items:
+            prompt = build_prompt(it, self.template)
+            text = self._post(prompt)
+            v = parse_verdict(text)
+            out.append(Verdict(correct=bool(v), score=math.nan if v is None else (1.0 if v else -1.0),
+                               prompt=prompt, raw=text))
+        return out
