@@ -1,0 +1,90 @@
+"""WISE: router (activation scores, margin loss, threshold), TIES merge, side memory on tiny models, undo."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editlens.data.schema import Rewrite, make_case
+from editlens.edit import edit, edit_sequential
+from editlens.edit.wise import (SideMemory, WiseAdaptor, WiseSystem, activation_scores, calibrate_threshold,
+                                routing_loss, ties_merge)
+from editlens.evaluate.system import ModelSystem
+
+
+def test_activation_scores_by_hand():
+    acts = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])  # one row, three tokens
+    delta = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    # per token ||A_t Δᵀ||: 3, 8, sqrt(15² + 20²) = 25
+    assert activation_scores(acts, delta).tolist() == pytest.approx([12.0])
+    mask = torch.tensor([[True, True, False]])
+    assert activation_scores(acts, delta, mask).tolist() == pytest.approx([5.5])
+
+
+def test_routing_loss_margins():
+    e, i = torch.tensor([30.0]), torch.tensor([1.0])
+    assert float(routing_loss(e, i, 5.0, 20.0, 10.0)) == 0.0
+    # irrelevant above alpha (+2), edit below beta (+5), gap below gamma (15 - 7 = +8)
+    assert float(routing_loss(torch.tensor([15.0]), torch.tensor([7.0]), 5.0, 20.0, 10.0)) == pytest.approx(2 + 5 + 2)
+
+
+def test_ties_merge_by_hand():
+    a = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    b = torch.tensor([3.0, 1.0, -1.0, 0.0])
+    # elected signs: +, -, +, 0; means of agreeing entries: 2, -2, 3, 0
+    assert ties_merge([a, b]).tolist() == [2.0, -2.0, 3.0, 0.0]
+    # density 0.5 keeps the two largest magnitudes per vector: a -> [0,-2,3,0], b -> [3,1,0,0]
+    assert ties_merge([a, b], density=0.5).tolist() == [3.0, -2.0, 3.0, 0.0]
+    assert ties_merge([a]).tolist() == a.tolist()
+
+
+def test_calibrate_threshold():
+    assert calibrate_threshold([10.0, 12.0], [2.0, 4.0]) == (7.0, True)
+    assert calibrate_threshold([3.0, 12.0], [2.0, 4.0]) == (3.0, False)
+
+
+def test_router_picks_memory_above_threshold():
+    ad = WiseAdaptor("m")
+    ad.memories = [SideMemory(torch.tensor([[1.0, 0.0]]), eps=2.0), SideMemory(torch.tensor([[0.0, 1.0]]), eps=2.0)]
+    inp = torch.tensor([[[3.0, 0.0]], [[0.0, 5.0]], [[1.0, 1.0]]])
+    out = torch.zeros(3, 1, 1)
+    start, key = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    new, route = ad.on_full(inp, out, start, key)
+    assert route.tolist() == [0, 1, -1]
+    assert new[:, 0, 0].tolist() == [3.0, 5.0, 0.0]  # out + A Δᵀ for routed rows, untouched otherwise
+    assert torch.equal(ad.on_step(inp, out, route)[:, 0, 0], new[:, 0, 0])
+
+
+def _cases():
+    return [make_case("0", Rewrite("{} lives in the city of", "Alice Smith", "Paris", "Rome")),
+            make_case("1", Rewrite("{} plays the", "Bob Jones", "violin", "piano"))]
+
+
+def test_wise_edit_routes_and_undoes(tiny_llama):
+    base = ModelSystem(tiny_llama)
+    p_edit, p_other = "Alice Smith lives in the city of", "The weather today is"
+    before = [base.next_token_logprobs([p]) for p in (p_edit, p_other)]
+    e = edit(tiny_llama, _cases(), "wise")
+    s = e.system
+    assert isinstance(s, WiseSystem) and len(s.adaptor.memories) == 1
+    d = e.diagnostics
+    assert d["router_separated"] and d["score_edit_min"] > d["threshold"] > d["score_irrelevant_max"]
+    s.next_token_logprobs([p_edit])
+    assert s.adaptor.last_route.tolist() == [0]
+    lo = s.next_token_logprobs([p_other])
+    if s.adaptor.last_route.tolist() == [-1]:
+        assert torch.equal(lo, before[1])  # main memory: bit-identical
+    # the side memory changed the edited prompt's distribution toward the target
+    tf = s.teacher_forced([p_edit], ["Paris"])[0]
+    tf_base = base.teacher_forced([p_edit], ["Paris"])[0]
+    assert tf.total_logprob > tf_base.total_logprob
+    e.undo()
+    assert not s.adaptor.memories
+    assert torch.equal(s.next_token_logprobs([p_edit]), before[0])
+    assert not tiny_llama.model._forward_hooks
+
+
+def test_sequential_new_memory_after_capacity(tiny_llama):
+    run = edit_sequential(tiny_llama, _cases(), "wise", batch_size=1, edits_per_memory=1, n_iter=3)
+    assert len(run.system.adaptor.memories) == 2
+    run.undo()
+    assert not run.system.adaptor.memories
