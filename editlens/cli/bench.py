@@ -1,0 +1,80 @@
+"""``editlens bench SPEC``: run an experiment spec into a resumable SQLite store, then write its report.
+
+\b
+  editlens bench examples/locality_sweep.toml              # store: examples/locality_sweep.sqlite
+  editlens bench spec.toml --dry-run                       # the plan and its size, nothing runs
+  editlens bench spec.toml --store runs/a.sqlite           # another store
+  editlens bench spec.toml                                 # again: resumes, finished units are skipped
+  editlens bench spec.toml --executor ray                  # one Ray task per unit (pip install editlens[ray])
+
+The report (Markdown tables, CSV, PNG figures and one HTML page) goes to ``<store stem>_report/`` beside the
+store unless ``--no-report``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("bench")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", "store_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Results store (SQLite). Default: the spec's `store` key, else <spec stem>.sqlite beside it.")
+@click.option("--dry-run", is_flag=True, help="Validate the spec, print the plan and its size; run nothing.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: in this process; ray: one Ray task per unit (needs `pip install editlens[ray]`).")
+@click.option("--report/--no-report", default=True, show_default=True,
+              help="Write the report (Markdown + CSV + PNG + HTML) beside the store at the end.")
+@click.option("--run-id", default=None, help="Run id (default: the spec name + a hash of the spec, so re-running "
+                                             "the same spec resumes it).")
+@click.option("--eval-cases", type=int, default=None,
+              help="Sequential regime: size K of the fixed evaluation sample (the first K cases; default: the "
+                   "first checkpoint).")
+@click.option("--no-baseline", is_flag=True, help="Sequential regime: do not evaluate the unedited model at step 0.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, report: bool, run_id: str | None,
+          eval_cases: int | None, no_baseline: bool, quiet: bool) -> None:
+    """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
+    from editlens.errors import SpecError
+    from editlens.runs.runner import RunOptions, default_store_path, load_validated_spec, run_spec
+
+    if not spec.is_file():
+        raise SpecError(f"spec {spec}: no such file")
+    s = load_validated_spec(spec)
+    if eval_cases is not None and eval_cases < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
+    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline)
+    store = store_path if store_path is not None else default_store_path(s)
+    if dry_run:
+        click.echo(s.describe_plan())
+        if s.regime.kind == "sequential":
+            k = options.eval_size(s.plan()[0])
+            click.echo(f"sequential evaluation sample: the first {k} case(s) of each unit"
+                       + (", plus the unedited model at step 0" if options.baseline else ""))
+        click.echo(f"store: {store}")
+        return
+    t0 = time.perf_counter()
+    rid = run_spec(s, store=store, executor=executor, progress=not quiet, run_id=run_id, options=options)
+    elapsed = time.perf_counter() - t0
+    click.echo(f"run {rid} complete in {elapsed:.1f}s: {store}")
+    if report:
+        out = write_bench_report(store, rid, title=s.report.get("title") if s.report else None)
+        click.echo(f"report: {out / 'index.md'} and {out / 'report.html'}")
+
+
+def write_bench_report(store: Path, run_id: str, title: str | None = None) -> Path:
+    """Write the report of one run beside the store: ``<stem>_report/`` (tables, figures, index.md, report.html)."""
+    from editlens.report import build_report
+
+    out = Path(store).with_name(Path(store).stem + "_report")
+    rep = build_report(Path(store), run_id=run_id, title=title)
+    rep.write_dir(out)
+    (out / "report.html").write_text(rep.to_html(), encoding="utf-8")
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    bench.main(args=sys.argv[1:], prog_name="editlens bench")

@@ -1,0 +1,268 @@
+"""Assemble a report (tables + figures) from a results store and write it as files or one HTML page.
+
+:func:`build_report` computes everything once into a :class:`Report`; :meth:`Report.write_dir` writes
+``<name>.md``/``<name>.csv`` per table, ``<name>.png`` per figure and an ``index.md``; :func:`write_html`
+writes a single self-contained page (images embedded as base64 ``data:`` URIs, tables as HTML).
+
+Contents (each only when the data allow it):
+
+* ``methods`` — methods × metrics, mean ± SEM, columns grouped target / GT-based / GT-free.
+* ``sensitivity`` — per sweep axis, method and metric: Kendall's τ, coverage, std (Liu et al. Tables 2–3).
+* ``rank_stability`` and ``rank_stability_groups`` — τ of method rankings across datasets (Table 4).
+* figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
+  value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ.
+
+When the source is a store holding one run, the run spec's ``[report]`` options (title, ranges, groups,
+reference) are the defaults.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html as _html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from editlens.errors import MetricError, StoreError
+from editlens.report import plots, tables
+
+MAX_PANELS = 9
+
+
+@dataclass
+class ReportTable:
+    name: str
+    title: str
+    df: pd.DataFrame
+    note: str = ""
+
+
+@dataclass
+class ReportFigure:
+    name: str
+    title: str
+    png: bytes
+    note: str = ""
+
+
+@dataclass
+class Report:
+    """Tables and PNG figures of a report, in display order."""
+
+    title: str
+    tables: list[ReportTable] = field(default_factory=list)
+    figures: list[ReportFigure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A table by name (KeyError if absent)."""
+        for t in self.tables:
+            if t.name == name:
+                return t.df
+        raise KeyError(name)
+
+    def write_dir(self, out_dir: str | Path, *, digits: int = 3) -> list[Path]:
+        """Write every table as Markdown + CSV, every figure as PNG and an ``index.md``; returns the paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
+        index = [f"# {self.title}\n"]
+        index += [f"_{n}_\n" for n in self.notes]
+        for t in self.tables:
+            p = tables.write_table(t.df, out, t.name, digits=digits)
+            written += [p["md"], p["csv"]]
+            index.append(f"## {t.title}\n")
+            if t.note:
+                index.append(t.note + "\n")
+            index.append(tables.to_markdown(t.df, digits=digits))
+        for f in self.figures:
+            p = out / f"{f.name}.png"
+            p.write_bytes(f.png)
+            written.append(p)
+            index.append(f"## {f.title}\n\n![{f.title}]({p.name})\n")
+        idx = out / "index.md"
+        idx.write_text("\n".join(index), encoding="utf-8")
+        written.append(idx)
+        return written
+
+    def to_html(self, *, digits: int = 3) -> str:
+        """One self-contained HTML page."""
+        parts = [f"<h1>{_e(self.title)}</h1>",
+                 f"<p class='meta'>generated {_e(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))} by editlens</p>"]
+        parts += [f"<p class='note'>{_e(n)}</p>" for n in self.notes]
+        if self.tables:
+            parts.append("<nav><ul>" + "".join(f"<li><a href='#{_e(t.name)}'>{_e(t.title)}</a></li>"
+                                               for t in self.tables)
+                         + "".join(f"<li><a href='#fig-{_e(f.name)}'>{_e(f.title)}</a></li>" for f in self.figures)
+                         + "</ul></nav>")
+        for t in self.tables:
+            parts.append(f"<section id='{_e(t.name)}'><h2>{_e(t.title)}</h2>")
+            if t.note:
+                parts.append(f"<p class='note'>{_e(t.note)}</p>")
+            parts.append(_table_html(t.df, digits))
+            parts.append("</section>")
+        for f in self.figures:
+            b64 = base64.b64encode(f.png).decode("ascii")
+            parts.append(f"<section id='fig-{_e(f.name)}'><h2>{_e(f.title)}</h2>"
+                         + (f"<p class='note'>{_e(f.note)}</p>" if f.note else "")
+                         + f"<img alt='{_e(f.title)}' src='data:image/png;base64,{b64}'></section>")
+        return _PAGE.format(title=_e(self.title), body="\n".join(parts))
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; }} .note, .meta {{ color: #555; font-size: 0.9em; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
+def _e(s: Any) -> str:
+    return _html.escape(str(s), quote=True)
+
+
+def _table_html(df: pd.DataFrame, digits: int) -> str:
+    shown = df.copy()
+    for c in shown.columns:
+        shown[c] = [tables._cell(v, digits) for v in shown[c]]
+    return shown.to_html(index=False, escape=True, border=0, na_rep="–")
+
+
+def _source_frames(source: Any, run_id: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+    from editlens.runs.store import Store
+
+    if isinstance(source, pd.DataFrame):
+        return tables.results_frame(source), None, {}
+    own = not isinstance(source, Store)
+    if own and not isinstance(source, (str, Path)):
+        raise StoreError(f"cannot make a report from {type(source).__name__}; give a Store, a path or a DataFrame")
+    st = Store(source, readonly=True) if own else source
+    try:
+        rows = tables.results_frame(st, run_id)
+        diags = st.diagnostics(run_id)
+        runs = [run_id] if run_id else st.run_ids()
+        opts: dict = {}
+        if len(runs) == 1:
+            spec = st.run_spec(runs[0]) or {}
+            opts = dict(spec.get("report") or {})
+            opts.setdefault("title", spec.get("name") or runs[0])
+    finally:
+        if own:
+            st.close()
+    return rows, diags, opts
+
+
+def build_report(source: Any, *, run_id: str | None = None, title: str | None = None,
+                 ranges: Mapping[str, Sequence[float]] | None = None,
+                 groups: Mapping[str, Sequence[str]] | None = None, reference: str | None = None,
+                 unbounded: str = "nan", delta_k_key: str = "delta_k_mean", plots_enabled: bool = True) -> Report:
+    """Compute the report of a Store / store path / results DataFrame (see the module docstring)."""
+    df, diags, opts = _source_frames(source, run_id)
+    ranges = ranges if ranges is not None else opts.get("ranges")
+    groups = groups if groups is not None else opts.get("groups")
+    reference = reference or opts.get("reference") or "auto"
+    rep = Report(title=title or opts.get("title") or "editlens report")
+    if df.empty:
+        rep.notes.append("The store holds no result rows yet.")
+        return rep
+    n_units = df["unit"].nunique() if "unit" in df.columns else 0
+    rep.notes.append(f"{len(df)} result rows" + (f" from {n_units} units" if n_units else "")
+                     + (f"; runs: {', '.join(map(str, df['run_id'].unique()))}" if "run_id" in df.columns else ""))
+
+    rep.tables.append(ReportTable("methods", "Methods × metrics (mean ± SEM over cases and seeds)",
+                                  tables.methods_table(df, groups=groups),
+                                  "Last evaluation step of each unit. Columns: probe kind / metric."))
+    sens = tables.sensitivity_table(df, diagnostics=diags, reference=reference, ranges=ranges,
+                                    unbounded=unbounded, delta_k_key=delta_k_key)
+    if not sens.empty:
+        rep.tables.append(ReportTable(
+            "sensitivity", "Sensitivity to the swept regulariser",
+            sens.drop(columns=["p_value"]),
+            "Kendall's τ-b between the metric and the reference (delta_k = mean ||Δk_j|| when recorded, "
+            "else the swept value; the pre-edit point is included when a baseline unit exists); "
+            "coverage = (max − min) / theoretical range (– when unbounded); std with ddof = 1."))
+    rs, rg = tables.rank_stability_table(df, groups=groups)
+    if not rs.empty:
+        rep.tables.append(ReportTable("rank_stability", "Rank stability of methods across datasets (Kendall's τ)",
+                                      rs, "τ-b between method scores on each pair of datasets, averaged."))
+        rep.tables.append(ReportTable("rank_stability_groups", "Rank stability, averaged per metric group", rg))
+
+    if plots_enabled:
+        _add_figures(rep, df)
+    return rep
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)] or [[]]
+
+
+def _add_figures(rep: Report, df: pd.DataFrame) -> None:
+    base_mask = df["method_label"].str.lower().isin(tables.BASELINE_METHODS)
+    edited = df[~base_mask]
+    sigma_mask = edited["metric"].astype(str).str.contains("@sigma=", regex=False)
+    plain = edited[~sigma_mask]
+    if "n_edits" in plain.columns and pd.to_numeric(plain["n_edits"], errors="coerce").nunique() > 1:
+        d = plain[plain["n_edits"].notna()].copy()
+        d["n_edits"] = pd.to_numeric(d["n_edits"], errors="coerce")
+        # only (method, metric) curves with at least two numbers of edits (sequential checkpoints or sizes)
+        npts = d.groupby(["method_label", "column"])["n_edits"].transform("nunique")
+        d = d[npts > 1]
+        for i, cols in enumerate(_chunks(list(dict.fromkeys(d["column"])), MAX_PANELS)):
+            fig = plots.plot_sequential(d, cols)
+            rep.figures.append(ReportFigure(f"edits_curve_{i}", "Metrics vs number of edits", plots.figure_png(fig)))
+    final = tables.final_rows(plain)
+    base = tables.final_rows(df[base_mask])
+    baseline = base.groupby("column")["value"].mean().to_dict() if len(base) else None
+    for axis in tables.sweep_columns(final):
+        d = final[final[axis].notna()]
+        if d.empty:
+            continue
+        name = axis[len("sweep."):]
+        for i, cols in enumerate(_chunks(list(dict.fromkeys(d["column"])), MAX_PANELS)):
+            fig = plots.plot_sweep(d, axis, cols, baseline=baseline)
+            rep.figures.append(ReportFigure(f"sweep_{_slug(name)}_{i}", f"Metrics vs {name}", plots.figure_png(fig)))
+    pairs = plots.tf_ar_pairs(list(final["metric"].unique()))
+    if pairs:
+        fig = plots.plot_tf_vs_ar(final, pairs)
+        rep.figures.append(ReportFigure("tf_vs_ar", "Teacher-forced vs autoregressive", plots.figure_png(fig)))
+    sig = tables.final_rows(edited)
+    has_sigma = sigma_mask.any() or ("sigma" in edited.columns and edited["sigma"].notna().any())
+    if has_sigma:
+        try:
+            fig = plots.plot_sigma(sig)
+            rep.figures.append(ReportFigure("sigma", "EVK metrics vs σ", plots.figure_png(fig)))
+        except MetricError:
+            pass
+
+
+def _slug(s: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", s).strip("_") or "x"
+
+
+def write_html(source: Any, path: str | Path, **options: Any) -> Path:
+    """Write a self-contained HTML report of ``source`` (Store, store path or results DataFrame).
+
+    ``options`` go to :func:`build_report` (run_id, title, ranges, groups, reference, unbounded...).
+    """
+    path = Path(path)
+    rep = build_report(source, **options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(rep.to_html(), encoding="utf-8")
+    return path
+
+
+def write_report(source: Any, out_dir: str | Path, **options: Any) -> list[Path]:
+    """Write the report's tables (Markdown + CSV), figures (PNG) and ``index.md`` into ``out_dir``."""
+    return build_report(source, **options).write_dir(out_dir)

@@ -1,0 +1,663 @@
+"""Run an experiment spec into a results store: batch and sequential regimes, checkpoints, resume.
+
+:func:`run_spec` loads a spec (:mod:`editlens.runs.spec`), checks its methods and hyperparameters against the
+editing registry (errors name the key and the line), expands it into units (:meth:`Spec.plan`), skips the
+units the store already has, and runs the others with an executor (:mod:`editlens.runs.executors`: ``local``
+in this process, or ``ray``). Only this driver process writes the store.
+
+One unit
+--------
+* **batch** regime (``regime.kind = "batch"``): the unit's ``n_edits`` cases are edited at once with
+  :func:`editlens.edit.edit`, the edited system is evaluated on those cases with
+  :func:`editlens.evaluate.evaluate` against the unedited base, the edit is undone (bit for bit). Rows get
+  ``step = 1`` and ``n_edits = N``; all rows and diagnostics are committed in one transaction.
+* **sequential** regime: :func:`editlens.edit.edit_sequential` applies the cases ``batch_size`` at a time; at
+  each checkpoint (a number of edits) a callback evaluates the edited system on a **fixed evaluation sample**:
+  the first ``K`` cases of the unit (``K`` = ``eval_cases``, by default the first checkpoint, so every case of
+  the sample has been edited at every checkpoint) with every metric of the spec — per-case metrics (efficacy,
+  KL, ...) and general-ability metrics that ignore the cases (perplexity, downstream probes, muting rate,
+  whatever the evaluation modules register). Each checkpoint is committed on its own (rows, diagnostics and a
+  ``checkpoints`` record in one transaction); the unedited model is evaluated first as step 0 (``n_edits = 0``)
+  so curves start from the pre-edit value. Rows get ``step`` = number of edit batches applied.
+* the pseudo-method ``none`` (alias ``pre-edit``) edits nothing: it evaluates the unedited model (the
+  "pre-edit" row of the papers' tables); in a sequential regime its rows are repeated at every checkpoint.
+
+Determinism and resume
+----------------------
+Re-running the same spec into the same store resumes it: finished units are skipped; a sequential unit that was
+killed re-applies its edits from the start (the same cases in the same order with the same seed — weights are
+not stored) without re-evaluating the checkpoints it already committed, and goes on from there. A killed and
+resumed run ends with exactly the rows of an uninterrupted run because:
+
+* each unit seeds torch with its ``seed`` inside :func:`torch.random.fork_rng` (and passes it to
+  ``edit_sequential``); evaluations run inside their own ``fork_rng`` so skipping one does not change the
+  random stream seen by the editing method;
+* base-model answers are computed per unit *request set* (the requests of all metrics over the unit's
+  evaluation cases), on the unedited model, in a fixed order (sorted, the same batches every time), and kept
+  for the whole run in a :class:`FrozenBase` keyed by a hash of that request set — units that evaluate the same
+  cases share them, and which units ran before does not change a value;
+* the edited system's requests are likewise answered in sorted batches that depend only on the unit.
+
+The unit's cases: the dataset's cases (after its ``limit``/``sample``), in file order for seed 0 and in the
+order of a ``random.Random(seed)`` shuffle for any other seed; the first ``n_edits`` of them are edited.
+
+Rows are ``(step, n_edits, case_id, probe_kind, metric, value)``; diagnostics come from ``Edit.diagnostics``
+(``delta_norm/<layer>``, ``dk_norm/<layer>`` = ||Δ k_j||, losses, ``wall_time_s``) plus ``eval_time_s``; the
+unit metadata is :meth:`Unit.meta` plus ``eval_cases`` and the model name.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from editlens.errors import EditlensError, HParamsError, MethodError, MetricError, SpecError, StoreError
+from editlens.runs.spec import LineLookup, Spec, SpecIssue, Unit, key_str, load_spec, merge_point
+
+if TYPE_CHECKING:  # pragma: no cover
+    from editlens.data.schema import EditCase
+    from editlens.lm.load import LM
+    from editlens.runs.spec import DatasetSpec
+    from editlens.runs.store import Store
+
+#: method names that mean "edit nothing, evaluate the unedited model"
+BASELINE_NAMES = ("none", "pre-edit")
+#: version of the runner's row semantics (recorded with each run)
+RUNNER_VERSION = 1
+
+__all__ = ["RunOptions", "StepResult", "FrozenBase", "run_spec", "prepare_spec", "load_validated_spec",
+           "metric_validator", "check_methods", "load_unit_cases", "dataset_cases", "execute_unit",
+           "default_store_path", "BASELINE_NAMES", "main"]
+
+
+# ============================================================================================ options and results
+@dataclass(frozen=True)
+class RunOptions:
+    """Runner settings that change results (recorded with the run; resuming with other values is refused).
+
+    Attributes:
+        eval_cases: sequential regime: size ``K`` of the fixed evaluation sample (the unit's first ``K`` cases);
+            ``None`` = the first checkpoint.
+        baseline: sequential regime: evaluate the unedited model at step 0.
+        batch_tokens: token budget of one padded evaluation batch.
+    """
+
+    eval_cases: int | None = None
+    baseline: bool = True
+    batch_tokens: int = 4096
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "runner_version": RUNNER_VERSION}
+
+    def eval_size(self, unit: Unit) -> int:
+        """``K`` for a unit (batch regime: all its cases)."""
+        if unit.regime != "sequential":
+            return unit.n_edits
+        k = self.eval_cases if self.eval_cases is not None else unit.checkpoints[0]
+        return max(1, min(int(k), unit.n_edits))
+
+
+@dataclass
+class StepResult:
+    """What one evaluation point of a unit produced (what an executor hands to the driver).
+
+    ``final`` marks the unit's last step: the driver then commits it together with the ``done`` mark.
+    """
+
+    unit: str
+    step: int
+    n_edits: int
+    rows: list[tuple] = field(default_factory=list)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    final: bool = False
+
+
+# ============================================================================================ spec validation
+def metric_validator(names: list, look: LineLookup) -> None:
+    """Spec ``metric_validator``: every name must resolve in the metric registry (errors name the line)."""
+    from editlens.evaluate.core import resolve_metrics
+
+    issues = []
+    for i, name in enumerate(names):
+        try:
+            resolve_metrics([name])
+        except MetricError as e:
+            issues.append(SpecIssue(key_str(("metrics", i)), look(name), str(e)))
+    if issues:
+        raise _spec_error("<spec>", issues)
+
+
+def _spec_error(source: str, issues: Sequence[SpecIssue]) -> SpecError:
+    msgs = [f"{source}:{i.line}: {i.key}: {i.message}" if i.line else f"{source}: {i.key}: {i.message}"
+            for i in issues]
+    text = msgs[0] if len(msgs) == 1 else f"{len(msgs)} problems in spec {source}:\n  " + "\n  ".join(msgs)
+    e = SpecError(text)
+    e.issues = list(issues)  # type: ignore[attr-defined]
+    e.key = issues[0].key  # type: ignore[attr-defined]
+    e.line = issues[0].line  # type: ignore[attr-defined]
+    return e
+
+
+def _param_path(spec: Spec, i: int, param: str) -> tuple:
+    label = spec.methods[i].label
+    axis = f"{label}.{param}"
+    if axis in spec.sweep:
+        return ("sweep", axis)
+    return ("methods", i, "hparams", param)
+
+
+def check_methods(spec: Spec, lm: "LM | None" = None) -> None:
+    """Check every method and hyperparameter of ``spec`` against the editing registry.
+
+    Without ``lm``: method names, hyperparameter keys and the values that can be checked without a model
+    (types, ranges). With ``lm``: the model's defaults with the overrides applied, for every sweep point (e.g.
+    a layer beyond the model's depth). Raises :class:`SpecError` naming the key (``methods[0].hparams.foo`` or
+    ``sweep."memit.mom2_update_weight"``) and the line; all problems at once.
+    """
+    from editlens.edit.base import get_method
+
+    issues: list[SpecIssue] = []
+    src = str(spec.source) if spec.source is not None else "<spec>"
+    for i, m in enumerate(spec.methods):
+        if m.name.lower() in BASELINE_NAMES:
+            if m.hparams or any(k.split(".", 1)[0] == m.label for k in spec.sweep) or m.evk_align:
+                issues.append(SpecIssue(key_str(("methods", i)), spec.lines.lookup(("methods", i)),
+                                        f"method {m.name!r} edits nothing: it takes no hparams, evk_align or sweep"))
+            continue
+        try:
+            cls = get_method(m.name)
+        except MethodError as e:
+            issues.append(SpecIssue(key_str(("methods", i, "name")), spec.lines.lookup(("methods", i, "name")),
+                                    str(e)))
+            continue
+        hcls = cls.hparams_class
+        names = set(hcls.field_names())
+        bad_keys = False
+        for point in spec.sweep_points(m):
+            hp, _ = merge_point(m, point)
+            for k in hp:
+                if k not in names:
+                    path = _param_path(spec, i, k)
+                    issue = SpecIssue(key_str(path), spec.lines.lookup(path),
+                                      f"unknown hyperparameter {k!r} for method {m.name!r}; valid keys: "
+                                      f"{', '.join(sorted(names))}")
+                    if issue not in issues:
+                        issues.append(issue)
+                    bad_keys = True
+        if bad_keys:
+            continue
+        for point in spec.sweep_points(m):
+            hp, evk = merge_point(m, point)
+            if evk:
+                msg = _check_evk(evk)
+                if msg is not None:
+                    path = ("methods", i, "evk_align")
+                    issue = SpecIssue(key_str(path), spec.lines.lookup(path), msg)
+                    if issue not in issues:
+                        issues.append(issue)
+            err = _check_values(hcls, hp, lm)
+            if err is not None:
+                key, msg = err
+                path = _param_path(spec, i, key) if key else ("methods", i, "hparams")
+                issue = SpecIssue(key_str(path), spec.lines.lookup(path), f"method {m.name!r}: {msg}")
+                if issue not in issues:
+                    issues.append(issue)
+    if issues:
+        raise _spec_error(src, issues)
+
+
+def _check_evk(evk: Mapping[str, Any]) -> str | None:
+    """The error message of an invalid ``evk_align`` table, else ``None``."""
+    try:
+        from editlens.edit import evk_align as mod
+    except ImportError:  # pragma: no cover - the module is part of editlens
+        return None
+    fn = getattr(mod, "from_config", None)
+    if not callable(fn):  # pragma: no cover
+        return None
+    try:
+        fn(dict(evk))
+    except EditlensError as e:
+        return str(e)
+    except (TypeError, ValueError) as e:
+        return f"invalid evk_align settings: {e}"
+    return None
+
+
+def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> tuple[str | None, str] | None:
+    """``(key or None, message)`` when the overrides are invalid, else ``None``."""
+    def attempt(base_factory: Callable[[], Any], overrides: Mapping[str, Any]) -> str | None:
+        try:
+            base_factory().replace(**dict(overrides))
+        except (HParamsError, MethodError) as e:
+            return str(e)
+        except (TypeError, ValueError) as e:  # a method's validate() tripping over a bad type
+            return f"invalid value: {e}"
+        return None
+
+    factory = (lambda: hcls.for_model(lm)) if lm is not None else hcls
+    try:
+        base_ok = attempt(factory, {}) is None
+    except Exception:  # pragma: no cover - defaults that cannot be built without a model
+        base_ok = False
+    if not base_ok:
+        return None  # the generic defaults are not valid by themselves: values are checked once a model is loaded
+    msg = attempt(factory, hp)
+    if msg is None:
+        return None
+    # find the key responsible (one override at a time), for the line number
+    for k, v in hp.items():
+        if attempt(factory, {k: v}) is not None:
+            return k, msg
+    return None, msg
+
+
+def load_validated_spec(path: str | Path) -> Spec:
+    """:func:`editlens.runs.spec.load_spec` plus the metric and method/hyperparameter registries.
+
+    Raises:
+        SpecError: the message names the file, the line and the key of every problem.
+    """
+    spec = load_spec(path, metric_validator=metric_validator)
+    check_methods(spec)
+    return spec
+
+
+def prepare_spec(spec_or_path: Spec | str | Path) -> Spec:
+    """A validated :class:`Spec` from a spec or a path (a given Spec is checked against the registries too)."""
+    if isinstance(spec_or_path, Spec):
+        check_methods(spec_or_path)
+        return spec_or_path
+    return load_validated_spec(spec_or_path)
+
+
+def default_store_path(spec: Spec) -> Path:
+    """The spec's ``store`` key, else ``<spec stem>.sqlite`` beside the spec file (``run.sqlite`` without one)."""
+    if spec.store is not None:
+        return Path(spec.store)
+    if spec.source is not None:
+        src = Path(spec.source)
+        return src.with_name(src.stem + ".sqlite")
+    return Path("run.sqlite")
+
+
+# ============================================================================================ cases
+def dataset_cases(ds: "DatasetSpec") -> list["EditCase"]:
+    """All cases of one spec dataset (after its ``limit`` / ``sample``)."""
+    from editlens.data import load_cases, synthetic_cases
+
+    if ds.synthetic is not None:
+        cases = synthetic_cases(ds.synthetic, seed=ds.seed)
+        if ds.limit is not None:
+            cases = cases[:ds.limit]
+        if ds.sample is not None and ds.sample < len(cases):
+            keep = sorted(random.Random(ds.seed).sample(range(len(cases)), ds.sample))
+            cases = [cases[i] for i in keep]
+        return list(cases)
+    fmt = None if ds.format in (None, "auto") else ds.format
+    return load_cases(ds.path, format=fmt, limit=ds.limit, sample=ds.sample, seed=ds.seed)
+
+
+def load_unit_cases(unit: Unit, all_cases: Sequence["EditCase"]) -> list["EditCase"]:
+    """The cases a unit edits: the first ``n_edits`` of the dataset (seed 0) or of a seeded shuffle."""
+    cases = list(all_cases)
+    if unit.seed != 0:
+        random.Random(unit.seed).shuffle(cases)
+    if unit.n_edits > len(cases):
+        raise SpecError(f"unit {unit.id}: needs {unit.n_edits} cases but dataset {unit.dataset.name!r} "
+                        f"({unit.dataset.source}) has only {len(cases)}; lower regime sizes/checkpoints")
+    return cases[:unit.n_edits]
+
+
+# ============================================================================================ frozen base
+class FrozenBase:
+    """A :class:`~editlens.evaluate.system.System` that answers from base-model outputs computed once.
+
+    Built on the *unedited* model for a fixed set of requests (sorted and batched the same way every time, so
+    that the values do not depend on what ran before); afterwards the model may be edited freely. A request
+    outside the set raises :class:`MetricError` (a bug: the runner gathers every request first).
+    """
+
+    def __init__(self, lm: "LM", requests: Iterable[Any], prompt_format: str = "raw", batch_tokens: int = 4096):
+        from editlens.evaluate.core import Generate, NextToken, Score, _answer, _groups_of
+        from editlens.evaluate.system import ModelSystem
+
+        if lm.fingerprint != lm.base_fingerprint:
+            raise EditlensError("internal: FrozenBase must be built on the unedited model")
+        self.prompt_format = prompt_format
+        self.batch_tokens = int(batch_tokens)
+        self._fingerprint = f"{lm.base_fingerprint}:frozen"
+        live = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
+        self._answers: dict[Any, Any] = {}
+        with torch.no_grad():
+            # the evaluator's own grouping (sorted, one System call per request type), so that the batches -- and
+            # hence the values -- depend only on the request set
+            for group in _groups_of(set(requests)):
+                self._answers.update(zip(group, _answer(live, group)))
+        self._types = (NextToken, Score, Generate)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def _get(self, req: Any) -> Any:
+        try:
+            return self._answers[req]
+        except KeyError:
+            raise MetricError(f"internal: the frozen base has no precomputed answer for {req!r}") from None
+
+    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
+        nt = self._types[0]
+        return torch.stack([self._get(nt(p)) for p in prompts])
+
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[Any]:
+        sc = self._types[1]
+        return [self._get(sc(p, t)) for p, t in zip(prompts, targets)]
+
+    def target_logprobs(self, prompts: Sequence[str], targets: Sequence[str]) -> list[torch.Tensor]:
+        return [tf.logprobs for tf in self.teacher_forced(prompts, targets)]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+        gen = self._types[2]
+        return [self._get(gen(p, int(max_new_tokens))) for p in prompts]
+
+    def answer_custom(self, requests: Sequence[Any]) -> list[Any]:
+        """Answers to metric-defined request types (:class:`~editlens.evaluate.core.CustomRequest`)."""
+        return [self._get(r) for r in requests]
+
+    def __repr__(self) -> str:
+        return f"FrozenBase({len(self._answers)} answers, prompt_format={self.prompt_format!r})"
+
+
+def _request_set(cases: Sequence["EditCase"], metrics: Sequence[str], with_edited: bool) -> set:
+    from editlens.evaluate.core import BASE, EDITED, resolve_metrics
+
+    out = set()
+    for m in resolve_metrics(list(metrics)):
+        for role, req in m.requests(list(cases)):
+            if role == BASE or (with_edited and role == EDITED):
+                out.add(req)
+    return out
+
+
+def _request_key(reqs: Iterable[Any]) -> str:
+    h = hashlib.sha256()
+    for r in sorted(reqs, key=lambda r: (type(r).__name__, repr(r))):
+        h.update(f"{type(r).__name__}\0{r!r}\n".encode())
+    return h.hexdigest()[:24]
+
+
+class BaseAnswers:
+    """Per-run store of :class:`FrozenBase` objects, one per distinct request set (computed once each)."""
+
+    def __init__(self, prompt_format: str = "raw", batch_tokens: int = 4096):
+        self.prompt_format = prompt_format
+        self.batch_tokens = batch_tokens
+        self._by_key: dict[str, FrozenBase] = {}
+
+    def get(self, lm: "LM", cases: Sequence["EditCase"], metrics: Sequence[str], *, with_edited: bool) -> FrozenBase:
+        """The frozen base for these cases and metrics (``with_edited``: also the requests of the evaluated role,
+        for evaluating the unedited model itself). Must be called while ``lm`` is unedited the first time."""
+        reqs = _request_set(cases, metrics, with_edited)
+        key = _request_key(reqs)
+        fb = self._by_key.get(key)
+        if fb is None:
+            fb = FrozenBase(lm, reqs, self.prompt_format, self.batch_tokens)
+            self._by_key[key] = fb
+        return fb
+
+
+# ============================================================================================ one unit
+def _rows(results: Any, step: int, n_edits: int) -> list[tuple]:
+    return [(step, n_edits, r.case_id, r.probe_kind, r.metric, float(r.value)) for r in results.rows]
+
+
+def _plain_diagnostics(diag: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in diag.items():
+        if isinstance(v, torch.Tensor):
+            v = v.item() if v.numel() == 1 else v.tolist()
+        out[str(k)] = v
+    dks = [float(v) for k, v in out.items() if k.startswith("dk_norm/") and isinstance(v, (int, float))]
+    if dks and "delta_k_mean" not in out:
+        out["delta_k_mean"] = sum(dks) / len(dks)  # mean ||Δk_j|| over the edited layers (report's reference)
+    return out
+
+
+def _evaluate(system: Any, cases: Sequence["EditCase"], base: FrozenBase, metrics: Sequence[str],
+              options: RunOptions, fmt: str):
+    from editlens.evaluate.core import evaluate
+
+    with torch.random.fork_rng(devices=[]):
+        return evaluate(system, list(cases), base=base, metrics=list(metrics), batch_tokens=options.batch_tokens,
+                        prompt_format=None if fmt == "raw" else fmt, cache=False, progress=False)
+
+
+def _evk_object(evk: Mapping[str, Any] | None) -> Any:
+    """The EVK-Align regulariser for a spec's ``evk_align`` table (``None`` when absent)."""
+    if not evk:
+        return None
+    try:
+        from editlens.edit import evk_align as mod  # type: ignore[attr-defined]
+    except ImportError:
+        return dict(evk)
+    for name in ("from_config", "from_dict", "EVKAlign"):
+        fn = getattr(mod, name, None)
+        if callable(fn):
+            return fn(**dict(evk)) if name == "EVKAlign" else fn(dict(evk))
+    return dict(evk)
+
+
+def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options: RunOptions,
+                 sink: Callable[[StepResult], None], *, done_steps: Iterable[int] = (),
+                 base_answers: BaseAnswers | None = None, prompt_format: str = "raw") -> None:
+    """Run one unit on ``lm`` (unedited on entry and on return) and hand every evaluation point to ``sink``.
+
+    ``done_steps`` are the steps already committed for this unit (resume): they are not re-evaluated, but the
+    edits are re-applied so that the later steps start from the same weights.
+    """
+    from editlens.edit.base import edit, edit_sequential
+
+    done = set(int(s) for s in done_steps)
+    base_answers = base_answers or BaseAnswers(prompt_format, options.batch_tokens)
+    cases = load_unit_cases(unit, all_cases)
+    is_none = unit.method.lower() in BASELINE_NAMES
+    evk = _evk_object(unit.evk_align)
+
+    with torch.random.fork_rng(devices=_rng_devices(lm)):
+        torch.manual_seed(unit.seed)
+        if unit.regime != "sequential":
+            fb = base_answers.get(lm, cases, unit.metrics, with_edited=is_none)
+            t0 = time.perf_counter()
+            if is_none:
+                res = _evaluate(fb, cases, fb, unit.metrics, options, prompt_format)
+                sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0),
+                                {"eval_time_s": time.perf_counter() - t0}, final=True))
+                return
+            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk)
+            try:
+                diag = _plain_diagnostics(e.diagnostics)
+                t1 = time.perf_counter()
+                res = _evaluate(e.system, cases, fb, unit.metrics, options, prompt_format)
+                diag["eval_time_s"] = time.perf_counter() - t1
+            finally:
+                e.undo()
+            sink(StepResult(unit.id, 1, len(cases), _rows(res, 1, len(cases)), diag, final=True))
+            return
+
+        # ---- sequential
+        k = options.eval_size(unit)
+        sample = cases[:k]
+        fb = base_answers.get(lm, sample, unit.metrics, with_edited=options.baseline or is_none)
+        marks = list(unit.checkpoints)
+        bs = unit.batch_size
+        step_of = {n: n // bs for n in marks}
+        last = marks[-1]
+        if options.baseline and 0 not in done:
+            t0 = time.perf_counter()
+            res = _evaluate(fb, sample, fb, unit.metrics, options, prompt_format)
+            sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0), {"eval_time_s": time.perf_counter() - t0}))
+        if is_none:
+            t0 = time.perf_counter()
+            res = _evaluate(fb, sample, fb, unit.metrics, options, prompt_format)
+            for n in marks:
+                s = step_of[n]
+                if s not in done:
+                    sink(StepResult(unit.id, s, n, _rows(res, s, n), {"eval_time_s": time.perf_counter() - t0},
+                                    final=n == last))
+            return
+        def callback(step: int, n_edits: int, so_far: Any) -> None:
+            if step in done:
+                return
+            diag = _plain_diagnostics(so_far.diagnostics)
+            t1 = time.perf_counter()
+            res = _evaluate(so_far.system, sample, fb, unit.metrics, options, prompt_format)
+            diag["eval_time_s"] = time.perf_counter() - t1
+            sink(StepResult(unit.id, step, n_edits, _rows(res, step, n_edits), diag, final=n_edits == last))
+
+        run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
+                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed)
+        run.undo()
+
+
+def _rng_devices(lm: "LM") -> list:
+    dev = getattr(lm, "device", None)
+    if dev is not None and getattr(dev, "type", "cpu") == "cuda":
+        return [dev]
+    return []
+
+
+# ============================================================================================ the driver
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"runner": str(RUNNER_VERSION)}
+    for pkg in ("editlens", "torch", "transformers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "?"
+    return out
+
+
+def _open_store(store: "Store | str | Path | None", spec: Spec) -> tuple["Store", bool]:
+    from editlens.runs.store import Store
+
+    if isinstance(store, Store):
+        return store, False
+    path = Path(store) if store is not None else default_store_path(spec)
+    return Store(path), True
+
+
+class _Committer:
+    """The driver's sink: writes each StepResult into the store (only the driver writes)."""
+
+    def __init__(self, store: "Store", run_id: str, metas: Mapping[str, dict], progress: bool, total: int):
+        self.store = store
+        self.run_id = run_id
+        self.metas = metas
+        self.progress = progress
+        self.total = total
+        self.finished = 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, r: StepResult) -> None:
+        meta = self.metas[r.unit]
+        if r.final:
+            self.store.commit_unit(self.run_id, r.unit, r.rows, diagnostics=r.diagnostics, meta=meta, step=r.step)
+            self.finished += 1
+            if self.progress:
+                print(f"[{self.finished}/{self.total}] {r.unit} done: {len(r.rows)} rows at {r.n_edits} edits "
+                      f"({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr, flush=True)
+        else:
+            self.store.commit_step(self.run_id, r.unit, r.step, r.rows, diagnostics=r.diagnostics, meta=meta,
+                                   n_edits=r.n_edits, state={"n_edits": r.n_edits, "step": r.step})
+            if self.progress:
+                print(f"      {r.unit} checkpoint step {r.step} ({r.n_edits} edits): {len(r.rows)} rows",
+                      file=sys.stderr, flush=True)
+
+
+def unit_meta(unit: Unit, spec: Spec, options: RunOptions) -> dict[str, Any]:
+    """The metadata stored with a unit: :meth:`Unit.meta` plus the model and the evaluation sample size."""
+    meta = unit.meta()
+    meta["model"] = spec.model.name
+    meta["eval_cases"] = options.eval_size(unit)
+    return meta
+
+
+def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None" = None, executor: str | Any = "local",
+             progress: bool = True, *, run_id: str | None = None, options: RunOptions | None = None,
+             lm: "LM | None" = None) -> str:
+    """Run (or resume) an experiment spec into a results store; returns the run id.
+
+    Args:
+        spec_or_path: a :class:`Spec` or a spec file (``.toml`` / ``.yaml``).
+        store: a :class:`~editlens.runs.store.Store`, a path, or ``None`` for :func:`default_store_path`.
+        executor: ``"local"`` (in this process), ``"ray"`` (one Ray task per unit), or an executor object
+            (see :mod:`editlens.runs.executors`).
+        progress: print one line per finished unit / committed checkpoint to stderr.
+        run_id: default :meth:`Spec.default_run_id` (a hash of the spec), so re-running a spec resumes it.
+        options: :class:`RunOptions` (evaluation sample size of sequential units, baseline, batch tokens).
+        lm: an already loaded model to use with the local executor (must be the spec's model, unedited).
+
+    Raises:
+        SpecError: invalid spec (key and line named), StoreError: the run id exists with another spec/model.
+    """
+    from editlens.runs.executors import get_executor
+
+    spec = prepare_spec(spec_or_path)
+    options = options or RunOptions()
+    ex = get_executor(executor, lm=lm)
+    st, owned = _open_store(store, spec)
+    try:
+        fingerprint = ex.prepare(spec, options)
+        rid = run_id or spec.default_run_id()
+        st.start_run(rid, {**spec.to_dict(), "runner": options.to_dict()}, _versions(), fingerprint, spec.seeds)
+        units = spec.plan()
+        metas = {u.id: unit_meta(u, spec, options) for u in units}
+        finished = st.finished_units(rid)
+        todo = [u for u in units if u.id not in finished]
+        done_steps = {u.id: {c.step for c in st.checkpoints(rid, u.id)} for u in todo}
+        if progress:
+            print(f"run {rid}: {len(units)} units, {len(units) - len(todo)} already done, {len(todo)} to run "
+                  f"({ex.name} executor) -> {st.path}", file=sys.stderr, flush=True)
+        for u in todo:
+            st.start_unit(rid, u.id, metas[u.id])
+        sink = _Committer(st, rid, metas, progress, len(todo))
+        ex.run(spec, todo, options, sink, done_steps=done_steps, progress=progress)
+        return rid
+    finally:
+        if owned:
+            st.close()
+
+
+# ============================================================================================ python -m entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m editlens.runs.runner SPEC [--store PATH] [--executor local|ray] [--eval-cases K]``."""
+    p = argparse.ArgumentParser(prog="python -m editlens.runs.runner", description=run_spec.__doc__.splitlines()[0])
+    p.add_argument("spec")
+    p.add_argument("--store", default=None)
+    p.add_argument("--executor", default="local", choices=["local", "ray"])
+    p.add_argument("--run-id", default=None)
+    p.add_argument("--eval-cases", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    try:
+        rid = run_spec(a.spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
+                       options=RunOptions(eval_cases=a.eval_cases))
+    except EditlensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(rid)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,993 @@
+"""Experiment specs: load a TOML or YAML run spec, validate it, and expand it into units of work.
+
+A spec says which model, datasets, methods (with hyperparameter overrides), regime (batch sizes or a
+sequential schedule with checkpoints), metrics, sweep axes and seeds to run; see ``docs/experiments.md``
+for the full format. :func:`load_spec` validates everything that does not need the method registry and
+raises :class:`editlens.errors.SpecError` whose message names the key **and the line** of the file
+(``spec.toml:12: regime.checkpoints: ...``); all problems found are reported at once.
+
+Checks that need the method / metric registries are pluggable: pass ``validator(method_name,
+hparams, line_lookup)`` (called once per method and sweep point with the merged hyperparameter
+overrides; ``line_lookup(param) -> int | None`` gives the line where that parameter was set) and
+``metric_validator(metric_names, line_lookup)``. A :class:`SpecError` they raise is collected; any
+other :class:`~editlens.errors.EditlensError` (e.g. ``HParamsError``) is wrapped into a SpecError
+naming the method's key and line.
+
+:meth:`Spec.plan` expands methods × sweep points × datasets × seeds × regime sizes into :class:`Unit`s
+with stable ids (a hash of the unit's content) and the metadata that the results store keeps
+(:meth:`Unit.meta`). :meth:`Spec.describe_plan` is the text for ``--dry-run``.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from editlens.errors import EditlensError, SpecError
+
+try:  # Python 3.11+
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as _toml  # type: ignore[no-redef]
+
+KeyPath = tuple[Any, ...]
+LineLookup = Callable[[str], "int | None"]
+Validator = Callable[[str, dict, LineLookup], None]
+MetricValidator = Callable[[list, LineLookup], None]
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+REGIME_KINDS = ("batch", "sequential")
+_TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "regime", "metrics", "sweep",
+             "seeds", "report")
+_MODEL_KEYS = ("name", "device", "dtype", "prompt_format")
+_DATASET_KEYS = ("name", "path", "format", "limit", "sample", "seed")
+_METHOD_KEYS = ("name", "label", "hparams", "evk_align")
+_REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots")
+
+
+# ============================================================================ line lookup
+def key_str(path: Sequence[Any]) -> str:
+    """``("methods", 0, "hparams", "layers")`` -> ``methods[0].hparams.layers`` (dotted keys quoted)."""
+    out = ""
+    for p in path:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            s = f'"{p}"' if ("." in p or " " in p or not p) else p
+            out += ("." if out else "") + s
+    return out
+
+
+class Lines:
+    """Maps key paths of a parsed spec to 1-based line numbers of the source file.
+
+    ``lookup(path)`` returns the line of the deepest known ancestor when the exact path is unknown
+    (e.g. an element of a one-line array gets the line of its key).
+    """
+
+    def __init__(self, table: Mapping[KeyPath, int] | None = None) -> None:
+        self.table: dict[KeyPath, int] = dict(table or {})
+
+    def lookup(self, path: Sequence[Any]) -> int | None:
+        path = tuple(path)
+        while path:
+            if path in self.table:
+                return self.table[path]
+            path = path[:-1]
+        return None
+
+    def exact(self, path: Sequence[Any]) -> int | None:
+        return self.table.get(tuple(path))
+
+
+_BARE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _split_toml_key(s: str) -> list[str] | None:
+    """Split a (dotted, possibly quoted) TOML key into its parts; None when it is not a key."""
+    parts: list[str] = []
+    i, n = 0, len(s)
+    while True:
+        while i < n and s[i] in " \t":
+            i += 1
+        if i >= n:
+            return None
+        if s[i] in "\"'":
+            q = s[i]
+            j = i + 1
+            buf = ""
+            while j < n and s[j] != q:
+                if q == '"' and s[j] == "\\" and j + 1 < n:
+                    buf += s[j + 1]
+                    j += 2
+                    continue
+                buf += s[j]
+                j += 1
+            if j >= n:
+                return None
+            parts.append(buf)
+            i = j + 1
+        else:
+            m = _BARE.match(s, i)
+            if not m:
+                return None
+            parts.append(m.group(0))
+            i = m.end()
+        while i < n and s[i] in " \t":
+            i += 1
+        if i >= n:
+            return parts
+        if s[i] != ".":
+            return None
+        i += 1
+
+
+def _strip_toml_comment(line: str) -> tuple[str, int]:
+    """Remove a trailing comment; return (code, bracket balance of the code outside strings)."""
+    out, depth, q = [], 0, None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if q:
+            if q == '"' and c == "\\":
+                out.append(line[i:i + 2])
+                i += 2
+                continue
+            if c == q:
+                q = None
+        elif c in "\"'":
+            q = c
+        elif c == "#":
+            break
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+        out.append(c)
+        i += 1
+    return "".join(out), depth
+
+
+def toml_lines(text: str) -> Lines:
+    """Find the line of every key and table header of a TOML document by scanning its text.
+
+    Handles ``[table]``, ``[[array.of.tables]]`` (element indices counted), dotted and quoted keys,
+    keys of one-line inline tables, multi-line arrays and multi-line strings (skipped).
+    """
+    table: dict[KeyPath, int] = {}
+    aot: dict[KeyPath, int] = {}
+    prefix: KeyPath = ()
+    depth = 0
+    ml_delim: str | None = None
+
+    def resolve(parts: Sequence[str]) -> KeyPath:
+        out: list[Any] = []
+        for p in parts:
+            out.append(p)
+            if tuple(out) in aot:
+                out.append(aot[tuple(out)])
+        return tuple(out)
+
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        if ml_delim is not None:
+            if raw.count(ml_delim) % 2 == 1:
+                ml_delim = None
+            continue
+        if depth > 0:
+            _, d = _strip_toml_comment(raw)
+            depth += d
+            continue
+        code, _ = _strip_toml_comment(raw)
+        line = code.strip()
+        if not line:
+            continue
+        if line.startswith("[["):
+            end = line.rfind("]]")
+            parts = _split_toml_key(line[2:end]) if end > 1 else None
+            if not parts:
+                continue
+            arr = resolve(parts[:-1]) + (parts[-1],)
+            aot[arr] = aot.get(arr, -1) + 1
+            prefix = arr + (aot[arr],)
+            table.setdefault(arr, lineno)
+            table[prefix] = lineno
+            continue
+        if line.startswith("["):
+            end = line.rfind("]")
+            parts = _split_toml_key(line[1:end]) if end > 0 else None
+            if not parts:
+                continue
+            prefix = resolve(parts)
+            table.setdefault(prefix, lineno)
+            continue
+        eq = _find_eq(line)
+        if eq < 0:
+            continue
+        parts = _split_toml_key(line[:eq])
+        if not parts:
+            continue
+        full = prefix + tuple(parts)
+        for k in range(len(prefix) + 1, len(full)):
+            table.setdefault(full[:k], lineno)
+        table[full] = lineno
+        value = line[eq + 1:].strip()
+        for delim in ('"""', "'''"):
+            if value.startswith(delim) and value.count(delim) == 1:
+                ml_delim = delim
+        if ml_delim is None:
+            _, depth = _strip_toml_comment(value)
+            depth = max(depth, 0)
+            if value.startswith("{"):
+                for m in re.finditer(r"[{,]\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
+                                     r"(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=", value):
+                    sub = _split_toml_key(m.group(1))
+                    if sub:
+                        table.setdefault(full + tuple(sub), lineno)
+    return Lines(table)
+
+
+def _find_eq(line: str) -> int:
+    q = None
+    for i, c in enumerate(line):
+        if q:
+            if c == q:
+                q = None
+        elif c in "\"'":
+            q = c
+        elif c == "=":
+            return i
+    return -1
+
+
+def yaml_lines(text: str) -> tuple[Lines, list[tuple[KeyPath, int]]]:
+    """Lines of every key / sequence item of a YAML document (via ``yaml.compose``), and duplicate keys."""
+    import yaml
+
+    table: dict[KeyPath, int] = {}
+    dups: list[tuple[KeyPath, int]] = []
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+
+    def walk(node: Any, path: KeyPath) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for k, v in node.value:
+                key = k.value
+                if key in seen:
+                    dups.append((path + (key,), k.start_mark.line + 1))
+                seen.add(key)
+                table[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                table[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return Lines(table), dups
+
+
+# ============================================================================ spec dataclasses
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model to edit: a built-in name, a HF id or a local path (resolved against the spec's folder)."""
+
+    name: str
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt_format: str = "auto"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: a file/folder (``path``) or a synthetic set (``synthetic`` cases).
+
+    ``limit`` keeps the first N records, then ``sample`` draws N of them at random with ``seed``.
+    ``path`` is absolute (resolved against the spec's folder); ``source`` is the text written in the spec.
+    """
+
+    name: str
+    source: str
+    path: Path | None = None
+    synthetic: int | None = None
+    format: str = "auto"
+    limit: int | None = None
+    sample: int | None = None
+    seed: int = 0
+
+    @property
+    def max_cases(self) -> int | None:
+        """The most cases this dataset can yield, when known without reading it."""
+        bounds = [b for b in (self.synthetic, self.limit, self.sample) if b is not None]
+        return min(bounds) if bounds else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "path": None if self.path is None else str(self.path),
+                "synthetic": self.synthetic, "format": self.format, "limit": self.limit, "sample": self.sample,
+                "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method configuration: registry ``name``, unique ``label`` (default: the name), overrides."""
+
+    name: str
+    label: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    evk_align: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RegimeSpec:
+    """``batch``: one unit per size in ``sizes`` (all edits applied at once). ``sequential``: edits applied
+    ``batch_size`` at a time, evaluated after ``checkpoints`` edits (cumulative counts)."""
+
+    kind: str
+    sizes: tuple[int, ...] = ()
+    checkpoints: tuple[int, ...] = ()
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of work: a method at one hyperparameter point on one dataset with one seed
+    and one regime size. ``id`` is stable: a hash of everything else (see :meth:`content`)."""
+
+    id: str
+    method: str
+    label: str
+    hparams: dict[str, Any]
+    evk_align: dict[str, Any] | None
+    dataset: DatasetSpec
+    seed: int
+    regime: str
+    n_edits: int
+    checkpoints: tuple[int, ...]
+    batch_size: int
+    sweep: dict[str, Any]
+    metrics: tuple[str, ...]
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """Evaluation points in number of edits (batch: ``(n_edits,)``)."""
+        return self.checkpoints
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able metadata for the store (``units.meta_json``; columns of ``Store.rows_with_meta``)."""
+        return {"method": self.method, "label": self.label, "hparams": dict(self.hparams),
+                "evk_align": self.evk_align, "dataset": self.dataset.name, "dataset_source": self.dataset.source,
+                "seed": self.seed, "regime": self.regime, "n_edits": self.n_edits,
+                "checkpoints": list(self.checkpoints), "batch_size": self.batch_size, "sweep": dict(self.sweep),
+                "metrics": list(self.metrics)}
+
+
+def _content_hash(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+@dataclass
+class Spec:
+    """A validated experiment spec. Build it with :func:`load_spec` or :func:`parse_spec`."""
+
+    model: ModelSpec
+    datasets: list[DatasetSpec]
+    methods: list[MethodSpec]
+    regime: RegimeSpec
+    metrics: list[str]
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    report: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    description: str | None = None
+    store: Path | None = None
+    source: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    lines: Lines = field(default_factory=Lines, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON-able data (what the store keeps in ``runs.spec_json``)."""
+        return {
+            "name": self.name, "description": self.description,
+            "model": vars(self.model).copy(),
+            "datasets": [d.to_dict() for d in self.datasets],
+            "methods": [{"name": m.name, "label": m.label, "hparams": m.hparams, "evk_align": m.evk_align}
+                        for m in self.methods],
+            "regime": {"kind": self.regime.kind, "sizes": list(self.regime.sizes),
+                       "checkpoints": list(self.regime.checkpoints), "batch_size": self.regime.batch_size},
+            "metrics": list(self.metrics), "sweep": {k: list(v) for k, v in self.sweep.items()},
+            "seeds": list(self.seeds), "report": self.report,
+        }
+
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`to_dict` (a default run id suffix)."""
+        return _content_hash(self.to_dict())
+
+    def default_run_id(self) -> str:
+        """``<name or file stem>-<fingerprint>``."""
+        base = self.name or (self.source.stem if self.source else "run")
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', base)}-{self.fingerprint()}"
+
+    def sweep_points(self, method: MethodSpec) -> list[dict[str, Any]]:
+        """Cartesian product of the sweep axes of ``method`` (``[{}]`` when it has none), in spec order."""
+        axes = [(k, v) for k, v in self.sweep.items() if k.split(".", 1)[0] == method.label]
+        if not axes:
+            return [{}]
+        return [dict(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+    def plan(self) -> list[Unit]:
+        """Expand methods × sweep points × datasets × seeds × regime sizes into units (spec order)."""
+        units: list[Unit] = []
+        if self.regime.kind == "batch":
+            regimes = [(n, (n,), n) for n in self.regime.sizes]
+        else:
+            cps = tuple(self.regime.checkpoints)
+            regimes = [(cps[-1], cps, self.regime.batch_size)]
+        for m in self.methods:
+            for point in self.sweep_points(m):
+                hp, evk = merge_point(m, point)
+                for ds in self.datasets:
+                    for seed in self.seeds:
+                        for n, cps, bs in regimes:
+                            content = {"method": m.name, "label": m.label, "hparams": hp, "evk_align": evk,
+                                       "dataset": {k: v for k, v in ds.to_dict().items() if k != "path"},
+                                       "seed": seed, "regime": self.regime.kind, "n_edits": n,
+                                       "checkpoints": list(cps), "batch_size": bs, "metrics": list(self.metrics),
+                                       "model": vars(self.model)}
+                            uid = f"{m.label}-{_content_hash(content)}"
+                            units.append(Unit(uid, m.name, m.label, hp, evk, ds, seed, self.regime.kind, n, cps,
+                                              bs, dict(point), tuple(self.metrics)))
+        return units
+
+    def plan_summary(self) -> dict[str, Any]:
+        """Counts for ``--dry-run``: units, edits, evaluation points, metric evaluations, per method."""
+        units = self.plan()
+        per_method: dict[str, dict[str, int]] = {}
+        for u in units:
+            d = per_method.setdefault(u.label, {"units": 0, "edits": 0, "evaluations": 0})
+            d["units"] += 1
+            d["edits"] += u.n_edits
+            d["evaluations"] += len(u.steps)
+        evaluations = sum(len(u.steps) for u in units)
+        return {"units": len(units), "edits": sum(u.n_edits for u in units), "evaluations": evaluations,
+                "metric_evaluations": evaluations * len(self.metrics),
+                "case_evaluations": sum(sum(u.steps) for u in units), "per_method": per_method}
+
+    def describe_plan(self) -> str:
+        """A human-readable description of the plan (for ``--dry-run``)."""
+        s = self.plan_summary()
+        lines = [f"spec: {self.source or '<string>'}" + (f" ({self.name})" if self.name else ""),
+                 f"model: {self.model.name} (device={self.model.device}, dtype={self.model.dtype})",
+                 "datasets: " + ", ".join(f"{d.name} [{d.source}]" for d in self.datasets),
+                 f"regime: {self.regime.kind} " + (
+                     f"sizes={list(self.regime.sizes)}" if self.regime.kind == "batch"
+                     else f"checkpoints={list(self.regime.checkpoints)} batch_size={self.regime.batch_size}"),
+                 f"metrics: {', '.join(self.metrics)}", f"seeds: {self.seeds}"]
+        if self.sweep:
+            lines.append("sweep: " + "; ".join(f"{k} = {v}" for k, v in self.sweep.items()))
+        lines.append(f"units: {s['units']} = " + " + ".join(
+            f"{m.label}: {len(self.sweep_points(m))} point(s) x {len(self.datasets)} dataset(s) x "
+            f"{len(self.seeds)} seed(s) x {len(self.regime.sizes) if self.regime.kind == 'batch' else 1} size(s)"
+            for m in self.methods))
+        lines.append(f"edits: {s['edits']} in total")
+        lines.append(f"evaluation points: {s['evaluations']} ({s['metric_evaluations']} metric evaluations, "
+                     f"{s['case_evaluations']} case evaluations)")
+        for label, d in s["per_method"].items():
+            lines.append(f"  {label}: {d['units']} units, {d['edits']} edits, {d['evaluations']} evaluation points")
+        return "\n".join(lines)
+
+
+def merge_point(method: MethodSpec, point: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Apply one sweep point (``{"label.param": v}``) to a method's overrides.
+
+    ``label.evk_align.<key>`` axes go into the method's ``evk_align`` table; every other axis sets
+    ``hparams[param]``. Returns ``(hparams, evk_align)``.
+    """
+    hp = dict(method.hparams)
+    evk = None if method.evk_align is None else dict(method.evk_align)
+    for axis, v in point.items():
+        param = axis.split(".", 1)[1]
+        if param.startswith("evk_align."):
+            evk = dict(evk or {})
+            evk[param[len("evk_align."):]] = v
+        else:
+            hp[param] = v
+    return hp, evk
+
+
+# ============================================================================ loading and validation
+@dataclass(frozen=True)
+class SpecIssue:
+    key: str
+    line: int | None
+    message: str
+
+
+class _Checker:
+    def __init__(self, source: str, lines: Lines) -> None:
+        self.source = source
+        self.lines = lines
+        self.issues: list[SpecIssue] = []
+
+    def err(self, path: Sequence[Any], message: str, line: int | None = None) -> None:
+        if line is None:
+            line = self.lines.lookup(path)
+        self.issues.append(SpecIssue(key_str(path) or "<top level>", line, message))
+
+    def raise_if_any(self) -> None:
+        if not self.issues:
+            return
+        msgs = [f"{self.source}:{i.line}: {i.key}: {i.message}" if i.line else f"{self.source}: {i.key}: {i.message}"
+                for i in self.issues]
+        text = msgs[0] if len(msgs) == 1 else f"{len(msgs)} problems in spec {self.source}:\n  " + "\n  ".join(msgs)
+        e = SpecError(text)
+        e.issues = list(self.issues)  # type: ignore[attr-defined]
+        e.key = self.issues[0].key  # type: ignore[attr-defined]
+        e.line = self.issues[0].line  # type: ignore[attr-defined]
+        e.path = self.source  # type: ignore[attr-defined]
+        raise e
+
+    # -- typed getters: return the value or None (after recording an error)
+    def table(self, d: Mapping, path: KeyPath, allowed: Sequence[str]) -> bool:
+        node = _get(d, path)
+        if not isinstance(node, Mapping):
+            self.err(path, f"must be a table, got {_tname(node)}")
+            return False
+        for k in node:
+            if k not in allowed:
+                hint = _close(str(k), allowed)
+                if path and k in _TOP_KEYS:
+                    hint = (f" ({k!r} is a top-level key: in TOML, write it before the first [table] header, "
+                            "or it belongs to the table above it)")
+                self.err(path + (k,), f"unknown key{hint}; allowed keys: {', '.join(allowed)}")
+        return True
+
+    def string(self, v: Any, path: KeyPath, choices: Sequence[str] | None = None) -> str | None:
+        if not isinstance(v, str) or not v.strip():
+            self.err(path, f"must be a non-empty string, got {_tname(v)} {v!r}")
+            return None
+        if choices is not None and v not in choices:
+            self.err(path, f"must be one of {', '.join(choices)}; got {v!r}")
+            return None
+        return v
+
+    def pos_int(self, v: Any, path: KeyPath, minimum: int = 1) -> int | None:
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.err(path, f"must be an integer, got {_tname(v)} {v!r}")
+            return None
+        if v < minimum:
+            self.err(path, f"must be >= {minimum}, got {v}")
+            return None
+        return v
+
+    def int_list(self, v: Any, path: KeyPath, minimum: int = 1, unique: bool = True) -> list[int] | None:
+        if not isinstance(v, list) or not v:
+            self.err(path, f"must be a non-empty list of integers, got {_tname(v)} {v!r}")
+            return None
+        out = []
+        for i, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, int):
+                self.err(path + (i,), f"must be an integer, got {_tname(x)} {x!r}")
+                return None
+            if x < minimum:
+                self.err(path + (i,), f"must be >= {minimum}, got {x}")
+                return None
+            out.append(x)
+        if unique and len(set(out)) != len(out):
+            self.err(path, f"has duplicate values {sorted({x for x in out if out.count(x) > 1})}")
+            return None
+        return out
+
+
+def _get(d: Any, path: KeyPath) -> Any:
+    for p in path:
+        d = d[p]
+    return d
+
+
+def _tname(v: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "a boolean", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+def _close(word: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    m = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def load_spec(path: str | Path, *, validator: Validator | None = None,
+              metric_validator: MetricValidator | None = None) -> Spec:
+    """Read and validate a spec file (``.toml``, ``.yaml`` or ``.yml``). Raises :class:`SpecError`."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise SpecError(f"spec {path}: unknown spec format {path.suffix!r}; use .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"spec {path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec {path}: not UTF-8 text: {e}") from None
+    return parse_spec(text, "toml" if suffix == ".toml" else "yaml", base_dir=path.resolve().parent,
+                      source=path, validator=validator, metric_validator=metric_validator)
+
+
+def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", source: str | Path | None = None,
+               validator: Validator | None = None, metric_validator: MetricValidator | None = None) -> Spec:
+    """Parse and validate spec text (``fmt`` ``"toml"`` or ``"yaml"``); relative paths use ``base_dir``."""
+    src = str(source) if source is not None else f"<{fmt} spec>"
+    if fmt == "toml":
+        try:
+            data = _toml.loads(text)
+        except _toml.TOMLDecodeError as e:
+            raise SpecError(f"{src}: invalid TOML: {e}") from None
+        lines = toml_lines(text)
+        dups: list[tuple[KeyPath, int]] = []
+    elif fmt == "yaml":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+            lines, dups = yaml_lines(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise SpecError(f"{src}{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    else:
+        raise SpecError(f"{src}: unknown spec format {fmt!r}; use 'toml' or 'yaml'")
+    if data is None:
+        data = {}
+    ck = _Checker(src, lines)
+    for p, ln in dups:
+        ck.err(p, "duplicate key", line=ln)
+    if not isinstance(data, dict):
+        ck.err((), f"the spec must be a table/mapping at the top level, got {_tname(data)}", line=1)
+        ck.raise_if_any()
+    spec = _validate(data, ck, Path(base_dir), Path(source) if source is not None else None)
+    ck.raise_if_any()
+    assert spec is not None
+    _run_plugins(spec, ck, validator, metric_validator)
+    ck.raise_if_any()
+    return spec
+
+
+def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | None:
+    for k in d:
+        if k not in _TOP_KEYS:
+            ck.err((k,), f"unknown top-level key{_close(str(k), _TOP_KEYS)}; allowed: {', '.join(_TOP_KEYS)}")
+    for req in ("model", "datasets", "methods", "regime", "metrics"):
+        if req not in d:
+            ck.err((req,), "required key is missing", line=1)
+    name = ck.string(d["name"], ("name",)) if "name" in d else None
+    description = d.get("description")
+    if description is not None and not isinstance(description, str):
+        ck.err(("description",), "must be a string")
+    store = None
+    if "store" in d and ck.string(d["store"], ("store",)):
+        store = (base / d["store"]).resolve()
+
+    # ---- model
+    model = None
+    if "model" in d:
+        if isinstance(d["model"], str):
+            m = {"name": d["model"]}
+        elif ck.table(d, ("model",), _MODEL_KEYS):
+            m = d["model"]
+        else:
+            m = None
+        if m is not None:
+            mname = ck.string(m.get("name"), ("model", "name")) if "name" in m else None
+            if "name" not in m:
+                ck.err(("model", "name"), "required key is missing", line=ck.lines.lookup(("model",)))
+            device = ck.string(m.get("device", "auto"), ("model", "device")) or "auto"
+            dtype = ck.string(m.get("dtype", "auto"), ("model", "dtype"), DTYPES) or "auto"
+            pfmt = ck.string(m.get("prompt_format", "auto"), ("model", "prompt_format")) or "auto"
+            if mname:
+                local = base / mname
+                if mname.startswith("~"):
+                    mname = str(Path(mname).expanduser())
+                elif not mname.startswith("/") and (mname.startswith(".") or local.exists()):
+                    mname = str(local.resolve())
+                model = ModelSpec(mname, device, dtype, pfmt)
+
+    # ---- datasets
+    datasets: list[DatasetSpec] = []
+    if "datasets" in d:
+        v = d["datasets"]
+        if isinstance(v, dict):
+            v = [v]
+            d["datasets"] = v
+        if not isinstance(v, list) or not v:
+            ck.err(("datasets",), f"must be a non-empty list of tables ([[datasets]]), got {_tname(v)}")
+        else:
+            for i, _ in enumerate(v):
+                ds = _dataset(d, ("datasets", i), ck, base)
+                if ds is not None:
+                    datasets.append(ds)
+            names = [x.name for x in datasets]
+            for i, x in enumerate(datasets):
+                if names.count(x.name) > 1 and names.index(x.name) != i:
+                    ck.err(("datasets", i), f"dataset name {x.name!r} is used twice; give one of them a `name`")
+
+    # ---- methods
+    methods: list[MethodSpec] = []
+    if "methods" in d:
+        v = d["methods"]
+        if not isinstance(v, list) or not v:
+            ck.err(("methods",), f"must be a non-empty list of tables ([[methods]]), got {_tname(v)}")
+        else:
+            for i, _ in enumerate(v):
+                ms = _method(d, ("methods", i), ck)
+                if ms is not None:
+                    methods.append(ms)
+            labels = [x.label for x in methods]
+            for i, x in enumerate(methods):
+                if labels.count(x.label) > 1 and labels.index(x.label) != i:
+                    ck.err(("methods", i), f"method label {x.label!r} is used twice; give each configuration a "
+                                           "distinct `label`")
+
+    # ---- regime
+    regime = None
+    if "regime" in d and ck.table(d, ("regime",), ("kind", "sizes", "checkpoints", "batch_size")):
+        r = d["regime"]
+        kind = ck.string(r.get("kind"), ("regime", "kind"), REGIME_KINDS) if "kind" in r else None
+        if "kind" not in r:
+            ck.err(("regime", "kind"), "required key is missing (batch or sequential)",
+                   line=ck.lines.lookup(("regime",)))
+        if kind == "batch":
+            for k in ("checkpoints", "batch_size"):
+                if k in r:
+                    ck.err(("regime", k), f"only for kind = \"sequential\"; a batch regime uses `sizes`")
+            if "sizes" not in r:
+                ck.err(("regime", "sizes"), "required for kind = \"batch\" (e.g. sizes = [100, 1000])",
+                       line=ck.lines.lookup(("regime",)))
+            else:
+                sizes = ck.int_list(r["sizes"], ("regime", "sizes"))
+                if sizes:
+                    regime = RegimeSpec("batch", sizes=tuple(sizes))
+        elif kind == "sequential":
+            if "sizes" in r:
+                ck.err(("regime", "sizes"), "only for kind = \"batch\"; a sequential regime uses `checkpoints`")
+            bs = ck.pos_int(r.get("batch_size", 1), ("regime", "batch_size"))
+            if "checkpoints" not in r:
+                ck.err(("regime", "checkpoints"), "required for kind = \"sequential\" (e.g. [1, 10, 100])",
+                       line=ck.lines.lookup(("regime",)))
+            else:
+                cps = ck.int_list(r["checkpoints"], ("regime", "checkpoints"), unique=False)
+                if cps:
+                    bad = [i for i in range(1, len(cps)) if cps[i] <= cps[i - 1]]
+                    if bad:
+                        ck.err(("regime", "checkpoints"), f"must be strictly increasing positive integers; "
+                                                          f"got {cps} ({cps[bad[0]]} after {cps[bad[0] - 1]})")
+                    elif bs:
+                        off = [c for c in cps if c % bs]
+                        if off:
+                            ck.err(("regime", "checkpoints"), f"must be multiples of batch_size={bs}; {off} are not")
+                        else:
+                            regime = RegimeSpec("sequential", checkpoints=tuple(cps), batch_size=bs)
+        if regime is not None:
+            need = max(regime.sizes or regime.checkpoints)
+            key = ("regime", "sizes" if regime.kind == "batch" else "checkpoints")
+            for i, ds in enumerate(datasets):
+                if ds.max_cases is not None and need > ds.max_cases:
+                    ck.err(key, f"needs {need} edits but dataset {ds.name!r} (datasets[{i}]) yields at most "
+                                f"{ds.max_cases} cases")
+
+    # ---- metrics
+    metrics: list[str] = []
+    if "metrics" in d:
+        v = d["metrics"]
+        if not isinstance(v, list) or not v:
+            ck.err(("metrics",), f"must be a non-empty list of metric names, got {_tname(v)} {v!r}")
+        else:
+            for i, x in enumerate(v):
+                if ck.string(x, ("metrics", i)):
+                    if x in metrics:
+                        ck.err(("metrics", i), f"metric {x!r} is listed twice")
+                    else:
+                        metrics.append(x)
+
+    # ---- seeds
+    seeds = [0]
+    if "seeds" in d:
+        s = ck.int_list(d["seeds"], ("seeds",), minimum=0)
+        if s:
+            seeds = s
+
+    # ---- sweep
+    sweep: dict[str, list[Any]] = {}
+    if "sweep" in d and ck.table(d, ("sweep",), list(d["sweep"]) if isinstance(d["sweep"], dict) else []):
+        labels = {m.label: m for m in methods}
+        for axis, values in d["sweep"].items():
+            path = ("sweep", axis)
+            if not isinstance(axis, str) or "." not in axis or axis.startswith(".") or axis.endswith("."):
+                ck.err(path, "a sweep axis must be named \"method.param\" (e.g. \"memit.mom2_update_weight\")")
+                continue
+            mlabel, param = axis.split(".", 1)
+            if methods and mlabel not in labels:
+                ck.err(path, f"method {mlabel!r} is not in the spec's methods (labels: {', '.join(labels)})")
+                continue
+            if not isinstance(values, list) or not values:
+                ck.err(path, f"must be a non-empty list of values, got {_tname(values)} {values!r}")
+                continue
+            kinds = set()
+            ok = True
+            for i, x in enumerate(values):
+                if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+                    ck.err(path + (i,), f"sweep values must be numbers or strings, got {_tname(x)} {x!r}")
+                    ok = False
+                    break
+                kinds.add("string" if isinstance(x, str) else "number")
+            if not ok:
+                continue
+            if len(kinds) > 1:
+                ck.err(path, f"mixes numbers and strings: {values!r}; use one type per axis")
+                continue
+            if len(set(values)) != len(values):
+                ck.err(path, f"has duplicate values {values!r}")
+                continue
+            m = labels.get(mlabel)
+            if m is not None:
+                target = m.evk_align or {} if param.startswith("evk_align.") else m.hparams
+                pkey = param[len("evk_align."):] if param.startswith("evk_align.") else param
+                if pkey in target:
+                    ck.err(path, f"{param!r} is also set in methods[{methods.index(m)}]; set it in one place only")
+                    continue
+            sweep[axis] = list(values)
+
+    # ---- report
+    report: dict[str, Any] = {}
+    if "report" in d and ck.table(d, ("report",), _REPORT_KEYS):
+        r = d["report"]
+        for k in ("title", "html", "out"):
+            if k in r:
+                ck.string(r[k], ("report", k))
+        if "reference" in r:
+            ck.string(r["reference"], ("report", "reference"), ("reg_value", "delta_k"))
+        if "plots" in r and not isinstance(r["plots"], bool):
+            ck.err(("report", "plots"), f"must be true or false, got {r['plots']!r}")
+        if "ranges" in r:
+            if not isinstance(r["ranges"], dict):
+                ck.err(("report", "ranges"), "must be a table of metric = [low, high]")
+            else:
+                for mk, rng in r["ranges"].items():
+                    if (not isinstance(rng, list) or len(rng) != 2
+                            or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in rng)
+                            or not rng[0] < rng[1]):
+                        ck.err(("report", "ranges", mk), f"must be [low, high] numbers with low < high, got {rng!r}")
+        if "groups" in r:
+            if not isinstance(r["groups"], dict):
+                ck.err(("report", "groups"), "must be a table of group name = [metric, ...]")
+            else:
+                for g, ms in r["groups"].items():
+                    if not isinstance(ms, list) or not all(isinstance(x, str) for x in ms):
+                        ck.err(("report", "groups", g), f"must be a list of metric names, got {ms!r}")
+        report = dict(r)
+
+    if ck.issues or model is None or regime is None:
+        return None
+    return Spec(model=model, datasets=datasets, methods=methods, regime=regime, metrics=metrics, sweep=sweep,
+                seeds=seeds, report=report, name=name, description=description, store=store, source=source,
+                raw=d, lines=ck.lines)
+
+
+_SYNTH = re.compile(r"^synthetic:(.*)$")
+
+
+def _dataset(d: dict, path: KeyPath, ck: _Checker, base: Path) -> DatasetSpec | None:
+    if not ck.table(d, path, _DATASET_KEYS):
+        return None
+    t = _get(d, path)
+    n0 = len(ck.issues)
+    if "path" not in t:
+        ck.err(path + ("path",), "required key is missing (a file, a folder or \"synthetic:N\")",
+               line=ck.lines.lookup(path))
+        return None
+    src = ck.string(t["path"], path + ("path",))
+    if src is None:
+        return None
+    fpath = None
+    synthetic = None
+    m = _SYNTH.match(src)
+    if m:
+        try:
+            synthetic = int(m.group(1))
+            if synthetic < 1:
+                raise ValueError
+        except ValueError:
+            ck.err(path + ("path",), f"\"synthetic:N\" needs a positive integer N, got {src!r}")
+    else:
+        fpath = (base / src).expanduser()
+        if not fpath.exists():
+            ck.err(path + ("path",), f"dataset file {src!r} not found (looked for {fpath.resolve()})")
+        fpath = fpath.resolve()
+    fmt = ck.string(t.get("format", "auto"), path + ("format",)) or "auto"
+    limit = ck.pos_int(t["limit"], path + ("limit",)) if "limit" in t else None
+    sample = ck.pos_int(t["sample"], path + ("sample",)) if "sample" in t else None
+    seed = ck.pos_int(t.get("seed", 0), path + ("seed",), minimum=0)
+    if limit and sample and sample > limit:
+        ck.err(path + ("sample",), f"sample={sample} is larger than limit={limit}")
+    if synthetic and limit and limit > synthetic:
+        ck.err(path + ("limit",), f"limit={limit} is larger than the synthetic set ({synthetic} cases)")
+    name = ck.string(t["name"], path + ("name",)) if "name" in t else None
+    if name is None:
+        name = f"synthetic-{synthetic}" if synthetic else (fpath.stem if fpath else src)
+    if len(ck.issues) > n0:
+        return None
+    return DatasetSpec(name=name, source=src, path=fpath, synthetic=synthetic, format=fmt, limit=limit,
+                       sample=sample, seed=seed or 0)
+
+
+def _method(d: dict, path: KeyPath, ck: _Checker) -> MethodSpec | None:
+    if not ck.table(d, path, _METHOD_KEYS):
+        return None
+    t = _get(d, path)
+    n0 = len(ck.issues)
+    if "name" not in t:
+        ck.err(path + ("name",), "required key is missing (the method's registry name, e.g. \"memit\")",
+               line=ck.lines.lookup(path))
+        return None
+    name = ck.string(t["name"], path + ("name",))
+    label = ck.string(t["label"], path + ("label",)) if "label" in t else name
+    if label and "." in label:
+        ck.err(path + ("label" if "label" in t else "name",), f"must not contain '.' ({label!r}); sweep axes use "
+                                                              "\"label.param\"")
+    hp = t.get("hparams", {})
+    if not isinstance(hp, dict):
+        ck.err(path + ("hparams",), f"must be a table of hyperparameter overrides, got {_tname(hp)}")
+    evk = t.get("evk_align")
+    if evk is not None and not isinstance(evk, dict):
+        ck.err(path + ("evk_align",), f"must be a table, got {_tname(evk)}")
+    if len(ck.issues) > n0 or not name or not label:
+        return None
+    return MethodSpec(name=name, label=label, hparams=dict(hp), evk_align=None if evk is None else dict(evk))
+
+
+def _run_plugins(spec: Spec, ck: _Checker, validator: Validator | None,
+                 metric_validator: MetricValidator | None) -> None:
+    if metric_validator is not None:
+        def mlook(metric: str) -> int | None:
+            return ck.lines.lookup(("metrics", spec.metrics.index(metric))) if metric in spec.metrics else \
+                ck.lines.lookup(("metrics",))
+        try:
+            metric_validator(list(spec.metrics), mlook)
+        except SpecError as e:
+            _absorb(ck, e, ("metrics",))
+        except EditlensError as e:
+            ck.err(("metrics",), str(e))
+    if validator is None:
+        return
+    for i, m in enumerate(spec.methods):
+        mpath = ("methods", i)
+        for point in spec.sweep_points(m):
+            hp, evk = merge_point(m, point)
+
+            def look(param: str, _i: int = i, _m: MethodSpec = m) -> int | None:
+                axis = f"{_m.label}.{param}"
+                if axis in spec.sweep:
+                    return ck.lines.lookup(("sweep", axis))
+                return ck.lines.lookup(("methods", _i, "hparams", param))
+            full = dict(hp)
+            if evk is not None:
+                full["evk_align"] = evk
+            try:
+                validator(m.name, full, look)
+            except SpecError as e:
+                _absorb(ck, e, mpath)
+                break
+            except EditlensError as e:
+                ck.err(mpath + ("hparams",), f"method {m.name!r}: {e}", line=ck.lines.lookup(mpath + ("name",)))
+                break
+
+
+def _absorb(ck: _Checker, e: SpecError, path: KeyPath) -> None:
+    issues = getattr(e, "issues", None)
+    if issues:
+        ck.issues.extend(issues)
+    else:
+        ck.err(path, str(e))

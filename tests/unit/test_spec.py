@@ -1,0 +1,281 @@
+"""Run specs: TOML/YAML parsing, validation errors naming key and line, plan expansion."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from editlens.errors import HParamsError, SpecError
+from editlens.runs.spec import load_spec, parse_spec, toml_lines, yaml_lines
+
+GOOD_TOML = """\
+name = "lambda-sweep"
+metrics = ["efficacy", "kl", "topk@1"]
+seeds = [0, 1]
+
+[model]
+name = "smollm2-135m"
+dtype = "float32"
+
+[[datasets]]
+path = "cf.json"
+format = "counterfact"
+limit = 100
+
+[[datasets]]
+path = "synthetic:50"
+
+[[methods]]
+name = "memit"
+hparams = { layers = [4, 5, 6], v_lr = 0.5 }
+
+[[methods]]
+name = "memit"
+label = "memit_evk"
+[methods.hparams]
+layers = [4, 5]
+[methods.evk_align]
+weight = 0.1
+
+[regime]
+kind = "batch"
+sizes = [10, 50]
+
+[sweep]
+"memit.mom2_update_weight" = [1.5e2, 1.5e3, 1.5e4]
+"memit_evk.evk_align.alpha" = [
+  0.1,
+  0.2,
+]
+
+[report]
+ranges = { s_acc = [0, 100] }
+"""
+
+
+@pytest.fixture()
+def spec_dir(tmp_path):
+    (tmp_path / "cf.json").write_text("[]")
+    return tmp_path
+
+
+def write(d, text, name="spec.toml"):
+    p = d / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def err(d, text, name="spec.toml", **kw) -> SpecError:
+    with pytest.raises(SpecError) as e:
+        load_spec(write(d, text, name), **kw)
+    return e.value
+
+
+def test_good_toml_plan(spec_dir):
+    s = load_spec(write(spec_dir, GOOD_TOML))
+    assert s.model.dtype == "float32" and s.datasets[0].path == (spec_dir / "cf.json").resolve()
+    assert s.datasets[1].synthetic == 50 and s.datasets[1].name == "synthetic-50"
+    units = s.plan()
+    # memit: 3 points, memit_evk: 2 points; x 2 datasets x 2 seeds x 2 sizes
+    assert len(units) == (3 + 2) * 2 * 2 * 2
+    assert len({u.id for u in units}) == len(units)
+    u = [u for u in units if u.label == "memit_evk"][0]
+    assert u.evk_align == {"weight": 0.1, "alpha": 0.1} and u.hparams == {"layers": [4, 5]}
+    m = [u for u in units if u.label == "memit"][0]
+    assert m.hparams["mom2_update_weight"] == 150.0 and m.sweep == {"memit.mom2_update_weight": 150.0}
+    assert m.meta()["dataset"] == "cf" and m.meta()["n_edits"] == 10
+    summary = s.plan_summary()
+    assert summary["units"] == 40 and summary["edits"] == 20 * (10 + 50)
+    assert "units: 40" in s.describe_plan()
+    # ids are stable across loads and independent of key order
+    again = load_spec(write(spec_dir, GOOD_TOML.replace('limit = 100\n', 'limit = 100\n'), "b.toml"))
+    assert [u.id for u in again.plan()] == [u.id for u in units]
+    assert s.to_dict()["sweep"]["memit.mom2_update_weight"] == [150.0, 1500.0, 15000.0]
+
+
+def test_yaml_equivalent(spec_dir):
+    y = """\
+    model: {name: smollm2-135m}
+    datasets:
+      - path: synthetic:20
+    methods:
+      - name: rome
+        hparams: {layer: 5}
+    regime:
+      kind: sequential
+      checkpoints: [1, 10, 20]
+      batch_size: 1
+    metrics: [kl, s_acc]
+    """
+    s = load_spec(write(spec_dir, y, "s.yaml"))
+    (u,) = s.plan()
+    assert u.regime == "sequential" and u.checkpoints == (1, 10, 20) and u.n_edits == 20
+    assert s.plan_summary()["evaluations"] == 3
+
+
+def test_toml_line_finder():
+    lines = toml_lines(GOOD_TOML)
+    assert lines.exact(("metrics",)) == 2
+    assert lines.exact(("datasets", 1, "path")) == 15
+    assert lines.exact(("methods", 0, "hparams", "v_lr")) == 19
+    assert lines.exact(("methods", 1, "hparams", "layers")) == 25
+    assert lines.exact(("methods", 1, "evk_align", "weight")) == 27
+    assert lines.exact(("sweep", "memit_evk.evk_align.alpha")) == 35
+    assert lines.exact(("report", "ranges", "s_acc")) == 41
+    assert lines.lookup(("regime", "sizes", 1)) == 31
+
+
+def test_yaml_line_finder_and_duplicates():
+    lines, dups = yaml_lines("a: 1\nb:\n  - x: 1\n  - y: 2\na: 3\n")
+    assert lines.exact(("b", 1, "y")) == 4 and dups == [(("a",), 5)]
+
+
+MINIMAL = """\
+metrics = ["kl"]
+[model]
+name = "tiny-llama"
+[[datasets]]
+path = "synthetic:30"
+[[methods]]
+name = "memit"
+[regime]
+kind = "batch"
+sizes = [10]
+"""
+
+
+@pytest.mark.parametrize("text,key,line,fragment", [
+    # unknown top-level key, with a hint
+    ("metrix = 1\n" + MINIMAL, "metrix", 1, "did you mean 'metrics'"),
+    # metrics of the wrong type
+    (MINIMAL.replace('metrics = ["kl"]', 'metrics = "kl"'), "metrics", 1, "non-empty list"),
+    (MINIMAL.replace('metrics = ["kl"]', 'metrics = ["kl", "kl"]'), "metrics[1]", 1, "twice"),
+    # model
+    (MINIMAL.replace('name = "tiny-llama"', 'name = 3'), "model.name", 3, "non-empty string"),
+    (MINIMAL.replace('name = "tiny-llama"', 'name = "x"\ndtype = "fp8"'), "model.dtype", 4, "one of"),
+    # datasets
+    (MINIMAL.replace('path = "synthetic:30"', 'path = "nope.json"'), "datasets[0].path", 5, "not found"),
+    (MINIMAL.replace('path = "synthetic:30"', 'path = "synthetic:x"'), "datasets[0].path", 5, "positive integer"),
+    (MINIMAL.replace('path = "synthetic:30"', 'path = "synthetic:30"\nlimit = 0'), "datasets[0].limit", 6, ">= 1"),
+    (MINIMAL.replace('path = "synthetic:30"', 'path = "synthetic:30"\nlimit = 5\nsample = 9'),
+     "datasets[0].sample", 7, "larger than limit"),
+    (MINIMAL.replace('path = "synthetic:30"', 'paht = "x"'), "datasets[0].paht", 5, "unknown key"),
+    # methods
+    (MINIMAL.replace('name = "memit"', 'hparams = {}'), "methods[0].name", 6, "required"),
+    (MINIMAL.replace('name = "memit"', 'name = "memit"\nhparams = 5'), "methods[0].hparams", 8, "table"),
+    (MINIMAL.replace('name = "memit"', 'name = "memit"\n[[methods]]\nname = "memit"'), "methods[1]", 8,
+     "used twice"),
+    # regime
+    (MINIMAL.replace('kind = "batch"', 'kind = "stream"'), "regime.kind", 9, "batch, sequential"),
+    (MINIMAL.replace('sizes = [10]', 'sizes = [10, -1]'), "regime.sizes[1]", 10, ">= 1"),
+    (MINIMAL.replace('sizes = [10]', 'sizes = [40]'), "regime.sizes", 10, "at most 30"),
+    (MINIMAL.replace('sizes = [10]', 'sizes = [10]\nbatch_size = 2'), "regime.batch_size", 11, "sequential"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [1, 10, 5]'),
+     "regime.checkpoints", 10, "strictly increasing"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [0, 10]'),
+     "regime.checkpoints[0]", 10, ">= 1"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [1.5, 10]'),
+     "regime.checkpoints[0]", 10, "integer"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [2, 5]\nbatch_size = 2'),
+     "regime.checkpoints", 10, "multiples of batch_size"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"'), "regime.checkpoints", 8, "required"),
+    # sweep
+    (MINIMAL + '[sweep]\n"rome.lr" = [1, 2]\n', 'sweep."rome.lr"', 12, "not in the spec's methods"),
+    (MINIMAL + '[sweep]\nlr = [1, 2]\n', "sweep.lr", 12, "method.param"),
+    (MINIMAL + '[sweep]\n"memit.lr" = []\n', 'sweep."memit.lr"', 12, "non-empty list"),
+    (MINIMAL + '[sweep]\n"memit.lr" = 3\n', 'sweep."memit.lr"', 12, "non-empty list"),
+    (MINIMAL + '[sweep]\n"memit.lr" = [1, "a"]\n', 'sweep."memit.lr"', 12, "mixes numbers and strings"),
+    (MINIMAL + '[sweep]\n"memit.lr" = [true, false]\n', 'sweep."memit.lr"[0]', 12, "numbers or strings"),
+    (MINIMAL + '[sweep]\n"memit.lr" = [1, 1]\n', 'sweep."memit.lr"', 12, "duplicate"),
+    # seeds / report
+    ('seeds = [0, -1]\n' + MINIMAL, "seeds[1]", 1, ">= 0"),
+    (MINIMAL + '[report]\nranges = { kl = [1, 0] }\n', "report.ranges.kl", 12, "low < high"),
+    (MINIMAL + '[report]\nreference = "lambda"\n', "report.reference", 12, "one of"),
+    # a top-level key written after a table header lands in that table
+    (MINIMAL + 'seeds = [1]\n', "regime.seeds", 11, "top-level key"),
+])
+def test_malformed_toml(spec_dir, text, key, line, fragment):
+    e = err(spec_dir, text)
+    msgs = [f"{i.key}@{i.line}: {i.message}" for i in e.issues]
+    assert any(i.key == key and i.line == line and fragment in i.message for i in e.issues), msgs
+    assert f"spec.toml:{line}: {key}: " in str(e)
+
+
+def test_missing_required_keys(spec_dir):
+    e = err(spec_dir, 'name = "x"\n')
+    assert {i.key for i in e.issues} == {"model", "datasets", "methods", "regime", "metrics"}
+
+
+def test_sweep_conflicts_with_hparams(spec_dir):
+    e = err(spec_dir, MINIMAL.replace('name = "memit"', 'name = "memit"\nhparams = { lr = 1 }')
+            + '[sweep]\n"memit.lr" = [1, 2]\n')
+    assert e.issues[0].key == 'sweep."memit.lr"' and "set it in one place" in e.issues[0].message
+
+
+def test_all_errors_reported_at_once(spec_dir):
+    e = err(spec_dir, MINIMAL.replace('dtype', 'x').replace('sizes = [10]', 'sizes = [0]')
+            .replace('metrics = ["kl"]', 'metrics = []'))
+    assert len(e.issues) == 2 and str(e).startswith("2 problems")
+
+
+def test_syntax_errors(spec_dir):
+    e = err(spec_dir, "a = [1,\n")
+    assert "invalid TOML" in str(e)
+    e = err(spec_dir, "a: [1,\n b: c\n", name="s.yaml")
+    assert "invalid YAML" in str(e) and "s.yaml:" in str(e)
+    with pytest.raises(SpecError, match="unknown spec format"):
+        load_spec(write(spec_dir, "{}", "s.json"))
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(spec_dir / "absent.toml")
+
+
+@pytest.mark.parametrize("yaml_text,key,line,fragment", [
+    ("model: {name: m}\ndatasets:\n  - path: synthetic:5\nmethods:\n  - name: rome\nregime:\n  kind: sequential\n"
+     "  checkpoints: [1, 3, 2]\nmetrics: [kl]\n", "regime.checkpoints", 8, "strictly increasing"),
+    ("model: {name: m}\ndatasets:\n  - path: nope.jsonl\nmethods:\n  - name: rome\nregime: {kind: batch, sizes: [1]}\n"
+     "metrics: [kl]\n", "datasets[0].path", 3, "not found"),
+    ("model: {name: m}\nmodel: {name: n}\ndatasets:\n  - path: synthetic:5\nmethods:\n  - name: rome\n"
+     "regime: {kind: batch, sizes: [1]}\nmetrics: [kl]\n", "model", 2, "duplicate key"),
+    ("model: {name: m}\ndatasets:\n  - path: synthetic:5\nmethods:\n  - name: rome\n"
+     "regime: {kind: batch, sizes: [1]}\nmetrics: [kl]\nsweep:\n  rome.layer: [1, x]\n", 'sweep."rome.layer"', 9,
+     "mixes"),
+])
+def test_malformed_yaml(spec_dir, yaml_text, key, line, fragment):
+    e = err(spec_dir, yaml_text, name="s.yaml")
+    assert any(i.key == key and i.line == line and fragment in i.message for i in e.issues), \
+        [(i.key, i.line, i.message) for i in e.issues]
+
+
+def test_pluggable_validators(spec_dir):
+    text = MINIMAL.replace('name = "memit"', 'name = "memit"\nhparams = { layers = [4] }') + \
+        '[sweep]\n"memit.mom2_update_weight" = [10.0, -1.0]\n'
+    seen = []
+
+    def validator(method, hparams, line_lookup):
+        seen.append((method, dict(hparams)))
+        if hparams.get("mom2_update_weight", 0) < 0:
+            raise SpecError(f"spec:{line_lookup('mom2_update_weight')}: mom2_update_weight must be >= 0")
+
+    e = err(spec_dir, text, validator=validator)
+    assert "spec:13: mom2_update_weight must be >= 0" in str(e)
+    assert seen == [("memit", {"layers": [4], "mom2_update_weight": 10.0}),
+                    ("memit", {"layers": [4], "mom2_update_weight": -1.0})]
+
+    def registry(method, hparams, line_lookup):
+        raise HParamsError(f"unknown hyperparameter 'layerz' for {method} (line {line_lookup('layers')})")
+
+    e = err(spec_dir, text, validator=registry)
+    assert e.issues[0].key == "methods[0].hparams" and e.issues[0].line == 7 and "line 8" in str(e)
+
+    def metrics_check(names, line_lookup):
+        raise SpecError(f"line {line_lookup('kl')}: unknown metric 'kl'")
+
+    e = err(spec_dir, MINIMAL, metric_validator=metrics_check)
+    assert "line 1: unknown metric" in str(e)
+
+
+def test_parse_spec_from_string(spec_dir):
+    s = parse_spec(MINIMAL, "toml", base_dir=spec_dir)
+    assert s.plan()[0].n_edits == 10 and s.default_run_id().startswith("run-")
+    with pytest.raises(SpecError, match="top level"):
+        parse_spec("- 1\n- 2\n", "yaml")
