@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of editlens (``python -m benchmarks all --quick --device cpu``)."""
