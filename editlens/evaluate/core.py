@@ -585,10 +585,7 @@ def _with_format(system: "System", prompt_format: str | None, role: str) -> "Sys
     from editlens.evaluate.system import ModelSystem
 
     if type(system) is ModelSystem:
-        new = ModelSystem(system.lm, prompt_format=prompt_format, batch_tokens=system.batch_tokens,
-                          fingerprint=system._fingerprint)
-        new.model_state = getattr(system, "model_state", new.model_state)  # keep the weights it is pinned to
-        return new
+        return system.with_format(prompt_format)  # keeps the weights it is pinned to
     raise MetricError(f"the {role} system ({type(system).__name__}) poses prompts as "
                       f"{system.prompt_format!r}; build it with prompt_format={prompt_format!r} instead")
 

@@ -28,7 +28,7 @@ For a prompt (its subject given as a character range, when known):
   embedding norms differ by orders of magnitude. Default ladder ``σ ∈ {0.05, 0.1, 0.2, 0.4}`` with
   ``n = 4`` samples each; ``σ = 0`` gives exactly the unperturbed input (one request per prompt).
 * the perturbed embeddings go in through a forward hook on the embedding module
-  (:func:`editlens.lm.hooks.patch_embeddings`) inside ``system.active()``; nothing is decoded back to text.
+  (:func:`editlens.lm.hooks.patch_embeddings`) inside ``system.calling()``; nothing is decoded back to text.
 
 Stability scores (ours)
 -----------------------
@@ -308,13 +308,14 @@ def virtual_hidden(system: "System", requests: Sequence[EvkNext]) -> torch.Tenso
 
 
 def forward_hidden(system: "System", items: Sequence[VirtualItem]) -> torch.Tensor:
-    """Run the virtual ``items`` through ``system``'s model (in ``system.active()``), return LM-head inputs ``[n, d]``."""
+    """Run the virtual ``items`` through ``system``'s model (in ``system.calling()``: its pinned weights and hooks),
+    return LM-head inputs ``[n, d]``."""
     lm: "LM" = system.lm  # type: ignore[attr-defined]
     budget = int(getattr(system, "batch_tokens", ops.DEFAULT_BATCH_TOKENS))
     out: list[torch.Tensor | None] = [None] * len(items)
-    active = getattr(system, "active", None)
+    calling = getattr(system, "calling", None) or getattr(system, "active", None)
     head = lm.arch.lm_head
-    with (active() if callable(active) else _null()):
+    with (calling() if callable(calling) else _null()):
         for group in ops.plan_batches([len(it.ids) for it in items], budget, max_rows=256):
             batch, Z, S = virtual_batch(lm, [items[i] for i in group])
             with embedding_patch(lm, Z, S), record_io(lm.model, [head], kind="input") as rec:

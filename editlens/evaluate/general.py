@@ -440,8 +440,7 @@ def _raw_system(system: "System") -> "System":
     from editlens.evaluate.system import ModelSystem
 
     if type(system) is ModelSystem:
-        return ModelSystem(system.lm, prompt_format="raw", batch_tokens=system.batch_tokens,
-                           fingerprint=system._fingerprint)
+        return system.with_format("raw")
     raise MetricError(f"{type(system).__name__} poses prompts as {system.prompt_format!r}; the safety probe "
                       f"carries its own chat template and needs a raw-format system")
 
@@ -528,8 +527,8 @@ def _lm_and_context(system_or_lm: Any) -> tuple["LM", Any]:
     if not isinstance(lm, LM):
         raise MetricError(f"run_lm_eval needs an editlens LM or a ModelSystem/WrappedSystem, got "
                           f"{type(system_or_lm).__name__}")
-    active = getattr(system_or_lm, "active", None)
-    return lm, (active() if callable(active) else contextlib.nullcontext())
+    calling = getattr(system_or_lm, "calling", None) or getattr(system_or_lm, "active", None)
+    return lm, (calling() if callable(calling) else contextlib.nullcontext())
 
 
 def run_lm_eval(system_or_lm: Any, tasks: str | Sequence[str], *, num_fewshot: int | None = None,

@@ -95,9 +95,26 @@ class ModelSystem:
         return format_prompts(self.format, self.transform_prompts(prompts), self.lm.tokenizer)
 
     @contextlib.contextmanager
-    def _calling(self) -> Iterator[None]:
+    def calling(self) -> Iterator[None]:
+        """Context for running ``self.lm.model`` directly as this system: its pinned weights plus :meth:`active`.
+
+        Code that bypasses the System calls (EVK's embedding-level forwards, lm-evaluation-harness) must use this,
+        not :meth:`active` alone, or a base system created before an in-place edit would see the edited weights.
+        Prompt rewriting (IKE/SCR) is *not* applied here; use :meth:`_inputs` for that."""
         with self.pinned(), self.active():
             yield
+
+    _calling = calling
+
+    def with_format(self, prompt_format: str | PromptFormat) -> "ModelSystem":
+        """The same plain system (same pinned weights, fingerprint override and batch size) posing prompts in
+        ``prompt_format``. Only for plain :class:`ModelSystem` (wrappers carry their own state)."""
+        if type(self) is not ModelSystem:
+            raise TypeError(f"{type(self).__name__}.with_format is not supported; build it with the format")
+        new = ModelSystem(self.lm, prompt_format=prompt_format, batch_tokens=self.batch_tokens,
+                          fingerprint=self._fingerprint)
+        new.model_state = self.model_state
+        return new
 
     # ------------------------------------------------------------------ System calls
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -53,8 +53,7 @@ def _first_words(lm, prompts):
 def base(smollm):
     answers = _first_words(smollm, _prompts())
     assert answers == [old for _, _, old, _ in FACTS], answers  # the model knows the facts
-    top1 = ops.next_token_logprobs(smollm, UNRELATED).argmax(-1)
-    return top1
+    return ops.next_token_logprobs(smollm, UNRELATED)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "emmet"])
@@ -65,8 +64,15 @@ def test_known_facts_are_rewritten(smollm, base, method):
         answers = _first_words(smollm, _prompts())
         assert answers == [new for _, _, _, new in FACTS], (method, answers, e.diagnostics)
         if method != "emmet":
-            top1 = ops.next_token_logprobs(smollm, UNRELATED).argmax(-1)
-            changed = [p for p, a, b in zip(UNRELATED, top1.tolist(), base.tolist()) if a != b]
+            # locality: next-token distributions of unrelated prompts barely move, and the greedy answer is kept
+            # wherever the base model is not near a tie (a 0.05-nat margin may flip under any edit)
+            after = ops.next_token_logprobs(smollm, UNRELATED)
+            kl = (base.exp() * (base - after)).sum(-1)
+            assert float(kl.max()) < 0.1, (method, kl.tolist())
+            top2 = base.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 0.2
+            changed = [p for p, a, b, c in zip(UNRELATED, after.argmax(-1).tolist(), base.argmax(-1).tolist(),
+                                               clear.tolist()) if c and a != b]
             assert not changed, (method, changed)
     finally:
         e.undo()

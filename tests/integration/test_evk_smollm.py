@@ -11,6 +11,7 @@ from editlens.evaluate.core import evaluate
 from editlens.evaluate.system import ModelSystem
 
 pytestmark = pytest.mark.integration
+FAST = dict(stats_n_samples=64, stats_max_length=64)  # same statistics as the other SmolLM2 tests (cached)
 
 
 def _metrics():
@@ -25,7 +26,7 @@ def test_evk_on_smollm_self_and_memit(smollm):
     assert (df[df.metric.str.contains("kl")].value == 0).all()
     assert (df[df.metric.str.contains("topk")].value == 1).all()
 
-    e = edit(smollm, cases, "memit", v_num_grad_steps=10)
+    e = edit(smollm, cases, "memit", v_num_grad_steps=10, **FAST)
     try:
         res = evaluate(e.system, cases, base=base, metrics=_metrics(), progress=False, cache=False)
     finally:
@@ -39,7 +40,7 @@ def test_evk_on_smollm_self_and_memit(smollm):
     assert res.value("evk_kl@relation:0.4", "rewrite") > 0
     assert res.value("evk_text_kl", "neighborhood") == pytest.approx(kl0_nb, rel=1e-3, abs=1e-5)
 
-    e2 = edit(smollm, cases, "memit", v_num_grad_steps=10,
+    e2 = edit(smollm, cases, "memit", v_num_grad_steps=10, **FAST,
               evk_align=EvkAlign(weight=1.0, sigmas=(0.4,), n_samples=1))
     try:
         assert e2.diagnostics["evk_align"]["sigmas"] == [0.4]

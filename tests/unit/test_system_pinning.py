@@ -71,3 +71,28 @@ def test_base_system_during_sequential_run(tiny_llama):
     assert len({fp for _, fp in seen}) == 3 and base.fingerprint not in {fp for _, fp in seen}
     run.undo()
     assert torch.equal(ModelSystem(lm).next_token_logprobs(PROMPTS), before)
+
+
+def test_model_level_paths_respect_pinning(tiny_llama):
+    """EVK's embedding-level forwards and with_format() bypass the System calls: they must still see the
+    weights the system is pinned to (a base system must not silently read the edited weights)."""
+    from editlens.evaluate import evk
+
+    lm = tiny_llama
+    base = ModelSystem(lm)
+    before = evk.perturbed_next_token_logprobs(base, PROMPTS, span="full", sigma=0.0, n_samples=1)
+    noisy_before = evk.perturbed_next_token_logprobs(base, PROMPTS, span="full", sigma=0.3, n_samples=2)
+    e = editlens.edit.base.edit(lm, _cases(), method="_test_random_delta")
+    try:
+        assert torch.equal(evk.perturbed_next_token_logprobs(base, PROMPTS, span="full", sigma=0.0, n_samples=1),
+                           before)
+        assert torch.equal(evk.perturbed_next_token_logprobs(base, PROMPTS, span="full", sigma=0.3, n_samples=2),
+                           noisy_before)
+        edited = evk.perturbed_next_token_logprobs(e.system, PROMPTS, span="full", sigma=0.0, n_samples=1)
+        assert not torch.allclose(edited, before)
+        assert torch.allclose(edited[:, 0], e.system.next_token_logprobs(PROMPTS), atol=1e-5)
+        again = base.with_format("raw")  # a new system object created *after* the edit, pinned like base
+        assert again.model_state == base.model_state
+        assert torch.equal(again.next_token_logprobs(PROMPTS), base.next_token_logprobs(PROMPTS))
+    finally:
+        e.undo()
