@@ -259,11 +259,57 @@ def _build_rows(lm: "LM", requests: Sequence[Request], prefixes: Sequence[str], 
     return rows
 
 
+#: entries kept by the in-memory value memo (see :func:`compute_values`)
+VALUE_MEMO_SIZE = 4
+
+
+def weights_checksum(lm: "LM") -> str:
+    """A cheap checksum of every parameter (float32 norms, no copies): guards caches keyed by ``lm.fingerprint``
+    against weights changed outside editlens (e.g. a user's own training step)."""
+    with torch.no_grad():
+        norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in lm.model.parameters()])
+    return norms.cpu().numpy().tobytes().hex()
+
+
 def compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefixes: Sequence[str] = ("",),
                    space: str = "mlp", steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
                    weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, early_stop_loss: float = 5e-2,
                    kl_template: str | None = "{} is a", batch_tokens: int = 2048,
-                   extra_loss: ExtraLoss | None = None, progress: bool = False) -> ValueResult:
+                   extra_loss: ExtraLoss | None = None, progress: bool = False, memo: bool = True) -> ValueResult:
+    """Optimise the residual change ``δ`` that makes the model answer each request's target (memoised).
+
+    The result depends only on the weights and the arguments, not on the closed-form solve that follows, so a
+    sweep of a solve-only hyperparameter (MEMIT's λ = ``mom2_update_weight``, AlphaEdit's null-space threshold)
+    reuses it: the last :data:`VALUE_MEMO_SIZE` results are kept on ``lm``, keyed by the arguments, the weights'
+    fingerprint and :func:`weights_checksum`. ``memo=False`` or an ``extra_loss`` (a stateful hook) bypasses it.
+    See :func:`_compute_values` for the arguments.
+    """
+    if not memo or extra_loss is not None:
+        return _compute_values(lm, requests, layer, prefixes=prefixes, space=space, steps=steps, lr=lr,
+                               kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
+                               early_stop_loss=early_stop_loss, kl_template=kl_template, batch_tokens=batch_tokens,
+                               extra_loss=extra_loss, progress=progress)
+    key = repr((lm.fingerprint, weights_checksum(lm), [tuple(vars(r).items()) for r in requests], layer,
+                tuple(prefixes), space, steps, lr, kl_factor, weight_decay, clamp_norm_factor, early_stop_loss,
+                kl_template, batch_tokens))
+    cache = lm.__dict__.setdefault("_value_memo", {})
+    hit = cache.pop(key, None)
+    if hit is None:
+        hit = _compute_values(lm, requests, layer, prefixes=prefixes, space=space, steps=steps, lr=lr,
+                              kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
+                              early_stop_loss=early_stop_loss, kl_template=kl_template, batch_tokens=batch_tokens,
+                              progress=progress)
+    cache[key] = hit  # most recently used last
+    while len(cache) > VALUE_MEMO_SIZE:
+        cache.pop(next(iter(cache)))
+    return ValueResult(hit.delta.clone(), hit.init.clone(), dict(hit.losses))
+
+
+def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefixes: Sequence[str] = ("",),
+                    space: str = "mlp", steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
+                    weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, early_stop_loss: float = 5e-2,
+                    kl_template: str | None = "{} is a", batch_tokens: int = 2048,
+                    extra_loss: ExtraLoss | None = None, progress: bool = False) -> ValueResult:
     """Optimise the residual change ``δ`` that makes the model answer each request's target (see module doc).
 
     Args:

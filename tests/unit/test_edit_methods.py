@@ -142,3 +142,39 @@ def test_read_corpus_formats(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"text": "one"}\n{"txt": "two"}\n')
     with pytest.raises(DataFormatError, match=r"record 1.*'text'"):
         read_corpus(tmp_path / "c.jsonl")
+
+
+def test_value_memo_serves_a_lambda_sweep(monkeypatch):
+    """MEMIT's z does not depend on λ: a λ sweep optimises it once, and the memoised result is identical to a
+    fresh optimisation; changing the weights or the arguments misses the memo."""
+    lm = editlens.load_model("tiny-llama")
+    calls = []
+    real = locate._compute_values
+    monkeypatch.setattr(locate, "_compute_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    after = {}
+    for lam in (1.0, 100.0):
+        e = edit(lm, _cases(2), "memit", mom2_update_weight=lam, progress=False)
+        after[lam] = e.diagnostics["loss/nll"], _snapshot(lm)
+        e.undo()
+    assert len(calls) == 1
+    assert after[1.0][0] == after[100.0][0]
+    assert any(not torch.equal(after[1.0][1][k], after[100.0][1][k]) for k in after[1.0][1])
+    # the memoised z gives bit for bit the weights of an un-memoised run
+    lm.__dict__.pop("_value_memo")
+    e = edit(lm, _cases(2), "memit", mom2_update_weight=100.0, progress=False)
+    _assert_same(lm, after[100.0][1])
+    e.undo()
+    assert len(calls) == 2
+    # other arguments or other weights: recomputed
+    edit(lm, _cases(2), "memit", mom2_update_weight=100.0, v_num_grad_steps=3, progress=False).undo()
+    assert len(calls) == 3
+    w = next(lm.model.parameters())
+    saved = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(1.01)
+    try:
+        edit(lm, _cases(2), "memit", mom2_update_weight=100.0, v_num_grad_steps=3, progress=False).undo()
+        assert len(calls) == 4
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
