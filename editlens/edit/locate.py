@@ -390,13 +390,20 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
 
         it_bar = tqdm(it_bar, desc=f"values L{layer}", leave=False)
     last_step = 0
+    nll_prev = torch.zeros(n, device=dev)
+    kl_prev = torch.zeros(n, device=dev)
     for it in it_bar:
         last_step = it
         update = it < steps - 1
         opt.zero_grad(set_to_none=True)
-        nll = torch.zeros(n, device=dev)
-        kl = torch.zeros(n, device=dev)
-        for bt, kli in zip(batches, kl_init):
+        # rows of requests that stopped (early stop) are not forwarded again: their δ is frozen and each row sees
+        # only its own request's δ, so their losses are exactly the last ones computed (kept in nll_prev/kl_prev)
+        nll = torch.where(active, torch.zeros_like(nll_prev), nll_prev)
+        kl = torch.where(active, torch.zeros_like(kl_prev), kl_prev)
+        for bt0, kli0 in zip(batches, kl_init):
+            bt, kli = _active_rows(bt0, kli0, active)
+            if bt is None:
+                continue
             with torch.set_grad_enabled(update or extra_loss is not None):
                 d = delta[bt["req"]]
                 with add_to_output(lm.model, module, d, rows=torch.arange(len(bt["req"]), device=dev),
@@ -420,6 +427,7 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
                     chunk_loss.backward()
         if nll_first is None:
             nll_first = nll.clone()
+        nll_prev, kl_prev = nll.clone(), kl.clone()
         wd = weight_decay * (delta.pow(2).sum(-1) / init_norm.pow(2).clamp(min=1e-12))
         extra = None
         if extra_loss is not None:
@@ -448,6 +456,24 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
     losses["loss/nll_init"] = float(nll_first.mean())
     losses["loss/steps"] = float(last_step + 1)
     return ValueResult(delta=delta.detach(), init=init, losses=losses)
+
+
+def _active_rows(bt: dict, kli: torch.Tensor | None, active: torch.Tensor) -> tuple[dict | None, Any]:
+    """The rows of a prepared chunk whose request is still optimised (``None`` when there is none)."""
+    keep = active[bt["req"]]
+    if bool(keep.all()):
+        return bt, kli
+    if not bool(keep.any()):
+        return None, None
+    idx = keep.nonzero().squeeze(1)
+    out = dict(bt)
+    out["batch"] = {k: (v.index_select(0, idx) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == keep.shape[0]
+                        else v) for k, v in bt["batch"].items()}
+    for k in ("pos", "req", "tgt", "is_kl", "n_tok"):
+        out[k] = bt[k].index_select(0, idx)
+    if kli is not None:
+        kli = kli[keep[bt["is_kl"]]]
+    return out, kli
 
 
 def spread_layers(layers: Sequence[int]) -> list[int]:
