@@ -1,7 +1,8 @@
 """``editlens`` command-line entry point.
 
-Subcommands live in their own modules under :mod:`editlens.cli` and are registered here. A subcommand
-whose optional dependencies are missing is still listed; it explains what to install when run.
+Subcommands live in their own modules under :mod:`editlens.cli` and are registered here (a missing module is a
+packaging error and fails loudly). Command modules import heavy or optional dependencies inside the command, so
+``--help`` is fast and a command whose optional extra is missing explains what to install when run.
 """
 from __future__ import annotations
 
@@ -58,15 +59,7 @@ def cli() -> None:
 
 def _register() -> None:
     for mod_name, attr in _COMMANDS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("editlens"):
-                continue  # command module not present in this build
-            raise
-        cmd = getattr(mod, attr, None)
-        if cmd is not None:
-            cli.add_command(cmd)
+        cli.add_command(getattr(importlib.import_module(mod_name), attr))
 
 
 _register()

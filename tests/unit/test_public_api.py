@@ -25,3 +25,16 @@ def test_edit_and_evaluate_through_top_level(tiny_llama):
     res = editlens.evaluate(base, cases, base=base, metrics=["kl"], progress=False)
     assert set(res.to_pandas().columns) == {"case_id", "probe_kind", "metric", "value"}
     e.undo()
+
+
+def test_every_cli_command_is_registered_and_explains_itself():
+    from click.testing import CliRunner
+
+    from editlens.cli.main import _COMMANDS, cli
+
+    assert len(cli.commands) == len(_COMMANDS)
+    runner = CliRunner()
+    for name, cmd in cli.commands.items():
+        res = runner.invoke(cli, [name, "--help"])
+        assert res.exit_code == 0, (name, res.output)
+        assert len(res.output.strip().splitlines()) > 3, name
