@@ -163,9 +163,13 @@ class AdaptorSystem(WrappedSystem):
     prompt ends.
     """
 
-    def __init__(self, base: ModelSystem, adaptor: LayerAdaptor, state_fingerprint: str):
-        super().__init__(base, state_fingerprint)
+    def __init__(self, base: ModelSystem, adaptor: LayerAdaptor, state_fingerprint: str | None = None):
+        super().__init__(base, state_fingerprint if state_fingerprint is not None else adaptor.fingerprint())
         self.adaptor = adaptor
+
+    def refresh(self) -> None:
+        """Re-read the adaptor's fingerprint after its state changed (new codebook entries, side memories)."""
+        self.state_fingerprint = self.adaptor.fingerprint()
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -333,12 +337,6 @@ class GraceSystem(AdaptorSystem):
     """A model wrapped with a GRACE codebook (see the module docstring)."""
 
     adaptor: GraceAdaptor
-
-    def __init__(self, base: ModelSystem, adaptor: GraceAdaptor):
-        super().__init__(base, adaptor, adaptor.fingerprint())
-
-    def refresh(self) -> None:
-        self.state_fingerprint = self.adaptor.fingerprint()
 
     def __repr__(self) -> str:
         return f"GraceSystem(model={self.lm.name!r}, module={self.adaptor.module!r}, entries={len(self.adaptor)})"

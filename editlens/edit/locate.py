@@ -409,18 +409,8 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
                 with add_to_output(lm.model, module, d, rows=torch.arange(len(bt["req"]), device=dev),
                                    positions=bt["pos"]):
                     logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
-                lp = torch.log_softmax(logits[:, -bt["keep"]:, :].float(), -1)
-                tgt = bt["tgt"]
-                tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
-                row_nll = -tok_lp.sum(-1) / bt["n_tok"] / n_pref
-                row_nll = torch.where(bt["is_kl"], torch.zeros_like(row_nll), row_nll)
-                chunk_nll = torch.zeros(n, device=dev).index_add(0, bt["req"], row_nll)
-                chunk_loss = chunk_nll.sum()
-                if kli is not None:
-                    lp_kl = lp[bt["is_kl"], -1, :]
-                    row_kl = (lp_kl.exp() * (lp_kl - kli)).sum(-1)
-                    chunk_kl = torch.zeros(n, device=dev).index_add(0, bt["req"][bt["is_kl"]], row_kl)
-                    chunk_loss = chunk_loss + kl_factor * chunk_kl.sum()
+                chunk_loss, chunk_nll, chunk_kl = chunk_losses(logits, bt, kli, n, n_pref, kl_factor)
+                if chunk_kl is not None:
                     kl = kl + chunk_kl.detach()
                 nll = nll + chunk_nll.detach()
                 if update:
@@ -456,6 +446,30 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
     losses["loss/nll_init"] = float(nll_first.mean())
     losses["loss/steps"] = float(last_step + 1)
     return ValueResult(delta=delta.detach(), init=init, losses=losses)
+
+
+def chunk_losses(logits: torch.Tensor, bt: dict, kli: torch.Tensor | None, n: int, n_pref: int, kl_factor: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Loss of one prepared chunk of the value optimisation: ``(loss, per-request NLL [n], per-request KL [n])``.
+
+    The NLL of each ``nll`` row is the mean over its target tokens, divided by the number of prefixes (so a
+    request's NLL is the mean over its prefixed prompts); ``kl`` rows add ``kl_factor · KL(now ‖ original)`` of
+    their next-token distribution (ROME's essence term; ``kli`` = the original log-probs of those rows)."""
+    dev = logits.device
+    lp = torch.log_softmax(logits[:, -bt["keep"]:, :].float(), -1)
+    tgt = bt["tgt"]
+    tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
+    row_nll = -tok_lp.sum(-1) / bt["n_tok"] / n_pref
+    row_nll = torch.where(bt["is_kl"], torch.zeros_like(row_nll), row_nll)
+    chunk_nll = torch.zeros(n, device=dev).index_add(0, bt["req"], row_nll)
+    loss = chunk_nll.sum()
+    chunk_kl = None
+    if kli is not None:
+        lp_kl = lp[bt["is_kl"], -1, :]
+        row_kl = (lp_kl.exp() * (lp_kl - kli)).sum(-1)
+        chunk_kl = torch.zeros(n, device=dev).index_add(0, bt["req"][bt["is_kl"]], row_kl)
+        loss = loss + kl_factor * chunk_kl.sum()
+    return loss, chunk_nll, chunk_kl
 
 
 def _active_rows(bt: dict, kli: torch.Tensor | None, active: torch.Tensor) -> tuple[dict | None, Any]:

@@ -188,18 +188,8 @@ def compute_pmet_values(lm: "LM", requests: Sequence[locate.Request], layer: int
                 ridx = torch.arange(len(bt["req"]), device=dev)
                 with ctx.with_delta(ridx, bt["pos"], bt["req"]):
                     logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
-                lp = torch.log_softmax(logits[:, -bt["keep"]:, :].float(), -1)
-                tgt = bt["tgt"]
-                tok_lp = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (tgt >= 0)
-                row_nll = -tok_lp.sum(-1) / bt["n_tok"] / n_pref
-                row_nll = torch.where(bt["is_kl"], torch.zeros_like(row_nll), row_nll)
-                chunk_nll = torch.zeros(n, device=dev).index_add(0, bt["req"], row_nll)
-                loss = chunk_nll.sum()
-                if kli is not None:
-                    lp_kl = lp[bt["is_kl"], -1, :]
-                    row_kl = (lp_kl.exp() * (lp_kl - kli)).sum(-1)
-                    chunk_kl = torch.zeros(n, device=dev).index_add(0, bt["req"][bt["is_kl"]], row_kl)
-                    loss = loss + kl_factor * chunk_kl.sum()
+                loss, chunk_nll, chunk_kl = locate.chunk_losses(logits, bt, kli, n, n_pref, kl_factor)
+                if chunk_kl is not None:
                     kl = kl + chunk_kl.detach()
                 nll = nll + chunk_nll.detach()
                 if update:

@@ -215,12 +215,6 @@ class WiseSystem(AdaptorSystem):
 
     adaptor: WiseAdaptor
 
-    def __init__(self, base: ModelSystem, adaptor: WiseAdaptor):
-        super().__init__(base, adaptor, adaptor.fingerprint())
-
-    def refresh(self) -> None:
-        self.state_fingerprint = self.adaptor.fingerprint()
-
     def __repr__(self) -> str:
         return f"WiseSystem(model={self.lm.name!r}, module={self.adaptor.module!r}, memories={len(self.adaptor.memories)})"
 
