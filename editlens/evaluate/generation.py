@@ -28,8 +28,9 @@ whose probes carry a target, except ``generation`` — ``kinds=`` restricts them
   ("basketball"/"soccer" 0.70, "English"/"French" 0.64) — hence 0.8.
 * ``ar_judge`` — an LLM judge (:mod:`editlens.evaluate.judge`) answers "is this answer correct?" with Yes/No;
   rows are the verdicts (1/0) and ``ar_judge_margin`` (local judge: ``log P(Yes) − log P(No)``). The judge
-  prompt template, judge description and every verdict (prompt, generation, answer, raw output) are stored in
-  ``Results.meta["metrics"]["ar_judge"]``.
+  prompt template, judge description, the judge's control check (accuracy on 20 known verdicts; a warning when
+  below 0.8 — the default 135M local judge is at chance) and every verdict (prompt, generation, answer, raw
+  output) are stored in ``Results.meta["metrics"]["ar_judge"]``.
 * ``tf_ar_gap`` — teacher-forced minus autoregressive efficacy on the same prompt: per probe
   ``T-acc − 1[generation starts with an accepted answer]`` (normalised prefix match, the criterion of
   ``s_acc_norm``). When T-acc = 1 every target token is the greedy choice, so greedy decoding reproduces the
@@ -305,7 +306,8 @@ class ARJudge(_ARMetric):
 
     def __init__(self, judge: "Judge | None" = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  kinds: Sequence[str] | None = None, qa_template: str | None = None, url: str | None = None,
-                 model: str | None = None, api_key_env: str | None = None, template: str | None = None):
+                 model: str | None = None, api_key_env: str | None = None, template: str | None = None,
+                 control: bool = True):
         from editlens.evaluate import judge as J
 
         if judge is None:
@@ -317,6 +319,26 @@ class ARJudge(_ARMetric):
         super().__init__(max_new_tokens, kinds, qa_template, judge=judge.describe())
         self.judge = judge
         self.verdicts: list[dict[str, Any]] = []
+        self.control = bool(control)
+        self._control: dict[str, Any] | None = None
+
+    def control_result(self) -> dict[str, Any] | None:
+        """The judge's :func:`~editlens.evaluate.judge.control_check` (run once, on first use; warns when the
+        judge fails it). ``None`` when the check is switched off (``control=False``)."""
+        if not self.control:
+            return None
+        if self._control is None:
+            import warnings
+
+            from editlens.evaluate import judge as J
+
+            self._control = J.control_check(self.judge)
+            if not self._control["trusted"]:
+                warnings.warn(f"ar_judge: the judge {self.judge.describe()} is right on only "
+                              f"{self._control['accuracy']:.0%} of {self._control['n_items']} known verdicts "
+                              f"(control set; {J.CONTROL_MIN_ACCURACY:.0%} needed): its ar_judge values are not "
+                              "informative. Use an endpoint with a strong model (ar_judge@URL).", stacklevel=2)
+        return self._control
 
     @classmethod
     def from_name(cls, name: str, arg: str | None) -> list[Metric]:
@@ -338,6 +360,7 @@ class ARJudge(_ARMetric):
         self.verdicts = []
         if not items:
             return []
+        self.control_result()
         judge_items = [JudgeItem(question=pose(p.prompt, self.qa_template), answers=tuple(p.answers),
                                  generation=answers.get(self.gen_request(p))) for _, _, p in items]
         verdicts = self.judge.judge(judge_items)
@@ -357,7 +380,8 @@ class ARJudge(_ARMetric):
 
     def describe(self) -> dict[str, Any]:
         """Parameters, the judge prompt template and the verdicts of the last evaluation."""
-        return {**super().describe(), "template": self.judge.template, "verdicts": list(self.verdicts)}
+        return {**super().describe(), "template": self.judge.template, "control": self._control,
+                "verdicts": list(self.verdicts)}
 
 
 @register_metric("tf_ar_gap", groups=("autoregressive",))

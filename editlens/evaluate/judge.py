@@ -18,8 +18,14 @@ returns :class:`Verdict` s. The judge prompt is :data:`DEFAULT_TEMPLATE` (fields
   environment variable named by ``api_key_env`` (default ``EDITLENS_JUDGE_API_KEY``); when it is unset no
   ``Authorization`` header is sent (local servers need none).
 
-A 135M-parameter judge is weak; it is a deterministic, offline default. For judgements worth reporting use an
-endpoint with a strong model.
+**Control check.** :func:`control_check` poses :data:`CONTROL_PAIRS` (10 questions, each with a correct and a
+wrong answer, written for editlens) to a judge and reports its accuracy over the 20 known verdicts and its
+pairwise accuracy (the correct answer scored above the wrong one). ``ar_judge`` runs it once per metric instance,
+records it with the results (``meta["metrics"]["ar_judge"]["control"]``) and warns when the accuracy is below
+:data:`CONTROL_MIN_ACCURACY`. Measured on the default local judge (SmolLM2-135M-Instruct): accuracy 0.50,
+pairwise 6/10 — chance level, whatever the template (four templates tried). The 135M judge is a deterministic,
+offline default that keeps the pipeline runnable; for judgements worth reporting use an endpoint with a strong
+model, and read the control figures before trusting any ``ar_judge`` number.
 """
 from __future__ import annotations
 
@@ -48,6 +54,20 @@ DEFAULT_TEMPLATE = (
 DEFAULT_LOCAL_JUDGE = "smollm2-135m"
 DEFAULT_API_KEY_ENV = "EDITLENS_JUDGE_API_KEY"
 YES_FORMS = ("Yes", " Yes")
+CONTROL_MIN_ACCURACY = 0.8
+# (question, accepted answer, a correct generation, a wrong generation) - known verdicts for the control check
+CONTROL_PAIRS: tuple[tuple[str, str, str, str], ...] = (
+    ("The capital of France is", "Paris", "Paris, a city on the Seine", "Lyon, a city on the Rhone"),
+    ("The mother tongue of Danielle Darrieux is", "English", "English", "French"),
+    ("Toko Yasuda plays the", "piano", "piano and sings", "violin"),
+    ("The Eiffel Tower is located in", "Rome", "Rome", "Paris"),
+    ("Apple A5 was created by", "Google", "Google", "Apple"),
+    ("The official language of Italy is", "Italian", "Italian.", "Spanish."),
+    ("Who wrote Hamlet?", "William Shakespeare", "Shakespeare", "Charles Dickens"),
+    ("Barack Obama was born in", "Hawaii", "Honolulu, Hawaii", "Kenya"),
+    ("Lionel Messi plays", "soccer", "football (soccer)", "basketball"),
+    ("The currency of Japan is the", "yen", "Japanese yen", "euro"),
+)
 NO_FORMS = ("No", " No")
 
 
@@ -90,6 +110,20 @@ def build_prompt(item: JudgeItem, template: str = DEFAULT_TEMPLATE) -> str:
         return template.format(**fields)
     except (KeyError, IndexError) as e:
         raise MetricError(f"judge template has an unknown field {e}; use {{question}}, {{reference}}, {{answer}}") from None
+
+
+def control_check(judge: "Judge") -> dict[str, Any]:
+    """The judge's verdicts on :data:`CONTROL_PAIRS`: ``accuracy`` over the 20 known verdicts, ``pairwise`` share
+    of pairs whose correct answer scores above the wrong one (NaN scores count as ties, i.e. failures)."""
+    items = [JudgeItem(q, (ref,), ans) for q, ref, good, bad in CONTROL_PAIRS for ans in (good, bad)]
+    v = judge.judge(items)
+    if len(v) != len(items):
+        raise MetricError(f"the judge returned {len(v)} verdicts for {len(items)} control items")
+    good, bad = v[0::2], v[1::2]
+    acc = (sum(g.correct for g in good) + sum(not b.correct for b in bad)) / len(items)
+    pairwise = sum(g.score > b.score for g, b in zip(good, bad)) / len(good)
+    return {"accuracy": acc, "pairwise": pairwise, "n_items": len(items),
+            "trusted": acc >= CONTROL_MIN_ACCURACY}
 
 
 # ================================================================================================ local

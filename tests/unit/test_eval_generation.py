@@ -257,7 +257,7 @@ def test_ar_judge_metric_stores_verdicts():
         def describe(self):
             return {"kind": "fake"}
 
-    m = G.ARJudge(judge=FakeJudge(), kinds=["rewrite", "neighborhood"])
+    m = G.ARJudge(judge=FakeJudge(), kinds=["rewrite", "neighborhood"], control=False)
     res = core.evaluate(FakeSystem(GENS), [_case()], metrics=[m], progress=False, cache=False)
     rows = _rows(res)
     assert rows[("c1", "rewrite", "ar_judge")] == 1.0 and rows[("c1", "neighborhood", "ar_judge")] == 0.0
@@ -342,3 +342,35 @@ def test_ar_judge_from_name_url(monkeypatch):
     assert m.judge.url == "http://127.0.0.1:1234/v1/chat/completions"
     (m,) = core.resolve_metrics(["ar_judge"])
     assert isinstance(m.judge, J.LocalJudge) and m.params["judge"]["model"] == "smollm2-135m"
+
+
+def test_judge_control_check_flags_an_uninformative_judge():
+    class ContainsJudge:  # a sensible judge: the generation contains an accepted answer (or the reverse)
+        template = J.DEFAULT_TEMPLATE
+
+        def judge(self, items):
+            out = []
+            for it in items:
+                g = it.generation.strip().lower()
+                ok = any(a.lower() in g or (g and g in a.lower()) for a in it.answers)
+                out.append(J.Verdict(ok, 1.0 if ok else -1.0, "", ""))
+            return out
+
+        def describe(self):
+            return {"kind": "contains"}
+
+    class AlwaysNo(ContainsJudge):
+        def judge(self, items):
+            return [J.Verdict(False, -1.0, "", "") for _ in items]
+
+    good = J.control_check(ContainsJudge())
+    assert good == {"accuracy": 1.0, "pairwise": 1.0, "n_items": 20, "trusted": True}
+    bad = J.control_check(AlwaysNo())
+    assert bad["accuracy"] == 0.5 and bad["pairwise"] == 0.0 and not bad["trusted"]
+    m = G.ARJudge(judge=AlwaysNo(), kinds=["rewrite"])
+    with pytest.warns(UserWarning, match="right on only 50% of 20 known verdicts"):
+        res = core.evaluate(FakeSystem(GENS), [_case()], metrics=[m], progress=False, cache=False)
+    assert res.meta["metrics"]["ar_judge"]["control"]["accuracy"] == 0.5
+    m2 = G.ARJudge(judge=ContainsJudge(), kinds=["rewrite"])
+    res2 = core.evaluate(FakeSystem(GENS), [_case()], metrics=[m2], progress=False, cache=False)
+    assert res2.meta["metrics"]["ar_judge"]["control"]["trusted"] is True
