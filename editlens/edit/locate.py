@@ -419,20 +419,7 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
             nll_first = nll.clone()
         nll_prev, kl_prev = nll.clone(), kl.clone()
         wd = weight_decay * (delta.pow(2).sum(-1) / init_norm.pow(2).clamp(min=1e-12))
-        extra = None
-        if extra_loss is not None:
-            ctx.step = it
-            extra = extra_loss(ctx)
-            if not (torch.is_tensor(extra) and extra.dim() == 0):
-                raise EditlensError("extra_loss must return a scalar tensor")
-        active = active & (nll > early_stop_loss)
-        if update:
-            total = wd.sum() + (extra if extra is not None else 0.0)
-            if torch.is_tensor(total) and total.requires_grad:
-                total.backward()
-        losses = {"loss/nll": float(nll.mean()), "loss/kl": float(kl.mean()), "loss/wd": float(wd.detach().mean())}
-        if extra is not None:
-            losses["loss/extra"] = float(extra.detach())
+        active, losses = finish_step(ctx, it, extra_loss, nll, kl, wd, active, early_stop_loss, update)
         if not update or not bool(active.any()):
             break
         old = delta.detach().clone()
@@ -446,6 +433,31 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
     losses["loss/nll_init"] = float(nll_first.mean())
     losses["loss/steps"] = float(last_step + 1)
     return ValueResult(delta=delta.detach(), init=init, losses=losses)
+
+
+def finish_step(ctx: Any, it: int, extra_loss: Callable[[Any], torch.Tensor] | None, nll: torch.Tensor,
+                kl: torch.Tensor, wd: torch.Tensor, active: torch.Tensor, early_stop_loss: float,
+                update: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """The end of one value-optimisation step, shared by :func:`compute_values` and PMET: evaluate the optional
+    ``extra_loss(ctx)`` (a scalar, e.g. EVK-Align), mark requests whose NLL fell below ``early_stop_loss`` as
+    done, backpropagate weight decay + extra loss (the chunk losses were backpropagated already) and return
+    the new ``active`` mask with the step's loss figures."""
+    extra = None
+    if extra_loss is not None:
+        ctx.step = it
+        with torch.set_grad_enabled(True):
+            extra = extra_loss(ctx)
+        if not (torch.is_tensor(extra) and extra.dim() == 0):
+            raise EditlensError("extra_loss must return a scalar tensor")
+    active = active & (nll > early_stop_loss)
+    if update:
+        total = wd.sum() + (extra if extra is not None else 0.0)
+        if torch.is_tensor(total) and total.requires_grad:
+            total.backward()
+    losses = {"loss/nll": float(nll.mean()), "loss/kl": float(kl.mean()), "loss/wd": float(wd.detach().mean())}
+    if extra is not None:
+        losses["loss/extra"] = float(extra.detach())
+    return active, losses
 
 
 def chunk_losses(logits: torch.Tensor, bt: dict, kli: torch.Tensor | None, n: int, n_pref: int, kl_factor: float

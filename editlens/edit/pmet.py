@@ -48,7 +48,7 @@ from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, SequenceState, evk_settings, register_method
 from editlens.edit.hparams import TINY, LocateHParams
 from editlens.edit.stats import dk_norm
-from editlens.errors import EditlensError, HParamsError, MethodError
+from editlens.errors import HParamsError, MethodError
 from editlens.lm import ops
 from editlens.lm.hooks import add_to_output
 
@@ -197,21 +197,7 @@ def compute_pmet_values(lm: "LM", requests: Sequence[locate.Request], layer: int
         if nll_first is None:
             nll_first = nll.clone()
         wd = weight_decay * (d_mlp.pow(2).sum(-1) / nm.pow(2) + d_attn.pow(2).sum(-1) / na.pow(2))
-        extra = None
-        if extra_loss is not None:
-            ctx.step = it
-            with torch.set_grad_enabled(True):
-                extra = extra_loss(ctx)
-            if not (torch.is_tensor(extra) and extra.dim() == 0):
-                raise EditlensError("extra_loss must return a scalar tensor")
-        active = active & (nll > early_stop_loss)
-        if update:
-            total = wd.sum() + (extra if extra is not None else 0.0)
-            if torch.is_tensor(total) and total.requires_grad:
-                total.backward()
-        losses = {"loss/nll": float(nll.mean()), "loss/kl": float(kl.mean()), "loss/wd": float(wd.detach().mean())}
-        if extra is not None:
-            losses["loss/extra"] = float(extra.detach())
+        active, losses = locate.finish_step(ctx, it, extra_loss, nll, kl, wd, active, early_stop_loss, update)
         if not update or not bool(active.any()):
             break
         old_m, old_a = d_mlp.detach().clone(), d_attn.detach().clone()
