@@ -10,7 +10,8 @@ from editlens.cli.basic import sample_data_path
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_readme_python_quickstart_runs(capsys):
+def test_readme_python_quickstart_runs(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quickstart writes rows.csv
     text = README.read_text(encoding="utf-8")
     m = re.search(r"## Quickstart: Python\n\n```python\n(.*?)```", text, re.S)
     assert m, "README has no '## Quickstart: Python' code block"
