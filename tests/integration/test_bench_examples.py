@@ -16,7 +16,6 @@ from editlens.runs.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-MINE = ("locality_sweep.toml", "sequential.toml", "tf_vs_ar.toml")
 
 
 def _needs(*methods: str) -> None:
@@ -33,7 +32,8 @@ def _needs(*methods: str) -> None:
 @pytest.mark.parametrize("name,units,methods", [
     ("locality_sweep.toml", 12, ("memit",)),
     ("sequential.toml", 4, ("memit", "rome", "alphaedit", "scr")),
-    ("tf_vs_ar.toml", 4, ("rome", "memit", "ft-m", "scr")),
+    ("tf_vs_ar.toml", 8, ("rome", "memit", "ft-m", "scr")),   # 4 methods x (CounterFact, zsRE)
+    ("evk.toml", 2, ("memit",)),                               # MEMIT with and without EVK-Align
 ])
 def test_example_validates_and_plans(name, units, methods):
     _needs(*methods)
@@ -45,6 +45,15 @@ def test_example_validates_and_plans(name, units, methods):
     res = CliRunner().invoke(cli, ["bench", str(EXAMPLES / name), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert f"units: {units} = " in res.output
+
+
+def test_evk_example_is_memit_with_and_without_evk_align_on_50_cases():
+    _needs("memit")
+    spec = load_validated_spec(EXAMPLES / "evk.toml")
+    units = spec.plan()
+    assert {u.n_edits for u in units} == {50}
+    assert sorted(u.evk_align is not None for u in units) == [False, True]
+    assert "evk" in spec.metrics and "c_acc" in spec.metrics
 
 
 def test_locality_sweep_is_the_paper_grid():
