@@ -16,7 +16,7 @@ demo: install
 	$(VENV)/bin/editlens demo
 
 test: install-test
-	$(VENV)/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 bench: install-test
 	$(VENV)/bin/python -m benchmarks all --quick --device cpu

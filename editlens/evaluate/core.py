@@ -85,6 +85,7 @@ METRIC_MODULES = (
     "editlens.evaluate.portability",
     "editlens.evaluate.general",
     "editlens.evaluate.evk",
+    "editlens.evaluate.reflection",
 )
 
 DEFAULT_MAX_NEW_TOKENS = 16

@@ -117,9 +117,12 @@ except ImportError:  # pragma: no cover - core not available
 
 if Metric is not None:
 
-    @register_metric("reflection", groups=("generation",))
+    @register_metric("reflection")
     class ReflectionMetric(Metric):
-        """Share of reasoning traces that mention the old target after the new one (thinking models)."""
+        """Share of reasoning traces that mention the old target after the new one (thinking models).
+
+        In no group (so not in ``all``): it needs a reasoning model (``<think>`` blocks) and 256-token
+        generations; ask for it by name."""
 
         direction = "lower"
         kinds = ("rewrite", "paraphrase")
