@@ -1,6 +1,8 @@
 """Shared pytest fixtures.
 
-* ``shared_data_dir``: the sample datasets (``../shared/data`` beside the repository, or ``$EDITLENS_SHARED_DATA``).
+* ``shared_data_dir``: the sample datasets: ``$EDITLENS_SHARED_DATA``, else ``../shared/data`` beside the
+  repository, else the byte-identical copies shipped in the package (``editlens/resources/data``; a test checks
+  that they match ``../shared/data`` when it is there). Never skipped: a fresh clone anywhere runs the loader tests.
 * ``smollm``: the embedded SmolLM2-135M-Instruct, loaded once per session (integration tests).
 * ``tiny_llama`` / ``tiny_gpt2``: randomly initialised tiny models built from a config (unit tests).
 """
@@ -13,12 +15,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGED_DATA = REPO / "editlens" / "resources" / "data"
 
 
 def _shared_data() -> Path | None:
     env = os.environ.get("EDITLENS_SHARED_DATA")
     candidates = [Path(env)] if env else []
-    candidates += [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
+    candidates += [REPO.parent / "shared" / "data", REPO / "shared" / "data", PACKAGED_DATA]
     for c in candidates:
         if c.is_dir():
             return c
@@ -29,7 +32,7 @@ def _shared_data() -> Path | None:
 def shared_data_dir() -> Path:
     d = _shared_data()
     if d is None:
-        pytest.skip("shared sample data not found (set EDITLENS_SHARED_DATA)")
+        raise FileNotFoundError(f"no sample data: set EDITLENS_SHARED_DATA, or restore {PACKAGED_DATA}")
     return d
 
 

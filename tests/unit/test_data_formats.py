@@ -292,3 +292,16 @@ def test_probe_kinds_are_canonical(shared_data_dir):
     for name in SAMPLES:
         for c in load_cases(shared_data_dir / name):
             assert set(c.probes) <= valid
+
+
+def test_packaged_samples_match_the_shared_ones():
+    """The package ships copies of ``../shared/data`` (the demo and fresh clones use them): they must not drift."""
+    from tests.conftest import PACKAGED_DATA, REPO
+
+    shared = REPO.parent / "shared" / "data"
+    names = sorted(p.name for p in PACKAGED_DATA.iterdir() if p.suffix == ".json")
+    assert len(names) >= 5
+    if not shared.is_dir():
+        pytest.skip("../shared/data is not beside this checkout (the packaged copies are used)")
+    for n in names:
+        assert (shared / n).read_bytes() == (PACKAGED_DATA / n).read_bytes(), n
