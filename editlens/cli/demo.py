@@ -63,7 +63,8 @@ def run_demo(model: str, out: Path, quick: bool = True) -> Path:
     lm = editlens.load_model(model)
     click.echo(f"  {type(lm.model).__name__}, {lm.n_layers} layers, d={lm.d_model}, {lm.n_params() / 1e6:.0f}M params, "
                f"fingerprint {lm.fingerprint}")
-    cases = editlens.load_cases(sample_data_path(), limit=8)
+    n_facts = max(spec.regime.sizes)
+    cases = editlens.load_cases(sample_data_path(), limit=n_facts)
     click.echo(f"\nWhat the model says about {len(cases)} CounterFact-style facts (target_true = fact, target_new = "
                "counterfactual):")
     show_answers(lm, cases)
@@ -71,8 +72,8 @@ def run_demo(model: str, out: Path, quick: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "demo.sqlite"
     click.echo(f"\nExperiment {demo_spec_path().name}: {spec.describe_plan().splitlines()[0]}")
-    click.echo("MEMIT edits all 8 facts at once for each λ (the value optimisation runs once and is reused across "
-               "the sweep); every metric compares the edited model with the unedited one.")
+    click.echo(f"MEMIT edits all {n_facts} facts at once for each λ (the value optimisation runs once and is reused "
+               "across the sweep); every metric compares the edited model with the unedited one.")
     rid = run_spec(spec, store=store, progress=True, lm=lm)
 
     df = tables.results_frame(store, run_id=rid)
@@ -80,7 +81,7 @@ def run_demo(model: str, out: Path, quick: bool = True) -> Path:
     axis = "sweep.memit.mom2_update_weight"
     summ["λ"] = summ[axis].map(lambda v: "–" if pd.isna(v) else f"{v:.3g}")
     wide = summ.pivot_table(index=["method_label", "λ"], columns="column", values="mean", sort=False)
-    click.echo("\n(c) efficacy, teacher-forced vs autoregressive (mean over the 8 facts):")
+    click.echo(f"\n(c) efficacy, teacher-forced vs autoregressive (mean over the {n_facts} facts):")
     click.echo(tables.to_markdown(_pick(wide, DEMO_EFFICACY).reset_index()))
     click.echo("\n(a) locality on the neighbourhood prompts (other subjects, same relation), GT-based beside GT-free:")
     click.echo(tables.to_markdown(_pick(wide, DEMO_LOCALITY).reset_index()))
