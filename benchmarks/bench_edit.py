@@ -22,9 +22,7 @@ import os
 import tempfile
 import time
 
-import torch
-
-from benchmarks.common import peak_memory
+from benchmarks.common import peak_memory, print_figures, sync
 
 
 def _cases(n: int):
@@ -43,11 +41,6 @@ def _cases(n: int):
             for i in range(n)]
 
 
-def _sync(dev) -> None:
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, dtype: str | None = None
         ) -> dict[str, float]:
     """Run the editing benchmark; returns ``{figure: value}`` (seconds / ratios)."""
@@ -63,14 +56,14 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     docs = [f"Document {i}: the quick brown fox number {i} jumps over the lazy dog near river {i % 7}. " * 8
             for i in range(16 if quick else 64)]
     kw = dict(corpus=docs, n_samples=len(docs), max_length=128, use_cache=False, progress=False)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     second_moment(lm, layers, one_pass=True, **kw)
-    _sync(device)
+    sync(device)
     one = time.perf_counter() - t0
     t0 = time.perf_counter()
     second_moment(lm, layers, one_pass=False, **kw)
-    _sync(device)
+    sync(device)
     per = time.perf_counter() - t0
     out["edit.stats_s_per_layer"] = one / len(layers)
     out["edit.stats_per_layer_pass_s_per_layer"] = per / len(layers)
@@ -84,7 +77,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
         for c in _cases(n_rome):
             e = edit(lm, [c], "rome", **fast)
             e.undo()
-        _sync(device)
+        sync(device)
     out["edit.rome_s_per_edit"] = (time.perf_counter() - t0) / n_rome
     out["edit.rome_peak_mib"] = mem["mib"]
     # naive baseline: the same edits with one prefixed prompt per forward pass (gradients accumulated), as a
@@ -92,7 +85,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     t0 = time.perf_counter()
     for c in _cases(n_rome):
         edit(lm, [c], "rome", batch_tokens=1, **fast).undo()
-    _sync(device)
+    sync(device)
     out["edit.rome_naive_s_per_edit"] = (time.perf_counter() - t0) / n_rome
     out["edit.rome_speedup_vs_naive"] = out["edit.rome_naive_s_per_edit"] / out["edit.rome_s_per_edit"]
     # MEMIT batches: 100 edits (10 with quick); on CUDA also 1,000 (the issue's memory target) - on 2 CPU cores a
@@ -102,7 +95,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
         with peak_memory(device) as mem:
             t0 = time.perf_counter()
             e = edit(lm, _cases(n_batch), "memit", **fast)
-            _sync(device)
+            sync(device)
         out[f"edit.memit_batch{n_batch}_s"] = time.perf_counter() - t0
         out[f"edit.memit_batch{n_batch}_peak_mib"] = mem["mib"]
         e.undo()
@@ -112,7 +105,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     t0 = time.perf_counter()
     for c in _cases(sizes[0])[:n_loop]:
         edit(lm, [c], "memit", **fast).undo()  # a one-case request set: never served by the batch's value memo
-    _sync(device)
+    sync(device)
     out["edit.memit_naive_per_case_s"] = (time.perf_counter() - t0) / n_loop
     for n_batch in sizes:
         out[f"edit.memit_batch{n_batch}_speedup_vs_per_case_loop"] = (
@@ -120,11 +113,10 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     n_seq = 3 if quick else 20
     t0 = time.perf_counter()
     run_ = edit_sequential(lm, _cases(n_seq), "alphaedit", batch_size=1, **fast)
-    _sync(device)
+    sync(device)
     out["edit.alphaedit_s_per_seq_edit"] = (time.perf_counter() - t0) / n_seq
     run_.undo()
-    for k, v in out.items():
-        print(f"{k:<42} {v:10.4f}")
+    print_figures(out)
     return out
 
 

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import peak_memory, sync
+from benchmarks.common import peak_memory, print_figures, sync
 
 
 def _cases(n: int):
@@ -91,8 +91,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
         "seq.n_edits": float(n_total),
         "seq.peak_mib": mem["mib"],
     }
-    for k, v in out.items():
-        print(f"{k:<42} {v:10.4f}")
+    print_figures(out)
     return out
 
 

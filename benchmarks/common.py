@@ -15,6 +15,12 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def print_figures(figures: dict[str, float]) -> None:
+    """One line per figure, ``name  value`` (what a suite prints before returning its figures)."""
+    for k, v in figures.items():
+        print(f"{k:<42} {v:10.4f}")
+
+
 @contextlib.contextmanager
 def timer(device: str | torch.device = "cpu") -> Iterator[dict]:
     """``with timer(dev) as t: ...`` then ``t["s"]`` holds the elapsed seconds (device-synchronised)."""
