@@ -226,6 +226,15 @@ class SequenceState:
     on_undo: Callable[[], None] | None = None
     seed: int = 0
 
+    def kept(self, key: str, make: Callable[[], Any], clear: Callable[[Any], Callable[[], None]]) -> Any:
+        """The run's object under ``data[key]``, made by ``make()`` on the first step; the run's undo then
+        calls ``clear(obj)()`` (wrapper methods keep one system for the whole run)."""
+        obj = self.data.get(key)
+        if obj is None:
+            obj = self.data[key] = make()
+            self.on_undo = clear(obj)
+        return obj
+
 
 class Edit:
     """A reversible edit.

@@ -208,14 +208,10 @@ class IKEEditor(Editor):
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         assert isinstance(hparams, IKEHParams)
-        if sequence is not None:
-            system = sequence.data.get("ike_system")
-            if system is None:
-                system = IKESystem(ModelSystem(lm), hparams)
-                sequence.data["ike_system"] = system
-                sequence.on_undo = system.clear
-        else:
-            system = IKESystem(ModelSystem(lm), hparams)
+        def make() -> IKESystem:
+            return IKESystem(ModelSystem(lm), hparams)
+
+        system = make() if sequence is None else sequence.kept("ike_system", make, lambda s: s.clear)
         system.add_cases(cases)
         diag = {"facts": len(system.facts), "demonstrations": len(system.demos)}
         if sequence is not None:

@@ -304,14 +304,10 @@ class SCREditor(Editor):
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         assert isinstance(hparams, SCRHParams)
-        if sequence is not None:
-            system = sequence.data.get("scr_system")
-            if system is None:
-                system = SCRSystem(ModelSystem(lm), hparams)
-                sequence.data["scr_system"] = system
-                sequence.on_undo = system.clear
-        else:
-            system = SCRSystem(ModelSystem(lm), hparams)
+        def make() -> SCRSystem:
+            return SCRSystem(ModelSystem(lm), hparams)
+
+        system = make() if sequence is None else sequence.kept("scr_system", make, lambda s: s.clear)
         system.add_cases(cases)
         diag = {"memory_size": len(system.memory), "encoded_total": system.memory.n_encoded}
         if sequence is not None:
