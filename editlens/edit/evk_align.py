@@ -44,9 +44,10 @@ Switch it on with ``editlens.edit(lm, cases, "memit", evk_align=EvkAlign(weight=
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -176,36 +177,17 @@ class EvkAlign:
                 req_idx += [i] * len(its)
                 sub_pos += [last] * len(its)
             chunks = self._chunks(items)
-            refs = []
-            with torch.no_grad():
-                for g in chunks:
-                    batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
-                    with evk.embedding_patch(lm, Z, S):
-                        lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
-                    refs.append(torch.log_softmax(lg, -1))
-            self._ref = (items, req_idx, sub_pos, chunks, refs)
+            self._ref = (items, req_idx, sub_pos, chunks, _reference_logprobs(lm, items, chunks))
             self._ref_key = ctx
         items, req_idx, sub_pos, chunks, refs = self._ref
-        n = max(1, len(items))
-        total = 0.0
-        grads = [torch.zeros_like(t) for t in leaves]
-        with torch.enable_grad():
-            for g, ref in zip(chunks, refs):
-                batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
-                width = batch["input_ids"].shape[1]
-                rows = torch.arange(len(g), device=lm.device)
-                pos = torch.tensor([width - len(items[i].ids) + sub_pos[i] for i in g], device=lm.device)
-                ridx = torch.tensor([req_idx[i] for i in g], device=lm.device)
-                with evk.embedding_patch(lm, Z, S), ctx.with_delta(rows, pos, ridx):
-                    lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
-                lp = torch.log_softmax(lg, -1)
-                kl = (ref.exp() * (ref - lp)).sum(-1).sum() * (self.weight / n)
-                gs = torch.autograd.grad(kl, leaves, allow_unused=True)
-                for acc, gr in zip(grads, gs):
-                    if gr is not None:
-                        acc.add_(gr)
-                total += float(kl.detach())
-        return _surrogate(total, leaves, grads)
+
+        def with_delta(g: list[int], width: int) -> Any:
+            rows = torch.arange(len(g), device=lm.device)
+            pos = torch.tensor([width - len(items[i].ids) + sub_pos[i] for i in g], device=lm.device)
+            ridx = torch.tensor([req_idx[i] for i in g], device=lm.device)
+            return ctx.with_delta(rows, pos, ridx)
+
+        return _kl_surrogate(lm, items, chunks, refs, leaves, self.weight, with_delta)
 
     # ------------------------------------------------------------------ weight-space losses
     def weight_loss(self, lm: "LM", cases: Sequence["EditCase"]) -> torch.Tensor:
@@ -223,32 +205,49 @@ class EvkAlign:
                     for p, subj in evk.case_prompts(c, "neighborhood", self.max_neighbors):
                         items += self._items(lm, p, subj, self.spans)
             chunks = self._chunks(items)
-            refs = []
-            with torch.no_grad():
-                for g in chunks:
-                    batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
-                    with evk.embedding_patch(lm, Z, S):
-                        lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
-                    refs.append(torch.log_softmax(lg, -1))
-            self._ref = (items, chunks, refs)
+            self._ref = (items, chunks, _reference_logprobs(lm, items, chunks))
             self._ref_key = key
         items, chunks, refs = self._ref
-        n = max(1, len(items))
-        total = 0.0
-        grads = [torch.zeros_like(p) for p in params]
-        with torch.enable_grad():
-            for g, ref in zip(chunks, refs):
-                batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
-                with evk.embedding_patch(lm, Z, S):
-                    lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
-                lp = torch.log_softmax(lg, -1)
-                kl = (ref.exp() * (ref - lp)).sum(-1).sum() * (self.weight / n)
-                gs = torch.autograd.grad(kl, params, allow_unused=True)
-                for acc, gr in zip(grads, gs):
-                    if gr is not None:
-                        acc.add_(gr)
-                total += float(kl.detach())
-        return _surrogate(total, params, grads)
+        return _kl_surrogate(lm, items, chunks, refs, params, self.weight, None)
+
+
+def _reference_logprobs(lm: "LM", items: Sequence[evk.VirtualItem], chunks: Sequence[list[int]]
+                        ) -> list[torch.Tensor]:
+    """Last-token log-probabilities of the unedited model on every perturbed item, one tensor per chunk."""
+    refs = []
+    with torch.no_grad():
+        for g in chunks:
+            batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
+            with evk.embedding_patch(lm, Z, S):
+                lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+            refs.append(torch.log_softmax(lg, -1))
+    return refs
+
+
+def _kl_surrogate(lm: "LM", items: Sequence[evk.VirtualItem], chunks: Sequence[list[int]],
+                  refs: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], weight: float,
+                  context: Callable[[list[int], int], Any] | None) -> torch.Tensor:
+    """``weight`` × mean KL(reference ‖ current) over the items, as a surrogate scalar (see :func:`_surrogate`).
+
+    Chunk by chunk: forward with the chunk's embedding perturbations (inside ``context(chunk, padded width)`` when
+    given, e.g. the value-optimisation delta), KL against the reference, ``autograd.grad`` into ``leaves``, and
+    accumulation, so only one chunk's graph is alive at a time."""
+    n = max(1, len(items))
+    total = 0.0
+    grads = [torch.zeros_like(t) for t in leaves]
+    with torch.enable_grad():
+        for g, ref in zip(chunks, refs):
+            batch, Z, S = evk.virtual_batch(lm, [items[i] for i in g])
+            extra = context(g, batch["input_ids"].shape[1]) if context is not None else contextlib.nullcontext()
+            with evk.embedding_patch(lm, Z, S), extra:
+                lg = lm.model(**batch, logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
+            lp = torch.log_softmax(lg, -1)
+            kl = (ref.exp() * (ref - lp)).sum(-1).sum() * (weight / n)
+            for acc, gr in zip(grads, torch.autograd.grad(kl, leaves, allow_unused=True)):
+                if gr is not None:
+                    acc.add_(gr)
+            total += float(kl.detach())
+    return _surrogate(total, leaves, grads)
 
 
 def _surrogate(value: float, leaves: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -197,7 +197,17 @@ def _answer(system: "System", requests: Sequence[Request]) -> list[Any]:
         lp = system.next_token_logprobs([r.prompt for r in requests])  # type: ignore[union-attr]
         return list(lp.float().unbind(0))
     if isinstance(first, Score):
-        return list(system.teacher_forced([r.prompt for r in requests], [r.target for r in requests]))  # type: ignore[union-attr]
+        scores = [r for r in requests if isinstance(r, Score)]
+        fused = [r for r in requests if isinstance(r, NextToken)]  # riding on the Score passes (see _groups_of)
+        prompts, targets = [r.prompt for r in scores], [r.target for r in scores]
+        if not fused:
+            return list(system.teacher_forced(prompts, targets))  # type: ignore[union-attr]
+        first_row: dict[str, int] = {}
+        for i, r in enumerate(scores):
+            first_row.setdefault(r.prompt, i)
+        tfs, nexts = system.teacher_forced_with_next_token(  # type: ignore[union-attr]
+            prompts, targets, sorted({first_row[r.prompt] for r in fused}))
+        return list(tfs) + [nexts[first_row[r.prompt]] for r in fused]
     if isinstance(first, Generate):
         return list(system.generate([r.prompt for r in requests], max_new_tokens=first.max_new_tokens))
     if isinstance(first, CustomRequest):
@@ -207,10 +217,24 @@ def _answer(system: "System", requests: Sequence[Request]) -> list[Any]:
     raise MetricError(f"unknown request type {type(first).__name__}")
 
 
-def _groups_of(requests: Iterable[Request]) -> list[list[Request]]:
-    """Split requests into groups answerable by one System call each (sorted for determinism)."""
+def _fuses(system: "System | None") -> bool:
+    return bool(getattr(system, "fuses_next_token_into_scores", False)) and callable(
+        getattr(system, "teacher_forced_with_next_token", None))
+
+
+def _groups_of(requests: Iterable[Request], system: "System | None" = None) -> list[list[Request]]:
+    """Split requests into groups answerable by one System call each (sorted for determinism).
+
+    When ``system`` can (:attr:`ModelSystem.fuses_next_token_into_scores`), a NextToken request whose prompt also
+    has a Score request joins the Score group: its answer is read off the teacher-forced pass of that prompt, so
+    every prompt goes through the model once."""
+    requests = list(requests)
     nxt = sorted(r for r in requests if isinstance(r, NextToken))
-    sc = sorted(r for r in requests if isinstance(r, Score))
+    sc: list[Request] = sorted(r for r in requests if isinstance(r, Score))
+    if sc and nxt and _fuses(system):
+        scored = {r.prompt for r in sc}  # type: ignore[union-attr]
+        sc += [r for r in nxt if r.prompt in scored]
+        nxt = [r for r in nxt if r.prompt not in scored]
     gens: dict[int, list[Generate]] = {}
     for r in requests:
         if isinstance(r, Generate):
@@ -630,7 +654,7 @@ def _progress(progress: bool, total: int, desc: str):
 
 def _run(system: "System", requests: Iterable[Request], bar: Any, label: str) -> dict[Request, Any]:
     out: dict[Request, Any] = {}
-    for group in _groups_of(requests):
+    for group in _groups_of(requests, system):
         if bar is not None:
             bar.set_postfix_str(f"{label}: {len(group)} {type(group[0]).__name__}")
         for r, a in zip(group, _answer(system, group)):
@@ -700,7 +724,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
     timings: dict[str, float] = {}
     with _batch_tokens([s for s in (system, base) if s is not None], batch_tokens):
         base_reqs = set(wanted[BASE]) | (set(wanted[EDITED]) if same else set())
-        n_groups = len(_groups_of(base_reqs)) + (0 if same else len(_groups_of(wanted[EDITED])))
+        n_groups = len(_groups_of(base_reqs, base)) + (0 if same else len(_groups_of(wanted[EDITED], system)))
         with _progress(progress, n_groups, "evaluate") as bar:
             if base_reqs:
                 tb = time.perf_counter()
@@ -712,7 +736,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
                     if cache_obj is not None:
                         cache_obj.put(key, cached)
                 elif bar is not None:
-                    bar.update(len(_groups_of(base_reqs)))
+                    bar.update(len(_groups_of(base_reqs, base)))
                 store[BASE] = cached
                 timings["base_s"] = time.perf_counter() - tb
             if same:

@@ -125,6 +125,28 @@ class ModelSystem:
         with self._calling():
             return ops.teacher_forced(self.lm, self._inputs(prompts), list(targets), batch_tokens=self.batch_tokens)
 
+    def teacher_forced_with_next_token(self, prompts: Sequence[str], targets: Sequence[str],
+                                       next_token_rows: Sequence[int]
+                                       ) -> tuple[list[TeacherForced], dict[int, torch.Tensor]]:
+        """:meth:`teacher_forced` plus the next-token log-probabilities after ``prompts[i]`` for the rows in
+        ``next_token_rows``, from the same forward passes (see :func:`editlens.lm.ops.teacher_forced_with_next_token`).
+        The evaluator uses it only when :attr:`fuses_next_token_into_scores` is true."""
+        with self._calling():
+            return ops.teacher_forced_with_next_token(self.lm, self._inputs(prompts), list(targets),
+                                                      next_token_rows, batch_tokens=self.batch_tokens)
+
+    @property
+    def fuses_next_token_into_scores(self) -> bool:
+        """Whether a prompt's next-token distribution may be read off a teacher-forced pass of that prompt.
+
+        True when this class answers both calls with the plain model operations (possibly on rewritten prompts, as
+        IKE and SCR do): the attention is causal, so the first target position *is* the next-token distribution.
+        False for a class that overrides :meth:`next_token_logprobs` or :meth:`teacher_forced` (e.g. GRACE/WISE,
+        whose adaptors act on positions that differ between the two)."""
+        cls = type(self)
+        return (cls.next_token_logprobs is ModelSystem.next_token_logprobs
+                and cls.teacher_forced is ModelSystem.teacher_forced)
+
     def target_logprobs(self, prompts: Sequence[str], targets: Sequence[str]) -> list[torch.Tensor]:
         return [tf.logprobs for tf in self.teacher_forced(prompts, targets)]
 

@@ -189,11 +189,27 @@ def next_token_logprobs(lm: "LM", prompts: Sequence[str], batch_tokens: int = DE
 def teacher_forced(lm: "LM", prompts: Sequence[str], targets: Sequence[str],
                    batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[TeacherForced]:
     """Teacher-forced per-token log-probs and argmax predictions of each target after its prompt."""
+    return teacher_forced_with_next_token(lm, prompts, targets, (), batch_tokens)[0]
+
+
+@torch.no_grad()
+def teacher_forced_with_next_token(lm: "LM", prompts: Sequence[str], targets: Sequence[str],
+                                   next_token_rows: Iterable[int] = (), batch_tokens: int = DEFAULT_BATCH_TOKENS
+                                   ) -> tuple[list[TeacherForced], dict[int, torch.Tensor]]:
+    """:func:`teacher_forced`, plus the full next-token log-probabilities after ``prompts[i]`` for each ``i`` in
+    ``next_token_rows`` (``{i: [vocab] float32 CPU}``).
+
+    The logits at the first target position of a teacher-forced pass are the model's next-token distribution after
+    the prompt (the attention is causal and the prompt is tokenised exactly as by :func:`next_token_logprobs`),
+    so an evaluation that needs both answers both with one forward pass per sequence. The values equal
+    :func:`next_token_logprobs`'s up to float rounding (another batch shape; ~1e-6 in float32)."""
     if len(prompts) != len(targets):
         raise EditlensError(f"{len(prompts)} prompts but {len(targets)} targets")
+    want = set(next_token_rows)
     pairs = [target_token_ids(lm.tokenizer, p, t) for p, t in zip(prompts, targets)]
     seqs = [p + t[:-1] for p, t in pairs]
     results: list[TeacherForced | None] = [None] * len(pairs)
+    nexts: dict[int, torch.Tensor] = {}
     for group in plan_batches([len(s) for s in seqs], batch_tokens):
         keep = max(len(pairs[i][1]) for i in group)
         # split further when the kept logits would be too large
@@ -210,7 +226,9 @@ def teacher_forced(lm: "LM", prompts: Sequence[str], targets: Sequence[str],
                 results[i] = TeacherForced(target_ids=t_ids.cpu(),
                                            logprobs=rows.gather(-1, t_ids[:, None])[:, 0].cpu(),
                                            argmax_ids=rows.argmax(-1).cpu())
-    return results  # type: ignore[return-value]
+                if i in want:
+                    nexts[i] = rows[0].to("cpu", torch.float32, copy=True)  # no view into the batch
+    return results, nexts  # type: ignore[return-value]
 
 
 def target_logprobs(lm: "LM", prompts: Sequence[str], targets: Sequence[str],

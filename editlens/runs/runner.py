@@ -339,7 +339,7 @@ class FrozenBase:
         with torch.no_grad():
             # the evaluator's own grouping (sorted, one System call per request type), so that the batches -- and
             # hence the values -- depend only on the request set
-            for group in _groups_of(set(requests)):
+            for group in _groups_of(set(requests), live):
                 self._answers.update(zip(group, _answer(live, group)))
         self._types = (NextToken, Score, Generate)
 

@@ -268,3 +268,80 @@ def test_gt_metrics_rows(base):
 def test_chat_format_needs_template(base):
     with pytest.raises(EditlensError, match="chat"):
         evaluate(base, _cases(1), metrics="t_acc", prompt_format="chat", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- fused passes
+class _Unfused(ModelSystem):
+    @property
+    def fuses_next_token_into_scores(self) -> bool:
+        return False
+
+
+def _row_counter(lm):
+    seen = {"rows": 0}
+
+    def pre(_m, args, kwargs):
+        seen["rows"] += int(kwargs["input_ids"].shape[0])
+
+    return seen, lm.model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_teacher_forced_pass_gives_the_next_token_distribution(tiny_llama, tiny_gpt2):
+    from editlens.lm import ops
+
+    prompts = ["The capital of France is", "A", "Water boils at a temperature of", "The capital of France is"]
+    targets = ["Paris", "dog barks", "one hundred degrees", "Lyon and more"]
+    for lm in (tiny_llama, tiny_gpt2):
+        tfs, nexts = ops.teacher_forced_with_next_token(lm, prompts, targets, [0, 1, 2, 3], batch_tokens=4096)
+        direct = ops.next_token_logprobs(lm, prompts)
+        assert sorted(nexts) == [0, 1, 2, 3]
+        for i in range(4):
+            assert torch.allclose(nexts[i], direct[i], atol=1e-5), (lm.name, i)
+            # the first teacher-forced target position is that distribution
+            assert float(tfs[i].logprobs[0]) == pytest.approx(float(direct[i][tfs[i].target_ids[0]]), abs=1e-5)
+        plain = ops.teacher_forced(lm, prompts, targets)
+        for a, b in zip(tfs, plain):
+            assert torch.equal(a.target_ids, b.target_ids) and torch.equal(a.argmax_ids, b.argmax_ids)
+            assert torch.equal(a.logprobs, b.logprobs)
+
+
+def test_evaluator_reads_next_token_answers_off_score_passes(base, edited):
+    cases = _cases()
+    metrics = ["t_acc", "c_acc", "kl", "js", "topk", "cfplus_ns", "cfplus_nkl"]
+    unfused = _Unfused(edited.lm)
+    unfused.model_state = edited.model_state
+    assert edited.fuses_next_token_into_scores and not unfused.fuses_next_token_into_scores
+    seen, h = _row_counter(edited.lm)
+    try:
+        a = evaluate(edited, cases, base=base, metrics=metrics, progress=False, cache=False)
+        fused_rows, seen["rows"] = seen["rows"], 0
+        b = evaluate(unfused, cases, base=base, metrics=metrics, progress=False, cache=False)
+        unfused_rows = seen["rows"]
+    finally:
+        h.remove()
+    # the edited system's NextToken prompts that also have a Score request cost no pass of their own
+    from editlens.evaluate.core import resolve_metrics
+
+    wanted = {r for m in resolve_metrics(metrics) for role, r in m.requests(cases) if role == EDITED}
+    scored = {r.prompt for r in wanted if type(r).__name__ == "Score"}
+    shared = {r.prompt for r in wanted if isinstance(r, NextToken) and r.prompt in scored}
+    assert shared and unfused_rows - fused_rows == len(shared)
+    key = ["case_id", "probe_kind", "metric"]
+    da, db = a.to_pandas().set_index(key).sort_index(), b.to_pandas().set_index(key).sort_index()
+    assert list(da.index) == list(db.index)
+    assert (da.value - db.value).abs().max() < 1e-5
+
+
+def test_systems_with_their_own_calls_do_not_fuse(base, tiny_llama):
+    from editlens.edit.grace import GraceSystem
+
+    assert base.fuses_next_token_into_scores
+    assert not Counting(tiny_llama).fuses_next_token_into_scores
+    from editlens.edit.ike import IKESystem
+    from editlens.edit.scr import SCRSystem
+    from editlens.edit.wise import WiseSystem
+
+    # GRACE/WISE re-batch teacher forcing themselves (the adaptor must know where each prompt ends): no fusion;
+    # IKE/SCR only rewrite prompts: fusion is exact
+    for cls, fuses in ((GraceSystem, False), (WiseSystem, False), (IKESystem, True), (SCRSystem, True)):
+        assert cls.__new__(cls).fuses_next_token_into_scores is fuses, cls
