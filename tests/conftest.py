@@ -5,6 +5,7 @@
   that they match ``../shared/data`` when it is there). Never skipped: a fresh clone anywhere runs the loader tests.
 * ``smollm``: the embedded SmolLM2-135M-Instruct, loaded once per session (integration tests).
 * ``tiny_llama`` / ``tiny_gpt2``: randomly initialised tiny models built from a config (unit tests).
+* :func:`noisy_tiny_llama`: a tiny model with Gaussian noise on its MLP output projections (an "edited" model).
 """
 from __future__ import annotations
 
@@ -61,3 +62,18 @@ def tiny_gpt2():
     import editlens
 
     return editlens.load_model("tiny-gpt2")
+
+
+def noisy_tiny_llama(seed: int, scale: float = 0.05):
+    """A fresh ``tiny-llama`` with ``scale``-Gaussian noise (seeded) added to every MLP ``down_proj`` weight and the
+    state pushed, standing in for an edited model in evaluator tests."""
+    import editlens
+
+    lm = editlens.load_model("tiny-llama")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if name.endswith("mlp.down_proj.weight"):
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    lm.push_state("test-noise")
+    return lm

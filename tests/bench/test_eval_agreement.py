@@ -9,19 +9,13 @@ import editlens
 from benchmarks.bench_eval import METRICS, check_agreement, decision_margin
 from editlens.data import synthetic_cases
 from editlens.evaluate import ModelSystem, Results, Row, evaluate, evaluate_naive
+from tests.conftest import noisy_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def setup():
     base = ModelSystem(editlens.load_model("tiny-llama"))
-    lm = editlens.load_model("tiny-llama")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if name.endswith("mlp.down_proj.weight"):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    lm.push_state("test-noise")
-    edited = ModelSystem(lm)
+    edited = ModelSystem(noisy_tiny_llama(3))
     cases = synthetic_cases(3, seed=0)
     bulk = evaluate(edited, cases, base=base, metrics=METRICS, cache=False, progress=False)
     naive, _ = evaluate_naive(edited, cases, base=base, metrics=METRICS)

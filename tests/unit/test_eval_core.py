@@ -14,6 +14,7 @@ from editlens.errors import EditlensError, MetricError
 from editlens.evaluate import (BASE, EDITED, BaseCache, Metric, ModelSystem, NextToken, Results, Row, evaluate,
                                evaluate_naive, gtfree_scores, register_metric, resolve_metrics)
 from editlens.evaluate.core import cache_key
+from tests.conftest import noisy_tiny_llama
 from editlens.evaluate.gt import Consistency, Fluency, SAcc, SAccNorm
 
 # short generations keep the tests fast on a shared CPU
@@ -42,14 +43,7 @@ def base(tiny_llama):
 
 @pytest.fixture()
 def edited():
-    lm = editlens.load_model("tiny-llama")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in lm.model.named_parameters():
-            if name.endswith("mlp.down_proj.weight"):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    lm.push_state("test-noise")
-    return ModelSystem(lm)
+    return ModelSystem(noisy_tiny_llama(1))
 
 
 class Counting(ModelSystem):
