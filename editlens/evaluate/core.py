@@ -693,8 +693,8 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
     t0 = time.perf_counter()
     cases = _check_cases(cases)
     metric_objs = resolve_metrics(metrics)
+    same = base is not None and (base is system)  # before re-posing: one object stays one system
     system = _with_format(system, prompt_format, "evaluated")
-    same = base is not None and (base is system)
     if base is not None:
         base = system if same else _with_format(base, prompt_format, "base")
     if base is not None and base.prompt_format != system.prompt_format:
