@@ -389,15 +389,15 @@ class GraceEditor(Editor):
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         assert isinstance(hparams, GraceHParams)
         module = lm.arch.mlp_out_at(hparams.layer_index(lm))
-        system: GraceSystem | None = sequence.data.get("grace_system") if sequence is not None else None
-        if system is None:
+
+        def make() -> GraceSystem:
             from editlens.lm.arch import in_out_features
 
             d_in, d_out = in_out_features(lm.module(module))
-            system = GraceSystem(ModelSystem(lm), GraceAdaptor(module, d_in, d_out))
-            if sequence is not None:
-                sequence.data["grace_system"] = system
-                sequence.on_undo = system.adaptor.clear
+            return GraceSystem(ModelSystem(lm), GraceAdaptor(module, d_in, d_out))
+
+        system: GraceSystem = (make() if sequence is None else
+                               sequence.kept("grace_system", make, lambda s: s.adaptor.clear))
         ad = system.adaptor
         losses, steps = [], []
         with torch.enable_grad():

@@ -292,12 +292,11 @@ class WiseEditor(Editor):
         assert isinstance(hparams, WiseHParams)
         hp = hparams
         module = lm.arch.mlp_out_at(hp.layer_index(lm))
-        system: WiseSystem | None = sequence.data.get("wise_system") if sequence is not None else None
-        if system is None:
-            system = WiseSystem(ModelSystem(lm), WiseAdaptor(module))
-            if sequence is not None:
-                sequence.data["wise_system"] = system
-                sequence.on_undo = system.adaptor.clear
+        def make() -> WiseSystem:
+            return WiseSystem(ModelSystem(lm), WiseAdaptor(module))
+
+        system: WiseSystem = (make() if sequence is None else
+                              sequence.kept("wise_system", make, lambda s: s.adaptor.clear))
         ad = system.adaptor
         w = weight_view(lm.module(module))
         if not ad.memories or (hp.edits_per_memory and len(ad.memories[-1].prompts) >= hp.edits_per_memory):
