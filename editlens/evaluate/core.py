@@ -115,6 +115,21 @@ class Generate:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
+#: CustomRequest subclasses by "<module>:<qualname>" (filled by CustomRequest.__init_subclass__; closed: a cache
+#: file is decoded against it and never makes editlens import or call anything)
+_REQUEST_TYPES: dict[str, type] = {}
+
+
+def _request_type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def registered_request_types() -> dict[str, type]:
+    """The :class:`CustomRequest` subclasses defined so far, by ``"<module>:<qualname>"`` (what a base-cache
+    entry may name)."""
+    return dict(_REQUEST_TYPES)
+
+
 class CustomRequest:
     """Base of request types defined by a metric module (e.g. :mod:`editlens.evaluate.evk`'s embedding-perturbed
     next-token requests), for needs the three built-in types do not cover.
@@ -123,7 +138,14 @@ class CustomRequest:
     them) and implements :meth:`answer_group`. The evaluator groups custom requests by type and answers each group
     with one call; a system may answer them itself through an optional method ``answer_custom(requests) -> list``
     (e.g. a system that only replays precomputed base answers). Answers are cached like the built-in ones.
+
+    Defining a subclass registers it under ``"<module>:<qualname>"`` (:func:`registered_request_types`); the
+    on-disk base cache decodes only registered types, so a cache file can name nothing else.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REQUEST_TYPES[_request_type_name(cls)] = cls
 
     @classmethod
     def answer_group(cls, system: "System", requests: Sequence["CustomRequest"]) -> list[Any]:
@@ -408,8 +430,7 @@ def _to_plain(req: Request, a: Any) -> tuple:
     if isinstance(req, CustomRequest):
         import dataclasses
 
-        cls = type(req)
-        return ("c", f"{cls.__module__}:{cls.__qualname__}",
+        return ("c", _request_type_name(type(req)),
                 tuple(getattr(req, f.name) for f in dataclasses.fields(req)), a)  # type: ignore[arg-type]
     if isinstance(req, NextToken):
         return ("n", req.prompt, a)
@@ -418,25 +439,61 @@ def _to_plain(req: Request, a: Any) -> tuple:
     return ("g", req.prompt, req.max_new_tokens, a)
 
 
+def _is_plain(v: Any) -> bool:
+    """str, int, float, bool, None, or (nested) tuples/lists of them."""
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return True
+    if isinstance(v, (tuple, list)):
+        return all(_is_plain(x) for x in v)
+    return False
+
+
 def _from_plain(t: tuple) -> tuple[Request, Any]:
-    if t[0] == "c":
-        mod, _, qual = str(t[1]).partition(":")
-        cls: Any = importlib.import_module(mod)
-        for part in qual.split("."):
-            cls = getattr(cls, part)
-        return cls(*t[2]), t[3]
-    if t[0] == "n":
+    """Decode one cache entry. Only request types editlens defines (the built-ins and registered
+    :class:`CustomRequest` subclasses) with plain field values are accepted; anything else raises ``ValueError``
+    (the caller treats the entry as corrupt). Nothing named in the entry is imported or called except the
+    registered dataclass's own constructor."""
+    import dataclasses
+
+    if not isinstance(t, (tuple, list)) or not t:
+        raise ValueError(f"an entry must be a non-empty tuple, got {type(t).__name__}")
+    kind = t[0]
+    if kind == "c" and len(t) == 4:
+        name, args = t[1], t[2]
+        cls = _REQUEST_TYPES.get(name) if isinstance(name, str) else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            raise ValueError(f"{str(name)[:100]!r} is not a registered request type")
+        if not isinstance(args, (tuple, list)) or not _is_plain(args):
+            raise ValueError(f"the fields of a {name} entry are not plain values (str, int, float, bool, tuples)")
+        n_fields = len(dataclasses.fields(cls))
+        if len(args) != n_fields:
+            raise ValueError(f"a {name} entry has {len(args)} field values, the type has {n_fields}")
+        args = tuple(tuple(a) if isinstance(a, list) else a for a in args)
+        try:
+            req = cls(*args)
+        except Exception as e:
+            raise ValueError(f"a {name} entry does not construct ({type(e).__name__}: {e})") from None
+        return req, t[3]
+    if kind == "n" and len(t) == 3 and isinstance(t[1], str) and isinstance(t[2], torch.Tensor):
         return NextToken(t[1]), t[2]
-    if t[0] == "s":
+    if (kind == "s" and len(t) == 6 and isinstance(t[1], str) and isinstance(t[2], str)
+            and all(isinstance(x, torch.Tensor) for x in t[3:6])):
         return Score(t[1], t[2]), TeacherForced(t[3], t[4], t[5])
-    return Generate(t[1], int(t[2])), t[3]
+    if (kind == "g" and len(t) == 4 and isinstance(t[1], str) and isinstance(t[2], int)
+            and not isinstance(t[2], bool) and isinstance(t[3], str)):
+        return Generate(t[1], t[2]), t[3]
+    raise ValueError(f"malformed entry of kind {str(kind)[:20]!r}")
 
 
 class BaseCache:
     """Cache of base-system answers: an in-memory LRU (bounded in bytes) plus an optional directory.
 
     Keys are built by :func:`cache_key` from ``(fingerprint, prompt_format, request set)``. Entries on disk
-    are ``<key>.pt`` files of plain tensors/strings (loaded with ``weights_only=True``).
+    are ``<key>.pt`` files of plain tensors/strings (loaded with ``weights_only=True``). A file is decoded
+    against the request types editlens defines (the built-ins and registered :class:`CustomRequest` subclasses,
+    with plain field values); nothing named in it is imported or called. A file that does not load or decode,
+    or whose requests differ from the key's, is corrupt: a warning names it, the entry counts as a miss and
+    the recomputed answers replace it.
 
     Args:
         directory: where to persist entries (``None``: memory only).
@@ -453,7 +510,9 @@ class BaseCache:
     def __len__(self) -> int:
         return len(self._mem)
 
-    def get(self, key: str) -> dict[Request, Any] | None:
+    def get(self, key: str, requests: Iterable[Request] | None = None) -> dict[Request, Any] | None:
+        """The answers stored under ``key`` (``None``: a miss). ``requests``: the request set the key was made
+        from; a file on disk answering another set is corrupt."""
         if key in self._mem:
             self._mem.move_to_end(key)
             self.hits += 1
@@ -461,15 +520,38 @@ class BaseCache:
         if self.directory is not None:
             path = self.directory / f"{key}.pt"
             if path.is_file():
-                try:
-                    plain = torch.load(path, weights_only=True)
-                except Exception as e:  # a corrupt entry is recomputed, not fatal
-                    raise EditlensError(f"cache file {path} is unreadable ({e}); delete it") from None
-                answers = dict(_from_plain(tuple(t)) for t in plain)
-                self._remember(key, answers)
-                self.hits += 1
-                return answers
+                answers = self._load(path, None if requests is None else set(requests))
+                if answers is not None:
+                    self._remember(key, answers)
+                    self.hits += 1
+                    return answers
         self.misses += 1
+        return None
+
+    @staticmethod
+    def _load(path: Path, requests: set | None = None) -> dict[Request, Any] | None:
+        """The answers of one cache file, or ``None`` (with a warning naming it) when it is corrupt."""
+        import warnings
+
+        try:
+            plain = torch.load(path, weights_only=True)
+        except Exception as e:  # a corrupt entry is recomputed, not fatal
+            why = f"unreadable ({str(e).splitlines()[0][:200]})"
+        else:
+            try:
+                if not isinstance(plain, (list, tuple)):
+                    raise ValueError(f"expected a list of entries, got {type(plain).__name__}")
+                answers = dict(_from_plain(t) for t in plain)
+                if requests is not None and set(answers) != requests:
+                    raise ValueError(f"it answers {len(answers)} requests, {len(set(answers) - requests)} of them "
+                                     f"not asked for, and misses {len(requests - set(answers))} of the "
+                                     f"{len(requests)} its key stands for")
+            except ValueError as e:
+                why = f"not a valid entry ({e})"
+            else:
+                return answers
+        warnings.warn(f"base cache file {path} is {why}: ignored; the base answers are recomputed and the file "
+                      "replaced", stacklevel=3)
         return None
 
     def put(self, key: str, answers: dict[Request, Any]) -> None:
@@ -729,7 +811,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             if base_reqs:
                 tb = time.perf_counter()
                 key = cache_key(base.fingerprint, fmt, base_reqs)  # type: ignore[union-attr]
-                cached = cache_obj.get(key) if cache_obj is not None else None
+                cached = cache_obj.get(key, base_reqs) if cache_obj is not None else None
                 cache_hit = cached is not None
                 if cached is None:
                     cached = _run(base, base_reqs, bar, "base")  # type: ignore[arg-type]
