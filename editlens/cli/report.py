@@ -1,7 +1,8 @@
 """``editlens report STORE [--html out.html] [--out DIR]``: tables, plots and an HTML page from a results store.
 
 \b
-  editlens report results.sqlite                      # print the tables (Markdown)
+  editlens report results.sqlite                      # print the tables of the latest run (Markdown)
+  editlens report results.sqlite --run ID             # another run; --all-runs: every run side by side
   editlens report results.sqlite --html report.html   # one self-contained page (plots embedded)
   editlens report results.sqlite --out report/        # <table>.md/.csv, <figure>.png, index.md
   editlens report results.sqlite --export rows.parquet  # the rows joined with unit metadata (.csv/.parquet/.json)
@@ -33,7 +34,9 @@ def _parse_ranges(items: tuple[str, ...]) -> dict[str, tuple[float, float]] | No
               help="Write a self-contained HTML report here.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write tables (Markdown + CSV), figures (PNG) and index.md into this folder.")
-@click.option("--run", "run_id", default=None, help="Only this run id (default: every run in the store).")
+@click.option("--run", "run_id", default=None, help="Report this run (default: the latest run in the store).")
+@click.option("--all-runs", is_flag=True, help="Every run of the store side by side (a run column); runs are "
+                                              "never pooled.")
 @click.option("--title", default=None, help="Report title (default: the run spec's report.title or name).")
 @click.option("--reference", type=click.Choice(["auto", "reg_value", "delta_k"]), default=None,
               help="What Kendall's tau correlates metrics with in the sensitivity table (default: auto = "
@@ -44,29 +47,38 @@ def _parse_ranges(items: tuple[str, ...]) -> dict[str, tuple[float, float]] | No
               help="Also export the rows joined with unit metadata (.csv, .parquet or .json).")
 @click.option("--no-plots", is_flag=True, help="Tables only.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the tables.")
-def report(store: Path, html_path: Path | None, out_dir: Path | None, run_id: str | None, title: str | None,
-           reference: str | None, ranges: tuple[str, ...], export_path: Path | None, no_plots: bool,
-           quiet: bool) -> None:
-    """Make tables, plots and an HTML page from the results STORE (an editlens SQLite file)."""
+def report(store: Path, html_path: Path | None, out_dir: Path | None, run_id: str | None, all_runs: bool,
+           title: str | None, reference: str | None, ranges: tuple[str, ...], export_path: Path | None,
+           no_plots: bool, quiet: bool) -> None:
+    """Make tables, plots and an HTML page from the results STORE (an editlens SQLite file).
+
+    The report shows one run -- the latest, or --run ID -- or, with --all-runs, every run side by side; results
+    of different runs are never pooled."""
     from editlens.report import build_report
-    from editlens.report.tables import to_markdown
+    from editlens.report.tables import md_text, to_markdown
     from editlens.runs.store import Store
 
+    if run_id is not None and all_runs:
+        raise click.UsageError("--run and --all-runs exclude each other: report one run, or all side by side")
     with Store(store, readonly=True) as st:
-        if run_id is not None and run_id not in st.run_ids():
-            raise click.BadParameter(f"no run {run_id!r} in {store}; runs: {', '.join(st.run_ids()) or 'none'}",
+        ids = st.run_ids()
+        if run_id is not None and run_id not in ids:
+            raise click.BadParameter(f"no run {run_id!r} in {store}; runs: {', '.join(ids) or 'none'}",
                                      param_hint="--run")
-        rep = build_report(st, run_id=run_id, title=title, reference=reference, ranges=_parse_ranges(ranges),
+        rep = build_report(st, run_id=run_id, all_runs=all_runs, title=title, reference=reference,
+                           ranges=_parse_ranges(ranges),
                            plots_enabled=not no_plots and (html_path is not None or out_dir is not None))
         if export_path is not None:
-            st.export(export_path, run_id=run_id)
+            # the rows of the run(s) the report shows
+            shown = None if all_runs else (run_id if run_id is not None else (ids[-1] if ids else None))
+            st.export(export_path, run_id=shown)
             click.echo(f"exported rows to {export_path}")
-    if not quiet:
-        click.echo(f"# {rep.title}\n")
+    if not quiet:  # Markdown: strings from the spec are HTML-escaped, as in index.md and the HTML page
+        click.echo(f"# {md_text(rep.title)}\n")
         for n in rep.notes:
-            click.echo(n + "\n")
+            click.echo(md_text(n) + "\n")
         for t in rep.tables:
-            click.echo(f"## {t.title}\n")
+            click.echo(f"## {md_text(t.title)}\n")
             click.echo(to_markdown(t.df))
     if out_dir is not None:
         paths = rep.write_dir(out_dir)

@@ -12,8 +12,9 @@ Contents (each only when the data allow it):
 * figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
   value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ.
 
-When the source is a store holding one run, the run spec's ``[report]`` options (title, ranges, groups,
-reference) are the defaults.
+Runs are never pooled: a store's report shows its latest run by default, another with ``run_id``, or every run
+side by side with ``all_runs``. When one run is shown, its spec's ``[report]`` options (title, ranges, groups,
+reference) are the defaults. Markdown output (``write_dir``) escapes HTML in every string, as the HTML page does.
 """
 from __future__ import annotations
 
@@ -69,20 +70,22 @@ class Report:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
-        index = [f"# {self.title}\n"]
-        index += [f"_{n}_\n" for n in self.notes]
+        md = tables.md_text  # every string is HTML-escaped, as in to_html (spec strings may hold markup)
+        index = [f"# {md(self.title)}\n"]
+        index += [f"_{md(n)}_\n" for n in self.notes]
         for t in self.tables:
             p = tables.write_table(t.df, out, t.name, digits=digits)
             written += [p["md"], p["csv"]]
-            index.append(f"## {t.title}\n")
+            index.append(f"## {md(t.title)}\n")
             if t.note:
-                index.append(t.note + "\n")
+                index.append(md(t.note) + "\n")
             index.append(tables.to_markdown(t.df, digits=digits))
         for f in self.figures:
             p = out / f"{f.name}.png"
             p.write_bytes(f.png)
             written.append(p)
-            index.append(f"## {f.title}\n\n![{f.title}]({p.name})\n")
+            alt = md(f.title).replace("[", "\\[").replace("]", "\\]")
+            index.append(f"## {md(f.title)}\n\n![{alt}]({p.name})\n")
         idx = out / "index.md"
         idx.write_text("\n".join(index), encoding="utf-8")
         written.append(idx)
@@ -138,40 +141,65 @@ def _table_html(df: pd.DataFrame, digits: int) -> str:
     return shown.to_html(index=False, escape=True, border=0, na_rep="–")
 
 
-def _source_frames(source: Any, run_id: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+def _source_frames(source: Any, run_id: str | None, all_runs: bool = False
+                   ) -> tuple[pd.DataFrame, pd.DataFrame | None, dict, list[str]]:
+    """``(rows, diagnostics, report options, notes)`` of the selected run(s) (see :func:`build_report`)."""
     from editlens.runs.store import Store
 
+    if run_id is not None and all_runs:
+        raise StoreError("choose one run (run_id) or all runs side by side (all_runs), not both")
     if isinstance(source, pd.DataFrame):
-        return tables.results_frame(source), None, {}
+        df = tables.results_frame(source, run_id)
+        return df, None, {}, []
     own = not isinstance(source, Store)
     if own and not isinstance(source, (str, Path)):
         raise StoreError(f"cannot make a report from {type(source).__name__}; give a Store, a path or a DataFrame")
     st = Store(source, readonly=True) if own else source
+    notes: list[str] = []
     try:
-        rows = tables.results_frame(st, run_id)
-        diags = st.diagnostics(run_id)
-        runs = [run_id] if run_id else st.run_ids()
+        ids = st.run_ids()  # oldest first
+        if run_id is not None and run_id not in ids:
+            raise StoreError(f"store {st.path}: no run {run_id!r}; runs: {', '.join(ids) or 'none'}")
+        if all_runs or not ids:
+            shown: list[str] = ids
+        else:
+            shown = [run_id if run_id is not None else ids[-1]]
+            others = [r for r in ids if r not in shown]
+            if others:
+                notes.append(f"Run {shown[0]}" + (" (the latest)" if run_id is None else "")
+                             + f"; the store holds {len(ids)} runs ({', '.join(ids)}): choose one with --run ID "
+                               "(run_id=) or compare them side by side with --all-runs (all_runs=True). "
+                               "Runs are never pooled.")
+        sel = None if all_runs else (shown[0] if shown else None)
+        rows = tables.results_frame(st, sel)
+        diags = st.diagnostics(sel)
         opts: dict = {}
-        if len(runs) == 1:
-            spec = st.run_spec(runs[0]) or {}
+        if len(shown) == 1:
+            spec = st.run_spec(shown[0]) or {}
             opts = dict(spec.get("report") or {})
-            opts.setdefault("title", spec.get("name") or runs[0])
+            opts.setdefault("title", spec.get("name") or shown[0])
     finally:
         if own:
             st.close()
-    return rows, diags, opts
+    return rows, diags, opts, notes
 
 
-def build_report(source: Any, *, run_id: str | None = None, title: str | None = None,
+def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = False, title: str | None = None,
                  ranges: Mapping[str, Sequence[float]] | None = None,
                  groups: Mapping[str, Sequence[str]] | None = None, reference: str | None = None,
                  unbounded: str = "nan", delta_k_key: str = "delta_k_mean", plots_enabled: bool = True) -> Report:
-    """Compute the report of a Store / store path / results DataFrame (see the module docstring)."""
-    df, diags, opts = _source_frames(source, run_id)
+    """Compute the report of a Store / store path / results DataFrame (see the module docstring).
+
+    Runs are never pooled: a store's report shows its latest run, or ``run_id``, or with ``all_runs`` every run
+    side by side (a ``run`` column in the tables, ``label [run]`` in the figures). A DataFrame holding several
+    runs is shown side by side.
+    """
+    df, diags, opts, run_notes = _source_frames(source, run_id, all_runs)
     ranges = ranges if ranges is not None else opts.get("ranges")
     groups = groups if groups is not None else opts.get("groups")
     reference = reference or opts.get("reference") or "auto"
     rep = Report(title=title or opts.get("title") or "editlens report")
+    rep.notes += run_notes
     if df.empty:
         rep.notes.append("The store holds no result rows yet.")
         return rep
@@ -198,6 +226,8 @@ def build_report(source: Any, *, run_id: str | None = None, title: str | None = 
         rep.tables.append(ReportTable("rank_stability_groups", "Rank stability, averaged per metric group", rg))
 
     if plots_enabled:
+        if "run_id" in df.columns and df["run_id"].nunique() > 1:  # one curve per method and run
+            df = df.assign(method_label=df["method_label"].astype(str) + " [" + df["run_id"].astype(str) + "]")
         _add_figures(rep, df)
     return rep
 

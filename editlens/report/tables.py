@@ -12,6 +12,7 @@ rewrite, paraphrase, portability, multihop...), ``gt_based`` and ``gt_free`` spe
 """
 from __future__ import annotations
 
+import html as _html
 import json
 import math
 import re
@@ -104,6 +105,13 @@ def results_frame(source: Any, run_id: str | None = None) -> pd.DataFrame:
     return df
 
 
+def _runs_of(df: pd.DataFrame) -> list[Any]:
+    """The run ids of a frame, in order of appearance (``[]`` without a ``run_id`` column)."""
+    if "run_id" not in df.columns:
+        return []
+    return list(dict.fromkeys(df["run_id"].dropna()))
+
+
 def sweep_columns(df: pd.DataFrame) -> list[str]:
     """The ``sweep.<label>.<param>`` columns of a results frame that have values."""
     return [c for c in df.columns if c.startswith("sweep.") and df[c].notna().any()]
@@ -114,13 +122,16 @@ def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     if "step" not in df.columns or "unit" not in df.columns or df["step"].isna().all():
         return df
     step = pd.to_numeric(df["step"], errors="coerce")
-    last = step.groupby(df["unit"]).transform("max")
+    keys = [df["run_id"], df["unit"]] if "run_id" in df.columns else [df["unit"]]  # unit ids repeat across runs
+    last = step.groupby(keys, dropna=False).transform("max")
     return df[(step == last) | step.isna()]
 
 
 def _config_cols(df: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
-    """Columns that separate configurations: label, then dataset / sweep values / size when they vary."""
-    cols = ["method_label"]
+    """Columns that separate configurations: the run (when the frame holds several: runs are never pooled),
+    label, then dataset / sweep values / size when they vary."""
+    cols = ["run_id"] if "run_id" in df.columns and df["run_id"].nunique(dropna=True) > 1 else []
+    cols.append("method_label")
     for c in ["dataset", *sweep_columns(df), "n_edits", *extra]:
         if c in df.columns and c not in cols and df[c].nunique(dropna=True) > 1:
             cols.append(c)
@@ -196,8 +207,8 @@ def methods_table(df: pd.DataFrame, by: Sequence[str] | None = None, *, digits: 
     wide = wide.fillna("–")
     wide = wide.reset_index()
     wide.columns = pd.MultiIndex.from_tuples(
-        [("", "method") if c[0] == "method_label" else ("", c[0][len("sweep."):]) if str(c[0]).startswith("sweep.")
-         else c for c in wide.columns])
+        [("", "method") if c[0] == "method_label" else ("", "run") if c[0] == "run_id"
+         else ("", c[0][len("sweep."):]) if str(c[0]).startswith("sweep.") else c for c in wide.columns])
     return wide
 
 
@@ -255,6 +266,18 @@ def sensitivity_table(df: pd.DataFrame, *, diagnostics: pd.DataFrame | None = No
     """
     if "column" not in df.columns:
         df = results_frame(df)
+    runs = _runs_of(df)
+    if len(runs) > 1:  # one table per run, side by side (runs are never pooled)
+        parts = []
+        for r in runs:
+            d = diagnostics
+            if d is not None and "run_id" in d.columns:
+                d = d[d["run_id"] == r]
+            res = sensitivity_table(df[df["run_id"] == r], diagnostics=d, reference=reference, ranges=ranges,
+                                    unbounded=unbounded, delta_k_key=delta_k_key)
+            res.insert(0, "run", r)
+            parts.append(res)
+        return pd.concat(parts, ignore_index=True)
     frames = []
     for axis in sweep_columns(df):
         sf = sweep_frame(df, axis, diagnostics=diagnostics, delta_k_key=delta_k_key)
@@ -300,6 +323,16 @@ def rank_stability_table(df: pd.DataFrame, *, groups: Mapping[str, Sequence[str]
     """
     if "column" not in df.columns:
         df = results_frame(df)
+    runs = _runs_of(df)
+    if len(runs) > 1:  # per run, side by side (runs are never pooled)
+        per_metric, per_group = [], []
+        for r in runs:
+            a, b = rank_stability_table(df[df["run_id"] == r], groups=groups)
+            a.insert(0, "run", r)
+            b.insert(0, "run", r)
+            per_metric.append(a)
+            per_group.append(b)
+        return pd.concat(per_metric, ignore_index=True), pd.concat(per_group, ignore_index=True)
     df = final_rows(df)
     if "dataset" not in df.columns or df["dataset"].nunique() < 2:
         return (pd.DataFrame(columns=["metric", "group", "tau", "n_pairs", "n_methods"]),
@@ -336,14 +369,24 @@ def _cell(v: Any, digits: int) -> str:
     return str(v)
 
 
+def md_text(s: Any) -> str:
+    """Text for Markdown output: HTML-escaped (as the HTML report escapes it: Markdown renderers pass raw HTML
+    through, so a ``<script>`` in a spec's title or a method label must not reach the page) and on one line."""
+    return _html.escape(" ".join(str(s).splitlines()), quote=False)
+
+
+def _md_cell(s: Any) -> str:
+    return md_text(s).replace("|", "\\|")
+
+
 def to_markdown(df: pd.DataFrame, *, digits: int = 3) -> str:
-    """A GitHub-flavoured Markdown table (two-level columns are joined with ': ')."""
+    """A GitHub-flavoured Markdown table (two-level columns are joined with ': '); cells are HTML-escaped."""
     df = flatten_columns(df)
     header = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(h.replace("|", "\\|") for h in header) + " |",
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v, digits).replace("|", "\\|") for v in row) + " |")
+        lines.append("| " + " | ".join(_md_cell(_cell(v, digits)) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 

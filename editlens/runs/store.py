@@ -147,17 +147,23 @@ class Store:
         self.readonly = readonly
         if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
             raise StoreError(f"store {self.path}: synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self._snapshot_dir: str | None = None
         try:
             if readonly:
                 if not self.path.is_file():
                     raise StoreError(f"store {self.path}: no such file")
-                self._con = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                            timeout=timeout, isolation_level=None)
-                self._check_schema()
+                self._open_readonly(timeout)
             else:
                 if self.path.exists() and not self.path.is_file():
                     raise StoreError(f"store {self.path}: exists and is not a file")
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise StoreError(f"store {self.path}: cannot create its folder: {e}") from None
+                if not _writable_dir(self.path.parent):
+                    raise StoreError(f"store {self.path}: read-only directory {self.path.parent}: a store is written "
+                                     "with SQLite's WAL journal, which creates files beside it; put the store in a "
+                                     "writable folder")
                 self._con = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None)
                 mode = self._con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
@@ -166,13 +172,71 @@ class Store:
                 self._con.executescript(_SCHEMA)
                 self._check_schema(init=True)
         except sqlite3.Error as e:
+            self.close()
             raise StoreError(f"store {self.path}: cannot open SQLite database: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_readonly(self, timeout: float) -> None:
+        """Open for reading only, also from a read-only directory (read-only media, a 0555 folder).
+
+        A WAL-mode database needs its ``-shm`` index beside it; SQLite creates it on first open, which a
+        read-only directory forbids. Then: without a ``-wal`` file holding commits (a store closed cleanly) the
+        database file alone is complete and is opened ``immutable``; with one (the writer was killed, or the store
+        was copied while open) the file and its ``-wal`` are copied to a private temporary folder and read there,
+        so that no commit is missed. Nothing is ever written beside the store.
+        """
+        uri = self.path.resolve().as_uri()
+        if _writable_dir(self.path.parent):
+            self._con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+            self._check_schema()
+            return
+        shm = Path(f"{self.path}-shm")
+        wal = Path(f"{self.path}-wal")
+        if shm.is_file() and wal.is_file():  # SQLite can read these in place (>= 3.22)
+            try:
+                self._con = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+                self._check_schema()
+                return
+            except (sqlite3.Error, StoreError):
+                self.close()
+        where = (f"read-only directory {self.path.parent}: SQLite's WAL mode needs to create {shm.name} beside "
+                 "the store")
+        if not (wal.is_file() and wal.stat().st_size > 0):
+            self._con = sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, isolation_level=None)
+            self._check_schema(context=where)
+            return
+        import shutil
+        import tempfile
+
+        try:
+            tmp = tempfile.mkdtemp(prefix="editlens-store-")
+        except OSError as e:
+            raise StoreError(f"store {self.path}: {where}, and its {wal.name} holds commits that are not in the "
+                             f"database file yet, so it is read from a temporary copy, which could not be made "
+                             f"({e}); copy the store with its {wal.name} to a writable folder") from None
+        self._snapshot_dir = tmp
+        try:
+            shutil.copyfile(self.path, Path(tmp) / "store.sqlite")
+            shutil.copyfile(wal, Path(tmp) / "store.sqlite-wal")
+        except OSError as e:
+            raise StoreError(f"store {self.path}: {where}; copying it with its {wal.name} to {tmp} failed: "
+                             f"{e}") from None
+        self._con = sqlite3.connect(f"{(Path(tmp) / 'store.sqlite').as_uri()}?mode=ro", uri=True, timeout=timeout,
+                                    isolation_level=None)
+        self._check_schema(context=where)
 
     # ------------------------------------------------------------------ plumbing
-    def _check_schema(self, init: bool = False) -> None:
+    def _check_schema(self, init: bool = False, context: str | None = None) -> None:
         try:
             row = self._con.execute("SELECT value FROM store_info WHERE key='schema_version'").fetchone()
         except sqlite3.Error as e:
+            if "unable to open" in str(e) and not _writable_dir(self.path.parent):
+                raise StoreError(f"store {self.path}: cannot read it from read-only directory {self.path.parent} "
+                                 f"({e})") from None
+            if context is not None:
+                raise StoreError(f"store {self.path}: {context}; reading it anyway failed: {e}") from None
             raise StoreError(f"store {self.path}: not an editlens results store ({e})") from None
         if row is None:
             if not init:
@@ -190,6 +254,12 @@ class Store:
         if con is not None:
             con.close()
             self._con = None  # type: ignore[assignment]
+        snap = getattr(self, "_snapshot_dir", None)
+        if snap is not None:
+            import shutil
+
+            shutil.rmtree(snap, ignore_errors=True)
+            self._snapshot_dir = None
 
     def __enter__(self) -> "Store":
         return self
@@ -591,6 +661,13 @@ class Store:
         except OSError as e:
             raise StoreError(f"store {self.path}: cannot write {path}: {e}") from None
         return path
+
+
+def _writable_dir(d: Path) -> bool:
+    """Whether files can be created in ``d`` (``os.access``: permission bits, read-only mounts)."""
+    import os
+
+    return os.access(d if str(d) else Path("."), os.W_OK | os.X_OK)
 
 
 def _scalar(v: Any) -> Any:
