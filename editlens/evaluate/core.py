@@ -386,8 +386,18 @@ def resolve_metrics(names: str | Sequence[str | Metric]) -> list[Metric]:
 
     Accepts a comma-separated string. Unknown names raise :class:`MetricError` listing the valid ones.
     """
+    if isinstance(names, Metric):
+        names = [names]
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
+    if not isinstance(names, (list, tuple)):
+        raise MetricError(f"metrics must be a metric name, a comma-separated string or a list of names / Metric "
+                          f"instances, got {type(names).__name__} {names!r}; e.g. metrics=['s_acc', 'kl'] or "
+                          f"metrics='gt'")
+    for i, item in enumerate(names):
+        if not isinstance(item, (str, Metric)) or (isinstance(item, str) and not item.strip()):
+            raise MetricError(f"metrics[{i}] must be a metric name or a Metric instance, got "
+                              f"{type(item).__name__} {item!r}")
     reg = registered_metrics()
     groups = metric_groups()
     out: dict[str, Metric] = {}

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -352,28 +353,198 @@ def _cached_gguf(path: Path, key: str, progress: bool = True):
 
 
 # --------------------------------------------------------------------------------------------- entry point
+#: device types a model can be loaded on (``cuda:N`` / ``xpu:N`` pick one accelerator)
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+_DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+#: dtype names accepted by :func:`load_model` (floating point only)
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+               "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def device_problem(device: Any) -> str | None:
+    """Why ``device`` is not a device a model can be loaded on (``None`` when it is one).
+
+    Accepted: ``None``/``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``, ``"xpu"``, ``"xpu:N"`` or a
+    :class:`torch.device` of those types. Only the spelling is checked, not whether the machine has it.
+    """
+    if device is None or device == "auto":
+        return None
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        return f"invalid device {device!r}: expected a string such as 'cpu', 'cuda', 'cuda:1', 'mps' or 'auto'"
+    if not _DEVICE_RE.match(device):
+        hint = ""
+        if device.startswith("meta"):
+            hint = " ('meta' tensors hold no data: a model cannot run there)"
+        elif device.startswith("gpu"):
+            hint = " (NVIDIA GPUs are 'cuda' or 'cuda:N')"
+        return (f"invalid device {device!r}{hint}; use 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index), 'mps' "
+                f"or 'xpu'")
+    return None
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} requested but CUDA is not available on this machine")
+    problem = device_problem(device)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {str(device)!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {str(device)!r} requested but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA device(s) (cuda:0..cuda:"
+                                 f"{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} requested but MPS is not available on this machine")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} requested but no XPU is available on this machine")
     return dev
 
 
+def dtype_problem(dtype: Any) -> str | None:
+    """Why ``dtype`` is not a weight dtype :func:`load_model` accepts (``None`` when it is one)."""
+    if dtype is None or dtype == "auto":
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            return None
+        return (f"unsupported dtype {dtype}: model weights must be floating point; use one of float32, bfloat16, "
+                f"float16, float64 (quantised integer weights are not supported)")
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return None
+    return f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)} (or 'auto')"
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
+    problem = dtype_problem(dtype)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    if dtype is None or dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-    if str(dtype) not in names:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
-    return names[str(dtype)]
+    return DTYPE_NAMES[str(dtype)]
+
+
+#: a Hugging Face hub id: ``org/name`` (one slash, no path syntax)
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def builtin_names() -> list[str]:
+    """Every built-in model name (embedded real models first)."""
+    return [*EMBEDDED_MODELS, *TINY_MODELS]
+
+
+def suggest_builtin(name: str, n: int = 3) -> list[str]:
+    """Built-in names close to ``name`` (case, ``_``/``-`` and small typos ignored), best first."""
+    import difflib
+
+    def norm(s: str) -> str:
+        return s.strip().lower().replace("_", "-").replace(" ", "-")
+
+    names = builtin_names()
+    by_norm = {norm(b): b for b in names}
+    key = norm(name)
+    out = [by_norm[key]] if key in by_norm else []
+    out += [by_norm[m] for m in difflib.get_close_matches(key, list(by_norm), n=n, cutoff=0.6)]
+    out += [b for b in names if key and len(key) >= 4 and (b.startswith(key) or key.startswith(b))]
+    return list(dict.fromkeys(out))[:n]
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or "\\" in name
+            or name.count("/") > 1 or os.path.isabs(name))
+
+
+def _offline_env() -> str | None:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` s (assumed yes behind a proxy)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _reason(e: BaseException) -> str:
+    """A one-line reason from a third-party exception, without advice to unpickle untrusted files."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "weights_only" not in ln and "unpickl" not in ln.lower()
+            and "sentencepiece" not in ln.lower()]
+    text = keep[0] if keep else type(e).__name__
+    return (text[:300] + "...") if len(text) > 300 else text
+
+
+def _weight_files(d: Path) -> list[str]:
+    pats = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "*.gguf")
+    return sorted({p.name for pat in pats for p in d.glob(pat)})
+
+
+def _load_checkpoint_dir(path: Path, name: str, dt: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        files = sorted(p.name for p in path.iterdir())[:12]
+        raise ModelLoadError(f"{path} is not a transformers checkpoint directory: it has no config.json "
+                             f"(files: {', '.join(files) or 'none'}); pass a directory saved with "
+                             f"save_pretrained, a .gguf file, a hub id or a built-in name")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure becomes a clear error
+        raise ModelLoadError(f"could not load the tokenizer of {path} (tokenizer.json / tokenizer_config.json "
+                             f"missing or unreadable): {type(e).__name__}: {_reason(e)}") from None
+    weights = _weight_files(path)
+    if not weights:
+        raise ModelLoadError(f"{path} has a config.json but no weights file (model.safetensors, "
+                             f"pytorch_model.bin or a sharded index)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint becomes a clear error
+        raise ModelLoadError(f"could not read the weights of {path} ({', '.join(weights)}): the file is corrupt, "
+                             f"truncated or not a checkpoint of this model; re-download or re-save it "
+                             f"({type(e).__name__}: {_reason(e)})") from None
+    return model, tok
+
+
+def _load_hub(name: str, dt: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    offline = _offline_env()
+    if offline is None and not _hub_reachable():
+        offline = "no network"
+    kw = {"trust_remote_code": trust_remote_code, "local_files_only": offline is not None}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, use_safetensors=None, **kw)
+    except Exception as e:  # noqa: BLE001 - any hub/reader failure becomes a clear error
+        close = suggest_builtin(name.split("/", 1)[1])
+        hint = f"; did you mean the built-in {' or '.join(repr(c) for c in close)}?" if close else ""
+        if offline is not None:
+            why = f"{offline}=1" if offline != "no network" else "the hub is unreachable"
+            raise ModelLoadError(f"could not load model {name!r}: it is not in the local Hugging Face cache and the "
+                                 f"hub is offline ({why}), so nothing was downloaded{hint} "
+                                 f"[{type(e).__name__}: {_reason(e)}]") from None
+        raise ModelLoadError(f"could not load model {name!r} from the Hugging Face hub{hint} "
+                             f"[{type(e).__name__}: {_reason(e)}]") from None
+    return model, tok
 
 
 def _finish(model, tok, name: str, device: torch.device, dtype: torch.dtype) -> LM:
@@ -397,9 +568,13 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
 
     Args:
         name_or_path: a built-in name (``smollm2-135m``, ``gemma3-270m``, ``tiny-llama``, ``tiny-gpt2``, ...), a
-            ``.gguf`` file, a local directory with a transformers checkpoint, or a Hugging Face hub id.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
-        dtype: ``float32``/``bfloat16``/``float16``; default float32 on CPU and bfloat16 on CUDA.
+            ``.gguf`` file, a local directory with a transformers checkpoint (it must hold ``config.json``), or a
+            Hugging Face hub id ``org/name``. Any other name fails at once with the close built-in names (the hub
+            is not asked). A hub id is fetched with ``local_files_only`` (the local cache only, no retries) when
+            ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` is set or the hub's host cannot be reached in 2 s.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"xpu"`` or ``"auto"``; default CUDA when available.
+        dtype: ``float32``/``bfloat16``/``float16``/``float64`` (names or torch dtypes); default float32 on CPU and
+            bfloat16 on CUDA. Integer dtypes are refused.
         trust_remote_code: passed to transformers (off by default).
         seed: initialisation seed of the tiny random models.
 
@@ -409,6 +584,9 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     """
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"model name must be a string or a path, got {type(name_or_path).__name__} "
+                             f"{name_or_path!r}")
     name = str(name_or_path)
     if name in TINY_MODELS:
         model, tok = build_tiny(name, seed=seed)
@@ -422,21 +600,20 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
             raise ModelLoadError(f"GGUF file not found: {path}")
         model, tok = _load_gguf(path, torch.float32)
         return _finish(model, tok, name, dev, dt)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if path.exists() and not path.is_dir():
+    if path.is_dir():
+        model, tok = _load_checkpoint_dir(path, name, dt, trust_remote_code)
+        return _finish(model, tok, name, dev, dt)
+    if path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a checkpoint directory or a .gguf file")
-    try:
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None)
-    except OSError as e:
-        builtins = ", ".join([*EMBEDDED_MODELS, *TINY_MODELS])
-        raise ModelLoadError(
-            f"could not load model {name!r}: not a built-in name ({builtins}), not a local checkpoint directory, "
-            f"and the hub could not provide it ({str(e).splitlines()[0]})") from None
-    except ValueError as e:
-        raise ModelLoadError(f"could not load model {name!r}: {e}") from None
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
+        raise ModelLoadError(f"model path {name!r}: no such file or directory (looked for {path.absolute()})")
+    if not _HUB_ID_RE.match(name):
+        # neither a built-in name, nor a path, nor an org/name hub id: fail now, without asking the hub
+        close = suggest_builtin(name)
+        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+        raise ModelLoadError(f"unknown model {name!r}: {hint}It is not a built-in name ({', '.join(builtin_names())}), "
+                             f"not an existing path, and not a Hugging Face hub id of the form 'org/name'")
+    model, tok = _load_hub(name, dt, trust_remote_code)
     return _finish(model, tok, name, dev, dt)
 
 
