@@ -70,6 +70,23 @@ class LayerAdaptor:
         return out
 
 
+#: the keyword under which ``generate()`` hands the KV cache to the model's forward: ``past_key_values`` up to
+#: transformers 5.23, ``cache`` from 5.24 (the old name is only a deprecated alias there)
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _is_cached_step(ids: torch.Tensor, kwargs: dict) -> bool:
+    """Whether a forward pass of the model is a decoding step on top of a populated KV cache.
+
+    Either a known cache keyword holds a non-empty cache, or (independent of what the cache argument is called)
+    the 2-D attention mask is wider than the new tokens: it then also covers the cached ones.
+    """
+    if any(_past_length(kwargs.get(k)) > 0 for k in _CACHE_KWARGS):
+        return True
+    mask = kwargs.get("attention_mask")
+    return mask is not None and mask.dim() == 2 and int(mask.shape[-1]) > int(ids.shape[1])
+
+
 def _past_length(past: Any) -> int:
     if past is None:
         return 0
@@ -96,7 +113,7 @@ def adaptor_hooks(lm: "LM", adaptor: LayerAdaptor, key_cols: torch.Tensor | None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
-        if _past_length(kwargs.get("past_key_values")) > 0:
+        if _is_cached_step(ids, kwargs):
             ctx["phase"] = "step"
             return
         rows, width = int(ids.shape[0]), int(ids.shape[1])
