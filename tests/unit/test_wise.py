@@ -88,3 +88,56 @@ def test_sequential_new_memory_after_capacity(tiny_llama):
     assert len(run.system.adaptor.memories) == 2
     run.undo()
     assert not run.system.adaptor.memories
+
+
+class _Recorder:
+    """An adaptor that records which phase each forward pass of its module was given."""
+
+    module = ""
+
+    def __init__(self, module: str):
+        self.module = module
+        self.calls: list[tuple[str, int]] = []
+
+    def on_full(self, inp, out, start_cols, key_cols):
+        self.calls.append(("full", int(inp.shape[1])))
+        return out, "state"
+
+    def on_step(self, inp, out, state):
+        assert state == "state"
+        self.calls.append(("step", int(inp.shape[1])))
+        return out
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_generation_steps_are_seen_as_steps(request, model):
+    """During generation the prompt is one full pass and every later token a cached step, whatever name the
+    installed transformers gives the KV cache argument (``past_key_values`` up to 5.23, ``cache`` from 5.24):
+    a step taken for a full pass would re-route each new token on its own and drop the edit mid-answer."""
+    from editlens.edit.grace import adaptor_hooks
+    from editlens.lm import ops
+
+    lm = request.getfixturevalue(model)
+    rec = _Recorder(lm.arch.mlp_out_at(1))
+    with adaptor_hooks(lm, rec):
+        ops.generate(lm, ["Alice Smith lives in the city of", "Hi"], max_new_tokens=4, stop=())
+    assert rec.calls[0][0] == "full" and rec.calls[0][1] > 1
+    assert [c for c, _ in rec.calls[1:]] == ["step"] * 3, rec.calls
+
+
+def test_cached_step_detected_under_any_cache_name():
+    from transformers import DynamicCache
+
+    from editlens.edit.grace import _is_cached_step
+
+    one = torch.zeros(2, 1, dtype=torch.long)
+    full = torch.zeros(2, 5, dtype=torch.long)
+    assert not _is_cached_step(full, {"attention_mask": torch.ones(2, 5)})
+    assert not _is_cached_step(full, {})
+    # a cached step is recognised by the mask covering the cached tokens, whatever the cache keyword is called
+    assert _is_cached_step(one, {"attention_mask": torch.ones(2, 6), "kv_store_of_the_future": object()})
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 1, 5, 4), torch.zeros(2, 1, 5, 4), 0)
+    for name in ("cache", "past_key_values"):
+        assert _is_cached_step(one, {name: cache})
+        assert not _is_cached_step(full, {name: DynamicCache()})  # empty cache: a full pass
