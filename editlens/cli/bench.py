@@ -39,7 +39,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, rep
           eval_cases: int | None, no_baseline: bool, quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
-    from editlens.runs.runner import RunOptions, default_store_path, load_validated_spec, run_spec
+    from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
+                                      run_spec)
 
     if not spec.is_file():
         raise SpecError(f"spec {spec}: no such file")
@@ -54,6 +55,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, rep
             k = options.eval_size(s.plan()[0])
             click.echo(f"sequential evaluation sample: the first {k} case(s) of each unit"
                        + (", plus the unedited model at step 0" if options.baseline else ""))
+        for line in judge_endpoint_lines(s, s.plan(), options):
+            click.echo(f"judge endpoint: {line}")
         click.echo(f"store: {store}")
         return
     t0 = time.perf_counter()

@@ -62,6 +62,10 @@ def eval_cmd(model: str, data_path: Path | None, limit: int | None, metrics: str
     cache = BaseCache(cache_dir)
     frames = []
     click.echo(f"evaluating {lm.name} ({prompt_format}) on {len(cases)} cases: {', '.join(m.name for m in metric_objs)}")
+    from editlens.evaluate.judge import remote_endpoints
+
+    for line in remote_endpoints(metric_objs, [(cases, 1 + len(methods))], control_each=False):
+        click.echo(f"judge endpoint: {line}", err=True)
     res = evaluate(base, cases, base=base, metrics=metric_objs, batch_tokens=batch_tokens, cache=cache)
     frames.append(res.to_pandas().assign(system="base"))
     _show("base", res)

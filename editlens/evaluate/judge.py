@@ -18,6 +18,18 @@ returns :class:`Verdict` s. The judge prompt is :data:`DEFAULT_TEMPLATE` (fields
   environment variable named by ``api_key_env`` (default ``EDITLENS_JUDGE_API_KEY``); when it is unset no
   ``Authorization`` header is sent (local servers need none).
 
+**What goes where (endpoint judges).** Each judgement is one POST of the judge prompt (question, accepted
+answers, the model's answer) to the URL's host; the key, when set, only as ``Authorization: Bearer``. The key
+is read from the environment at each request and never stored: it is not in :meth:`EndpointJudge.describe`
+(which names the variable, not its value), and it is replaced by ``***`` in replies and error texts, which are
+recorded. Guarantees, checked when the judge is made (so at metric resolution and spec validation, before any
+work) and again before each request: a ``http://`` URL to a host that is not loopback (``localhost``,
+127.0.0.0/8, ``::1``) is refused while a key is set (use ``https://``); a URL with credentials
+(``user:pass@``) is refused; redirects are never followed (a 3xx is an error naming the target), so neither
+the key nor a prompt reaches another origin; loopback hosts bypass proxies. :func:`remote_endpoints` says which
+host receives how many prompts and whether a key is sent (``editlens bench`` prints it at ``--dry-run`` and at
+the start of a run; ``editlens eval`` at its start).
+
 **Control check.** :func:`control_check` poses :data:`CONTROL_PAIRS` (10 questions, each with a correct and a
 wrong answer, written for editlens) to a judge and reports its accuracy over the 20 known verdicts and its
 pairwise accuracy (the correct answer scored above the wrong one). ``ar_judge`` runs it once per metric instance,
@@ -29,20 +41,26 @@ model, and read the control figures before trusting any ``ar_judge`` number.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import math
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 import torch
 
 from editlens.errors import EditlensError, MetricError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from editlens.data.schema import EditCase
     from editlens.lm import LM
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = (
     "You are grading a short answer.\n"
@@ -201,13 +219,80 @@ class LocalJudge:
 
 
 # ================================================================================================ endpoint
+def _split(url: str) -> urllib.parse.SplitResult:
+    """The parts of a judge URL (scheme http/https, a host, no credentials), else :class:`MetricError`."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise MetricError(f"judge URL {url!r} is not a valid URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise MetricError(f"judge URL must start with http:// or https://, got {url!r}")
+    if parts.username is not None or parts.password is not None:
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise MetricError(f"judge URL {shown} carries credentials (user:password@); they would be recorded with the "
+                          f"results: remove them and put the key in ${DEFAULT_API_KEY_ENV} (or the variable named "
+                          "by api_key_env)")
+    if not parts.hostname:
+        raise MetricError(f"judge URL {url!r} names no host")
+    return parts
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ``::1``); names are not resolved."""
+    h = host.strip("[]").rstrip(".").lower()
+    if h == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
 def chat_completions_url(url: str) -> str:
     """``…/chat/completions`` for a base URL (``http://host:8000/v1``) or the full endpoint URL."""
-    url = url.strip()
-    if not url.startswith(("http://", "https://")):
-        raise MetricError(f"judge URL must start with http:// or https://, got {url!r}")
-    url = url.rstrip("/")
+    parts = _split(url)
+    url = parts._replace(scheme=parts.scheme.lower()).geturl().rstrip("/")
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def endpoint_origin(url: str) -> str:
+    """``scheme://host[:port]`` of a judge URL (what receives the prompts)."""
+    parts = _split(url)
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+
+
+def check_transport(url: str, api_key_env: str = DEFAULT_API_KEY_ENV, key: str | None = None) -> None:
+    """Refuse plain ``http://`` to a host that is not loopback while an API key is set (``key``, default: the
+    environment variable ``api_key_env``): the key and every prompt would cross the network unencrypted."""
+    parts = _split(url)
+    if key is None:
+        key = os.environ.get(api_key_env) or None
+    if key and parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname or ""):
+        raise MetricError(
+            f"judge URL {url} is plain http:// to {parts.hostname}, which is not a loopback address, and ${api_key_env} "
+            f"is set: the API key and every judge prompt would cross the network unencrypted. Use https:// (or unset "
+            f"${api_key_env} for a server that needs no key)")
+
+
+def redact(text: str, key: str | None) -> str:
+    """``text`` with every occurrence of ``key`` replaced by ``***``."""
+    return text.replace(key, "***") if key else text
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would re-send the headers, ``Authorization`` included, to another host."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+        return None  # urllib then raises HTTPError with the 3xx code
+
+
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    proxies = urllib.request.ProxyHandler({}) if is_loopback_host(host) else urllib.request.ProxyHandler()
+    return urllib.request.build_opener(proxies, _NoRedirect())
 
 
 def build_request(url: str, prompt: str, model: str | None, api_key: str | None = None,
@@ -268,33 +353,99 @@ class EndpointJudge:
         self.api_key_env = api_key_env
         self.template = template
         self.timeout = float(timeout)
+        check_transport(url.strip(), api_key_env)
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port]`` that receives the prompts."""
+        return endpoint_origin(self.url)
+
+    def key_is_set(self) -> bool:
+        """Whether an API key will be sent (the environment variable is set and not empty)."""
+        return bool(os.environ.get(self.api_key_env))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "endpoint", "url": self.url, "model": self.model, "api_key_env": self.api_key_env,
                 "decision": "reply starts with 'yes'"}
 
-    def _post(self, prompt: str) -> str:
-        key = os.environ.get(self.api_key_env) or None
+    def _post(self, prompt: str, key: str | None) -> str:
         req = build_request(self.url, prompt, self.model, key)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with _opener(self.url).open(req, timeout=self.timeout) as resp:
                 obj = json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                where = redact(str(e.headers.get("Location", "?")), key)[:200]
+                raise MetricError(f"judge endpoint {self.url} answered HTTP {e.code}, a redirect to {where}: redirects "
+                                  "are not followed (the API key and the prompts would go along); use the final "
+                                  "URL") from None
             detail = e.read().decode("utf-8", "replace")[:200] if e.fp is not None else ""
-            raise MetricError(f"judge endpoint {self.url} answered HTTP {e.code}: {detail}"
+            raise MetricError(f"judge endpoint {self.url} answered HTTP {e.code}: {redact(detail, key)}"
                               + (f" (is ${self.api_key_env} set?)" if e.code in (401, 403) else "")) from None
         except (urllib.error.URLError, OSError) as e:
-            raise MetricError(f"cannot reach judge endpoint {self.url}: {getattr(e, 'reason', e)}") from None
-        except json.JSONDecodeError:
+            raise MetricError(f"cannot reach judge endpoint {self.url}: "
+                              f"{redact(str(getattr(e, 'reason', e)), key)}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise MetricError(f"judge endpoint {self.url} did not return JSON") from None
-        return parse_response(obj)
+        try:
+            return parse_response(obj)
+        except MetricError as e:
+            raise MetricError(redact(str(e), key)) from None
 
     def judge(self, items: Sequence[JudgeItem]) -> list[Verdict]:
+        if not items:
+            return []
+        key = os.environ.get(self.api_key_env) or None
+        check_transport(self.url, self.api_key_env, key)  # the variable may have been set since resolution
+        log.info("ar_judge: sending %d prompt(s) to %s (%s)", len(items), self.origin,
+                 f"API key from ${self.api_key_env} sent" if key else "no API key")
         out = []
         for it in items:
             prompt = build_prompt(it, self.template)
-            text = self._post(prompt)
+            text = self._post(prompt, key)
             v = parse_verdict(text)
             out.append(Verdict(correct=bool(v), score=math.nan if v is None else (1.0 if v else -1.0),
-                               prompt=prompt, raw=text))
+                               prompt=prompt, raw=redact(text, key)))
         return out
+
+
+def judge_prompt_count(metric: Any, cases: Sequence["EditCase"]) -> int:
+    """How many answers an ``ar_judge`` metric sends to its judge for ``cases`` (control set not included)."""
+    from editlens.evaluate.generation import target_probes
+
+    kinds = getattr(metric, "kinds", None)
+    return sum(len(probes) for c in cases for _, probes in target_probes(c, kinds))
+
+
+def remote_endpoints(metrics: Iterable[Any], evaluations: Iterable[tuple[Sequence["EditCase"], int]],
+                     control_each: bool = True) -> list[str]:
+    """One line per metric judged by an :class:`EndpointJudge`: which host will receive how many prompts, and
+    whether an API key is sent (the variable is named, its value never shown). ``[]`` when none.
+
+    Args:
+        metrics: resolved metric instances (:func:`~editlens.evaluate.core.resolve_metrics`).
+        evaluations: ``(cases, times)``: evaluations to run on those cases (each sends one prompt per judged
+            probe).
+        control_each: each evaluation runs the control set (fresh metric instances, as the runner makes);
+            ``False``: once per metric instance.
+    """
+    evaluations = [(list(c), int(t)) for c, t in evaluations]
+    out = []
+    for m in metrics:
+        j = getattr(m, "judge", None)
+        if not isinstance(j, EndpointJudge):
+            continue
+        answers, n_evals = 0, 0
+        for cases, times in evaluations:
+            k = judge_prompt_count(m, cases)
+            answers += k * times
+            n_evals += times if k else 0
+        control = 0
+        if getattr(m, "control", True) and n_evals:
+            control = 2 * len(CONTROL_PAIRS) * (n_evals if control_each else 1)
+        key = (f"API key sent (from ${j.api_key_env}, as the Authorization header)" if j.key_is_set()
+               else f"no API key (${j.api_key_env} is unset)")
+        plain = ", unencrypted (http://)" if j.url.startswith("http://") else ""
+        out.append(f"{getattr(m, 'name', 'ar_judge')}: {j.origin} will receive up to {answers + control} prompts "
+                   f"({answers} answers to judge + {control} control){plain}; {key}")
+    return out

@@ -316,6 +316,30 @@ def load_unit_cases(unit: Unit, all_cases: Sequence["EditCase"]) -> list["EditCa
     return cases[:unit.n_edits]
 
 
+def judge_endpoint_lines(spec: Spec, units: Sequence[Unit], options: RunOptions) -> list[str]:
+    """What the spec's ``ar_judge@URL`` metrics will send where over ``units``: one line per endpoint metric with
+    the host, the most prompts it receives and whether an API key is sent
+    (:func:`editlens.evaluate.judge.remote_endpoints`); ``[]`` when no metric calls an endpoint."""
+    from editlens.evaluate.core import resolve_metrics
+    from editlens.evaluate.judge import EndpointJudge, remote_endpoints
+
+    metrics = resolve_metrics(list(spec.metrics))
+    if not units or not any(isinstance(getattr(m, "judge", None), EndpointJudge) for m in metrics):
+        return []
+    all_cases: dict[str, list] = {}
+    evaluations = []
+    for u in units:
+        if u.dataset.name not in all_cases:
+            all_cases[u.dataset.name] = dataset_cases(u.dataset)
+        cases = load_unit_cases(u, all_cases[u.dataset.name])
+        times = 1
+        if u.regime == "sequential":  # as execute_unit: baseline at step 0, then each checkpoint (none: once)
+            cases = cases[:options.eval_size(u)]
+            times = int(options.baseline) + (1 if u.method.lower() in BASELINE_NAMES else len(u.checkpoints))
+        evaluations.append((cases, times))
+    return remote_endpoints(metrics, evaluations)
+
+
 # ============================================================================================ frozen base
 class FrozenBase:
     """A :class:`~editlens.evaluate.system.System` that answers from base-model outputs computed once.
@@ -628,6 +652,8 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
         if progress:
             print(f"run {rid}: {len(units)} units, {len(units) - len(todo)} already done, {len(todo)} to run "
                   f"({ex.name} executor) -> {st.path}", file=sys.stderr, flush=True)
+        for line in judge_endpoint_lines(spec, todo, options):  # what leaves this machine, always said
+            print(f"judge endpoint: {line}", file=sys.stderr, flush=True)
         for u in todo:
             st.start_unit(rid, u.id, metas[u.id])
         sink = _Committer(st, rid, metas, progress, len(todo))
