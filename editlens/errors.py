@@ -59,3 +59,11 @@ class SpecError(EditlensError):
 
 class StoreError(EditlensError):
     """The results store is unreadable or inconsistent."""
+
+
+class StoreBusyError(StoreError):
+    """Another process is writing the results store (it holds the store's lock)."""
+
+
+class ContextLengthError(EditlensError):
+    """A prompt (with its target or generated tokens) is longer than the model's context."""

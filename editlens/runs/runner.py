@@ -632,14 +632,24 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
         lm: an already loaded model to use with the local executor (must be the spec's model, unedited).
 
     Raises:
-        SpecError: invalid spec (key and line named), StoreError: the run id exists with another spec/model.
+        SpecError: invalid spec (key and line named), StoreError: the run id exists with another spec/model,
+        StoreBusyError: another run is writing the store (it holds :class:`~editlens.runs.store.StoreLock`).
     """
     from editlens.runs.executors import get_executor
 
+    from editlens.runs.store import Store, StoreLock
+
     spec = prepare_spec(spec_or_path)
     options = options or RunOptions()
-    ex = get_executor(executor, lm=lm)
-    st, owned = _open_store(store, spec)
+    # one writing run per store: taken before any work (model loading included); a second run fails here at once
+    lock = StoreLock(store.path if isinstance(store, Store) else
+                     Path(store) if store is not None else default_store_path(spec)).acquire()
+    try:
+        ex = get_executor(executor, lm=lm)
+        st, owned = _open_store(store, spec)
+    except BaseException:
+        lock.release()
+        raise
     try:
         fingerprint = ex.prepare(spec, options)
         rid = run_id or spec.default_run_id()
@@ -662,6 +672,7 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
     finally:
         if owned:
             st.close()
+        lock.release()
 
 
 # ============================================================================================ python -m entry point

@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pandas as pd
 
-from editlens.errors import StoreError
+from editlens.errors import StoreBusyError, StoreError
 
 SCHEMA_VERSION = 1
 
@@ -663,10 +665,108 @@ class Store:
         return path
 
 
+class StoreLock:
+    """An exclusive lock on a store for one writing run: ``fcntl.flock`` on ``<store>.lock`` beside it.
+
+    :func:`editlens.runs.runner.run_spec` (hence ``editlens bench``) holds it from before the model is loaded until
+    the run ends, so a second run on the same store fails at once with :class:`StoreBusyError` naming the store
+    and the holder (pid, host, command, start time, written into the lock file) instead of repeating units. The
+    kernel releases the lock when the holding process exits or is killed, so a stale lock file never blocks; the
+    file itself stays (removing it would race with a process about to lock it). Advisory: plain
+    :class:`Store` writers do not take it. Locks are per open file, so a second lock in the same process is
+    refused too. Network file systems may not honour ``flock``.
+    """
+
+    def __init__(self, store_path: str | Path):
+        self.store_path = Path(store_path)
+        self.path = Path(f"{self.store_path}.lock")
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "StoreLock":
+        if self._fd is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            return self
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if not _writable_dir(folder) or getattr(e, "errno", None) in (13, 30):  # EACCES, EROFS
+                raise StoreError(f"store {self.store_path}: read-only directory {folder}: cannot create the lock "
+                                 f"file {self.path.name} a writing run takes ({e}); put the store in a writable "
+                                 "folder (--store PATH)") from None
+            raise StoreError(f"store {self.store_path}: cannot create its lock file {self.path}: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise StoreBusyError(
+                f"store {self.store_path} is in use: another editlens run is writing it ({holder}). Two runs on one "
+                "store would repeat each other's units. Wait for that run to finish (running the spec again then "
+                "resumes it and skips finished units), or write this run to another store (--store PATH; store= "
+                "in Python).") from None
+        info = {"pid": os.getpid(), "host": _hostname(), "started": time.time(),
+                "command": " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                                     *sys.argv[1:]])[:500]}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)  # no stale holder information
+        except OSError:  # pragma: no cover
+            pass
+        os.close(fd)  # releases the flock
+
+    def __enter__(self) -> "StoreLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # pragma: no cover - release() is the way
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+def _hostname() -> str:
+    import socket
+
+    try:
+        return socket.gethostname()
+    except OSError:  # pragma: no cover
+        return "?"
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, 0)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info:
+        return "holder unknown"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"])) if "started" in info else "?"
+    return f"pid {info.get('pid', '?')} on {info.get('host', '?')}, `{info.get('command', '?')}`, since {when}"
+
+
 def _writable_dir(d: Path) -> bool:
     """Whether files can be created in ``d`` (``os.access``: permission bits, read-only mounts)."""
-    import os
-
     return os.access(d if str(d) else Path("."), os.W_OK | os.X_OK)
 
 
