@@ -16,6 +16,9 @@ def _list_metrics() -> str:
         doc = (cls.__doc__ or "").strip().splitlines()
         lines.append(f"  {name:<22} [{','.join(cls.groups) or '-'}] {cls.direction:<6} {doc[0] if doc else ''}")
     lines.append("groups: " + "; ".join(f"{g} = {','.join(m)}" for g, m in sorted(metric_groups().items())))
+    from editlens.evaluate.core import metric_import_errors
+
+    lines += [f"failed to import: {err}" for err in metric_import_errors()]
     return "\n".join(lines)
 
 

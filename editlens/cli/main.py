@@ -17,6 +17,7 @@ from editlens.errors import EditlensError
 _COMMANDS = [
     ("editlens.cli.basic", "demo"),
     ("editlens.cli.basic", "models"),
+    ("editlens.cli.methods", "methods"),
     ("editlens.cli.data", "data"),
     ("editlens.cli.edit", "edit_cmd"),
     ("editlens.cli.eval", "eval_cmd"),
@@ -30,6 +31,7 @@ HELP = """editlens: edit the knowledge of causal language models and measure wha
 \b
 Typical session:
   editlens models                         # built-in models and what is installed
+  editlens methods                        # editing methods (built-in and plugins)
   editlens data inspect facts.json        # detect a dataset format, show one normalised case
   editlens demo                           # edit the embedded SmolLM2 and measure the edit (offline)
   editlens eval --model smollm2-135m --data facts.json --metrics gt,gtfree

@@ -1,14 +1,14 @@
 """Editing methods behind one API: :func:`edit`, :func:`edit_sequential`, reversible :class:`Edit` handles.
 
-Methods register themselves by name (:func:`register_method`) in their own modules and are imported on demand
-by :func:`get_method`: ``rome``, ``memit``, ``alphaedit``, ``emmet`` (and ``ft``, ``rect``, ``prune``, ``pmet``,
-``grace``, ``wise``, ``ike``, ``scr`` when present).
+Methods register themselves by name (``@register_method``) in their own modules. The registry finds them by
+scanning this package and the ``editlens.methods`` entry points of installed packages (:mod:`editlens.registry`);
+:func:`registered_methods` lists them, :func:`method_import_errors` the modules that failed to import.
 """
 from editlens.edit.base import (Edit, Editor, HParams, SequenceState, WeightSnapshot, edit, edit_sequential,
-                                get_method, model_keys, register_method, registered_methods)
+                                get_method, method_import_errors, model_keys, register_method, registered_methods)
 
 __all__ = ["Edit", "Editor", "HParams", "SequenceState", "WeightSnapshot", "edit", "edit_sequential", "get_method",
-           "model_keys", "register_method", "registered_methods"]
+           "method_import_errors", "model_keys", "register_method", "registered_methods"]
 
 
 def _make_callable() -> None:

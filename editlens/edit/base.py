@@ -367,17 +367,34 @@ class Editor:
 
 
 _METHODS: dict[str, type[Editor]] = {}
-#: modules imported on demand to find a method that is not registered yet
-_BUILTIN_MODULES = {
-    "rome": "editlens.edit.rome", "memit": "editlens.edit.memit", "alphaedit": "editlens.edit.alphaedit",
-    "emmet": "editlens.edit.emmet", "ft": "editlens.edit.ft", "ft-l": "editlens.edit.ft", "ft-m": "editlens.edit.ft",
-    "rect": "editlens.edit.rect", "prune": "editlens.edit.prune", "pmet": "editlens.edit.pmet",
-    "grace": "editlens.edit.grace", "wise": "editlens.edit.wise", "ike": "editlens.edit.ike", "scr": "editlens.edit.scr",
-}
+
+
+def _adopt_method(name: str, obj: Any) -> None:
+    """Register a class named by an ``editlens.methods`` entry point under the entry point's name."""
+    if not (isinstance(obj, type) and issubclass(obj, Editor)):
+        raise MethodError(f"entry point {name!r} must name a module that registers a method or an Editor subclass, "
+                          f"got {obj!r}")
+    register_method(name)(obj)
+
+
+def _discovery():
+    from editlens.registry import METHODS_GROUP, Discovery
+
+    global _DISCOVERY
+    if _DISCOVERY is None:
+        _DISCOVERY = Discovery("method", "editlens.edit", "@register_method(", METHODS_GROUP, lambda: _METHODS,
+                               _adopt_method)
+    return _DISCOVERY
+
+
+_DISCOVERY = None
 
 
 def register_method(name: str) -> Callable[[type[Editor]], type[Editor]]:
-    """Class decorator registering an :class:`Editor` under ``name`` (lower case)."""
+    """Class decorator registering an :class:`Editor` under ``name`` (lower case).
+
+    Built-in methods are found by scanning ``editlens.edit``; third-party ones through the ``editlens.methods``
+    entry-point group (see :mod:`editlens.registry` and ``docs/adding-a-method.md``)."""
     key = name.lower()
 
     def deco(cls: type[Editor]) -> type[Editor]:
@@ -392,38 +409,35 @@ def register_method(name: str) -> Callable[[type[Editor]], type[Editor]]:
     return deco
 
 
-def _load_builtin(key: str) -> None:
-    import importlib
+def registered_methods(*, refresh: bool = False) -> list[str]:
+    """Names of the registered methods: the built-in method modules and the ``editlens.methods`` entry points.
 
-    mod = _BUILTIN_MODULES.get(key)
-    if mod is None:
-        return
-    try:
-        importlib.import_module(mod)
-    except ModuleNotFoundError as e:
-        if e.name != mod:  # a real missing dependency inside the module
-            raise
-
-
-def registered_methods() -> list[str]:
-    """Names of the registered methods (importing the built-in method modules that exist)."""
-    for key in list(_BUILTIN_MODULES):
-        if key not in _METHODS:
-            _load_builtin(key)
+    A module that failed to import is reported by :func:`method_import_errors` (and warned about), not listed.
+    ``refresh=True`` looks for entry points again (installed since the first call)."""
+    _discovery().ensure(refresh=refresh)
     return sorted(_METHODS)
+
+
+def method_import_errors() -> list[str]:
+    """``"<module or entry point>: <error>"`` for every method module that failed to import."""
+    _discovery().ensure()
+    return _discovery().describe_errors()
 
 
 def get_method(name: str) -> type[Editor]:
     """The :class:`Editor` class registered as ``name``.
 
     Raises:
-        MethodError: unknown name (listing the registered names).
+        MethodError: unknown name (listing the registered names and any method module that failed to import).
     """
     key = str(name).lower()
+    disc = _discovery()
+    disc.ensure()
     if key not in _METHODS:
-        _load_builtin(key)
+        disc.ensure(refresh=True)  # an entry point installed since the first look
     if key not in _METHODS:
-        raise MethodError(f"unknown editing method {name!r}; registered methods: {', '.join(registered_methods())}")
+        raise MethodError(f"unknown editing method {name!r}; registered methods: {', '.join(sorted(_METHODS))}"
+                          + disc.notes())
     return _METHODS[key]
 
 

@@ -39,8 +39,9 @@ A metric is a small class registered by name in its own module::
   ``Results.meta``).
 * ``groups`` puts a metric in named groups (``"gt"``, ``"gtfree"``, ...) that users can request by the
   group name; ``"all"`` expands to every metric that is in at least one group.
-* Metric modules are imported lazily: the module must be listed in :data:`METRIC_MODULES` (modules that do
-  not exist yet are skipped).
+* Metric modules are found, not listed: every module of ``editlens.evaluate`` that uses ``@register_metric(``
+  and every ``editlens.metrics`` entry point of an installed package (:mod:`editlens.registry`). A module that
+  fails to import is reported (warning, ``--list-metrics``, the "unknown metric" error), never skipped silently.
 
 Rows are ``(case_id, probe_kind, metric, value)``; by convention a metric emits one row per case and probe
 kind whose value is the mean over that case's probes of that kind (macro-averaging over cases, as
@@ -76,17 +77,6 @@ EDITED = "edited"
 #: role of the unedited reference system in a request
 BASE = "base"
 ROLES = (EDITED, BASE)
-
-#: modules that register metrics (imported lazily; missing ones are skipped)
-METRIC_MODULES = (
-    "editlens.evaluate.gt",
-    "editlens.evaluate.gtfree",
-    "editlens.evaluate.generation",
-    "editlens.evaluate.portability",
-    "editlens.evaluate.general",
-    "editlens.evaluate.evk",
-    "editlens.evaluate.reflection",
-)
 
 DEFAULT_MAX_NEW_TOKENS = 16
 
@@ -355,19 +345,41 @@ def register_metric(name: str, groups: Sequence[str] = ()) -> Callable[[type[Met
     return deco
 
 
-def _load_metric_modules() -> None:
-    for mod in METRIC_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+def _adopt_metric(name: str, obj: Any) -> None:
+    """Register a class named by an ``editlens.metrics`` entry point under the entry point's name."""
+    if not (isinstance(obj, type) and issubclass(obj, Metric)):
+        raise MetricError(f"entry point {name!r} must name a module that registers a metric or a Metric subclass, "
+                          f"got {obj!r}")
+    register_metric(name, groups=obj.groups)(obj)
 
 
-def registered_metrics() -> dict[str, type[Metric]]:
-    """Registered metric families (name → class), after importing the metric modules."""
-    _load_metric_modules()
+_DISCOVERY: Any = None
+
+
+def _discovery() -> Any:
+    """The metric modules' :class:`~editlens.registry.Discovery`: every module of ``editlens.evaluate`` that uses
+    ``@register_metric(`` and every ``editlens.metrics`` entry point."""
+    from editlens.registry import METRICS_GROUP, Discovery
+
+    global _DISCOVERY
+    if _DISCOVERY is None:
+        _DISCOVERY = Discovery("metric", "editlens.evaluate", "@register_metric(", METRICS_GROUP, lambda: _REGISTRY,
+                               _adopt_metric)
+    return _DISCOVERY
+
+
+def registered_metrics(*, refresh: bool = False) -> dict[str, type[Metric]]:
+    """Registered metric families (name → class): the built-in metric modules and the ``editlens.metrics`` entry
+    points. A module that failed to import is reported by :func:`metric_import_errors` (and warned about).
+    ``refresh=True`` looks for entry points again (installed since the first call)."""
+    _discovery().ensure(refresh=refresh)
     return dict(sorted(_REGISTRY.items()))
+
+
+def metric_import_errors() -> list[str]:
+    """``"<module or entry point>: <error>"`` for every metric module that failed to import."""
+    _discovery().ensure()
+    return _discovery().describe_errors()
 
 
 def metric_groups() -> dict[str, list[str]]:
@@ -418,8 +430,12 @@ def resolve_metrics(names: str | Sequence[str | Metric]) -> list[Metric]:
         family, _, arg = name.partition("@")
         cls = reg.get(family)
         if cls is None:
+            reg = registered_metrics(refresh=True)  # an entry point installed since the first look
+            groups = metric_groups()
+            cls = reg.get(family)
+        if cls is None:
             raise MetricError(f"unknown metric {name!r}; valid metrics: {', '.join(reg)}; "
-                              f"groups: {', '.join(sorted(groups))}")
+                              f"groups: {', '.join(sorted(groups))}" + _discovery().notes())
         for m in cls.from_name(name, arg if "@" in name else None):
             add(m)
     if not out:
