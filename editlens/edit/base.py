@@ -27,6 +27,7 @@ Writing a method (contract for implementers)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -270,6 +271,10 @@ class Edit:
             MethodError: this is one step of a sequential run (undo the run's Edit), or a later weight edit
                 of the same model is still applied (undo that one first).
         """
+        with _model_lock(self.lm if self.lm is not None else getattr(self.system, "lm", None)):
+            self._undo()
+
+    def _undo(self) -> None:
         if self.undone:
             return
         if not self._undoable:
@@ -291,6 +296,13 @@ class Edit:
 
     def __repr__(self) -> str:
         return f"Edit(method={self.method!r}, cases={len(self.cases)}, undone={self.undone})"
+
+
+def _model_lock(lm: Any) -> Any:
+    """``lm.lock`` (see :class:`editlens.lm.LM`: edits, undos and system calls of one model are serialised), or a
+    no-op context for an object without one."""
+    lock = getattr(lm, "lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
 
 
 class Editor:
@@ -501,7 +513,8 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
     cases = _check_cases(cases)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     t0 = time.perf_counter()
-    result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
+    with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
+        result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
     result.diagnostics["wall_time_s"] = time.perf_counter() - t0
     result.diagnostics.setdefault("evk_align", evk_settings(evk_align))
     return result
@@ -541,17 +554,20 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
         for start in range(0, len(cases), batch_size):
             batch = cases[start:start + batch_size]
             t0 = time.perf_counter()
-            step_edit = editor.apply(lm, batch, hp, evk_align=evk_align, progress=False, sequence=state)
-            total += time.perf_counter() - t0
-            state.step += 1
-            state.n_edits += len(batch)
-            # replace the run's fingerprint tag so lm.fingerprint reflects the weights after this step
-            new_tag = f"{editor.name}:seq:{run_id}:" + hashlib.sha256(
-                f"{state.tag}|{step_edit.tag}".encode()).hexdigest()[:16]
-            if state.tag is not None:
-                lm.pop_state(state.tag)
-            lm.push_state(new_tag, state.snapshot)
-            state.tag = new_tag
+            # each step (computation, weight update, new fingerprint tag) runs under the model's lock; the
+            # callback runs outside it
+            with _model_lock(lm):
+                step_edit = editor.apply(lm, batch, hp, evk_align=evk_align, progress=False, sequence=state)
+                total += time.perf_counter() - t0
+                state.step += 1
+                state.n_edits += len(batch)
+                # replace the run's fingerprint tag so lm.fingerprint reflects the weights after this step
+                new_tag = f"{editor.name}:seq:{run_id}:" + hashlib.sha256(
+                    f"{state.tag}|{step_edit.tag}".encode()).hexdigest()[:16]
+                if state.tag is not None:
+                    lm.pop_state(state.tag)
+                lm.push_state(new_tag, state.snapshot)
+                state.tag = new_tag
             diag = dict(step_edit.diagnostics)
             diag.update(n_edits=state.n_edits, step=state.step, wall_time_s=total,
                         evk_align=evk_settings(evk_align))
@@ -582,12 +598,13 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
                         callback(state.step, state.n_edits, run_edit)
     except BaseException:
         # leave the model as it was before the run
-        if run_edit is not None:
-            run_edit.undo()
-        else:
-            state.snapshot.restore()
-            if state.on_undo is not None:
-                state.on_undo()
+        with _model_lock(lm):
+            if run_edit is not None:
+                run_edit.undo()
+            else:
+                state.snapshot.restore()
+                if state.on_undo is not None:
+                    state.on_undo()
         raise
     finally:
         if bar is not None:
@@ -604,10 +621,10 @@ class _RunEdit(Edit):
         super().__init__(system, method, cases, hparams, diagnostics, lm=lm, snapshot=state.snapshot, tag=state.tag)
         self.state = state
 
-    def undo(self) -> None:
+    def _undo(self) -> None:
         if self.undone:
             return
         self._on_undo = self.state.on_undo
         self.tag = self.state.tag
-        super().undo()
+        super()._undo()
         self.state.data.clear()

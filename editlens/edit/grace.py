@@ -193,8 +193,12 @@ class AdaptorSystem(WrappedSystem):
         with adaptor_hooks(self.lm, self.adaptor):
             yield
 
-    @torch.no_grad()
     def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[TeacherForced]:
+        with self.exclusive():  # the model's lock and pinned weights, as every system call (hooks installed below)
+            return self._teacher_forced(prompts, targets)
+
+    @torch.no_grad()
+    def _teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[TeacherForced]:
         prompts = self._inputs(prompts)
         targets = list(targets)
         if len(prompts) != len(targets):

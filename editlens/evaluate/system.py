@@ -61,6 +61,9 @@ class ModelSystem:
     swapped in for the duration of the call, see :meth:`editlens.lm.LM.state_view`). So
     ``base = ModelSystem(lm); e = editlens.edit(lm, cases); evaluate(e.system, cases, base=base)`` compares the
     edited model with the true unedited one, never the edited model with itself.
+
+    Every call holds the model's re-entrant lock (see :class:`editlens.lm.LM`), so systems of one model may be
+    called from several threads while the model is edited and undone: the calls and the edits are serialised.
     """
 
     def __init__(self, lm: "LM", prompt_format: str | PromptFormat = "raw", batch_tokens: int = 4096,
@@ -78,8 +81,23 @@ class ModelSystem:
         return base if self.prompt_format == "raw" else f"{base}:{self.prompt_format}"
 
     def pinned(self) -> contextlib.AbstractContextManager:
-        """Context in which the model has this system's weights (no-op when nothing changed since creation)."""
+        """Context in which the model has this system's weights (no-op when nothing changed since creation).
+
+        It holds the model's lock (:attr:`editlens.lm.LM.lock`) throughout, so another thread cannot edit, undo or
+        swap the weights meanwhile."""
         return self.lm.state_view(self.model_state)
+
+    def locked(self) -> contextlib.AbstractContextManager:
+        """The model's re-entrant lock (a no-op context for a model object without one)."""
+        lock = getattr(self.lm, "lock", None)
+        return lock if lock is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The model's lock plus this system's pinned weights, without :meth:`active` (for subclasses whose calls
+        install their hooks themselves, e.g. GRACE's teacher forcing)."""
+        with self.locked(), self.pinned():
+            yield
 
     # ------------------------------------------------------------------ hooks for subclasses
     def transform_prompts(self, prompts: Sequence[str]) -> list[str]:
@@ -100,8 +118,12 @@ class ModelSystem:
 
         Code that bypasses the System calls (EVK's embedding-level forwards, lm-evaluation-harness) must use this,
         not :meth:`active` alone, or a base system created before an in-place edit would see the edited weights.
-        Prompt rewriting (IKE/SCR) is *not* applied here; use :meth:`_inputs` for that."""
-        with self.pinned(), self.active():
+        Prompt rewriting (IKE/SCR) is *not* applied here; use :meth:`_inputs` for that.
+
+        The model's lock is held for the whole context: concurrent calls of systems of one model (from several
+        threads) and edits or undos of that model run one at a time, so a call never sees half-swapped weights or
+        another system's hooks."""
+        with self.locked(), self.pinned(), self.active():
             yield
 
     _calling = calling

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import re
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,17 @@ class LM:
         name: the name or path it was loaded from.
         device: where the weights live.
         base_fingerprint: content fingerprint of the weights at load time.
+
+    Thread safety: an ``LM`` may be shared between threads. Everything that changes or temporarily swaps its
+    weights, or reads them through a system, holds the model's re-entrant lock :attr:`lock` for its whole
+    duration: :meth:`state_view` (the swap a system pinned to an earlier state does around each call),
+    :meth:`push_state` / :meth:`pop_state`, :func:`editlens.edit` / :func:`editlens.edit.edit_sequential` (each
+    batch's computation and weight update), :meth:`editlens.edit.Edit.undo`, and every call of a
+    :class:`~editlens.evaluate.system.ModelSystem` (and of the wrapped systems built on it). Such operations on
+    one model are therefore serialised (a thread evaluating the base system waits while another applies an
+    edit, and the reverse); nested use from one thread never deadlocks (the lock is re-entrant). Code that runs
+    ``lm.model`` directly, outside a system call, must hold ``lm.lock`` itself (``with lm.lock: ...``) to get
+    the same guarantee. Different ``LM`` objects have different locks and run in parallel.
     """
 
     model: nn.Module
@@ -70,19 +82,25 @@ class LM:
     base_fingerprint: str
     _state: list[str] = field(default_factory=list, repr=False)
     _snapshots: list[Any] = field(default_factory=list, repr=False)
+    _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def lock(self) -> Any:
+        """The model's re-entrant lock (:class:`threading.RLock`), held by every operation that changes, swaps or
+        reads the weights through a system (see the class docstring)."""
+        return self._lock
 
     @property
     def fingerprint(self) -> str:
         """Fingerprint of the current weights: the load fingerprint plus the stack of applied edits."""
-        if not self._state:
-            return self.base_fingerprint
-        h = hashlib.sha256("|".join([self.base_fingerprint, *self._state]).encode()).hexdigest()
-        return h[:16]
+        with self._lock:
+            return self.fingerprint_of(self._state)
 
     @property
     def state(self) -> tuple[str, ...]:
         """Tags of the weight edits currently applied, oldest first."""
-        return tuple(self._state)
+        with self._lock:
+            return tuple(self._state)
 
     def push_state(self, tag: str, snapshot: Any = None) -> None:
         """Record that the weights were modified (called by reversible edits).
@@ -90,16 +108,18 @@ class LM:
         ``snapshot`` (an object with ``pairs() -> [(param, original)]``, e.g.
         :class:`editlens.edit.base.WeightSnapshot`) lets :meth:`state_view` show earlier states temporarily.
         """
-        self._state.append(str(tag))
-        self._snapshots.append(snapshot)
+        with self._lock:
+            self._state.append(str(tag))
+            self._snapshots.append(snapshot)
 
     def pop_state(self, tag: str) -> None:
         """Record that the modification ``tag`` was undone."""
-        if tag in self._state:
-            # remove the last occurrence; undo of an older edit keeps later ones in the fingerprint
-            idx = len(self._state) - 1 - self._state[::-1].index(tag)
-            del self._state[idx]
-            del self._snapshots[idx]
+        with self._lock:
+            if tag in self._state:
+                # remove the last occurrence; undo of an older edit keeps later ones in the fingerprint
+                idx = len(self._state) - 1 - self._state[::-1].index(tag)
+                del self._state[idx]
+                del self._snapshots[idx]
 
     def fingerprint_of(self, state: Sequence[str]) -> str:
         """The fingerprint the weights have in ``state`` (a tuple of edit tags)."""
@@ -115,11 +135,19 @@ class LM:
         weights they were created on, even after later edits changed the model in place. The later edits'
         snapshots are swapped in (newest first) and the current values are put back on exit, bit for bit.
 
+        The model's :attr:`lock` is held for the whole context (swap, body, swap back), so no other thread can
+        edit, undo or read the weights in between.
+
         Raises:
             EditlensError: ``state`` is not an earlier state of the current one (e.g. its edit was undone), or an
                 edit applied since then cannot show its original weights.
         """
-        state = tuple(state)
+        with self._lock:
+            with self._state_view(tuple(state)):
+                yield
+
+    @contextlib.contextmanager
+    def _state_view(self, state: tuple[str, ...]) -> Iterator[None]:
         cur = tuple(self._state)
         if state == cur:
             yield
