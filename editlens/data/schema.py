@@ -121,7 +121,18 @@ class Rewrite:
         if self.prompt.count("{}") != 1:
             raise DataFormatError(f"prompt template must contain exactly one '{{}}' for the subject, got {self.prompt!r}",
                                   path=path, record=record, field=f"{field_prefix}.prompt")
+        self.check_changes(path=path, record=record, field_prefix=field_prefix)
         return self
+
+    def check_changes(self, *, path: Any = None, record: int | None = None, field_prefix: str = "rewrite") -> None:
+        """Raise :class:`DataFormatError` when ``target_new`` equals ``target_true`` (an edit that changes nothing,
+        whose efficacy and contrastive scores would be meaningless)."""
+        if (self.target_true is not None and isinstance(self.target_new, str) and isinstance(self.target_true, str)
+                and self.target_new.strip() == self.target_true.strip()):
+            raise DataFormatError(
+                f"target_new {self.target_new!r} equals target_true: this edit would not change the fact; give "
+                f"another new target or drop the record (load_cases(..., skip_invalid=True) skips such records "
+                f"with one warning)", path=path, record=record, field=f"{field_prefix}.target_new")
 
 
 def fill_template(template: str, subject: str) -> str:
@@ -176,6 +187,9 @@ def make_case(case_id: str, rewrite: Rewrite, probes: Mapping[str | ProbeKind, I
 
     With ``add_rewrite_probe`` (default) a ``rewrite`` probe for each rewrite is added when the caller gave
     none: prompt = the filled template, target = ``target_new``, foil = ``target_true``.
+
+    Raises:
+        DataFormatError: a rewrite whose ``target_new`` equals its ``target_true`` (see :meth:`Rewrite.check_changes`).
     """
     grouped: dict[str, tuple[Probe, ...]] = {}
     for kind, items in (probes or {}).items():
@@ -184,6 +198,9 @@ def make_case(case_id: str, rewrite: Rewrite, probes: Mapping[str | ProbeKind, I
             key = probe_kind(kind).value
             grouped[key] = grouped.get(key, ()) + items
     rewrites = (rewrite, *tuple(extra_rewrites))
+    for i, r in enumerate(rewrites):
+        if isinstance(r, Rewrite):
+            r.check_changes(field_prefix="rewrite" if i == 0 else f"extra_rewrites[{i - 1}]")
     if add_rewrite_probe and not grouped.get(ProbeKind.REWRITE.value):
         grouped[ProbeKind.REWRITE.value] = tuple(
             Probe(prompt=r.text, target=r.target_new, foil=r.target_true) for r in rewrites)

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -772,6 +773,27 @@ def _run(system: "System", requests: Iterable[Request], bar: Any, label: str) ->
     return out
 
 
+def metric_probe_kinds(metric: Metric) -> tuple[str, ...] | None:
+    """The probe kinds ``metric`` reads, when it declares them (``probe_kinds``, ``kinds`` or ``kind``)."""
+    for attr in ("probe_kinds", "kinds", "kind"):
+        v = getattr(metric, attr, None)
+        if v:
+            return (str(v),) if isinstance(v, str) else tuple(str(k) for k in v)
+    return None
+
+
+def _no_rows_message(metrics: Sequence[Metric], cases: Sequence["EditCase"]) -> str:
+    present = sorted({k for c in cases for k in c.kinds})
+    parts = []
+    for m in metrics:
+        kinds = metric_probe_kinds(m)
+        need = f"needs probes of kind {' / '.join(kinds)}" if kinds else "found none of the probes it reads"
+        parts.append(f"metric {m.name!r} ({need})")
+    return (f"{len(metrics)} metric(s) produced no rows on these {len(cases)} case(s): " + "; ".join(parts)
+            + f". The cases have probe kinds: {', '.join(present) or 'none'}. Use a dataset with those probes "
+            f"or drop the metric.")
+
+
 def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None" = None,
              metrics: str | Sequence[str | Metric] = ("gt", "gtfree"), batch_tokens: int | None = 4096,
              prompt_format: str | None = None, cache: Any = True, progress: bool = True) -> Results:
@@ -858,9 +880,15 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
     tc = time.perf_counter()
     answers = Answers(store)
     rows: list[Row] = []
+    empty: list[Metric] = []
     for m in metric_objs:
+        n0 = len(rows)
         for r in m.rows(cases, answers):
             rows.append(Row(str(r[0]), str(r[1]), str(r[2]), float(r[3])))
+        if len(rows) == n0 and cases:
+            empty.append(m)
+    if empty:
+        warnings.warn(_no_rows_message(empty, cases), UserWarning, stacklevel=2)
     timings["metrics_s"] = time.perf_counter() - tc
     timings["total_s"] = time.perf_counter() - t0
 

@@ -132,6 +132,7 @@ class CMag(_TeacherForcedMetric):
 # ================================================================================================ generation
 class _GenerationMetric(Metric):
     groups = ("generation",)
+    probe_kinds = (GENERATION_KIND,)  # named when the cases have none (evaluate warns)
 
     def __init__(self, max_new_tokens: int = 100):
         super().__init__(max_new_tokens=int(max_new_tokens))

@@ -158,6 +158,7 @@ def cfplus_probes(case: "EditCase", need_targets: bool) -> list[tuple[str, "Prob
 
 class _CFPlusContrast(Metric):
     groups = ("gtfree",)
+    probe_kinds = (NEIGHBORHOOD_KIND,)  # named when the cases have none (evaluate warns)
 
     def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:
         for prompt, p in cfplus_probes(case, True):
@@ -192,6 +193,7 @@ class CFPlusNKL(Metric):
 
     groups = ("gtfree",)
     direction = "lower"
+    probe_kinds = (NEIGHBORHOOD_KIND,)  # named when the cases have none (evaluate warns)
 
     def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:
         for prompt, _ in cfplus_probes(case, False):

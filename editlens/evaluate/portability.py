@@ -379,6 +379,8 @@ def portability_groups(case: EditCase) -> dict[str, list[Probe]]:
 class PortabilityTAcc(Metric):
     """Teacher-forced token accuracy of portability probes, per subtype (Yao et al.; EasyEdit's score)."""
 
+    probe_kinds = (ProbeKind.PORTABILITY.value,)  # named when the cases have none (evaluate warns)
+
     def case_requests(self, case: EditCase) -> Iterable[tuple[str, Request]]:
         for probes in portability_groups(case).values():
             for p in probes:
@@ -413,6 +415,8 @@ class _GenMetric(Metric):
 class PortabilityAR(_GenMetric):
     """Greedy answers to portability probes contain the target (per subtype; autoregressive portability)."""
 
+    probe_kinds = (ProbeKind.PORTABILITY.value,)  # named when the cases have none (evaluate warns)
+
     def case_requests(self, case: EditCase) -> Iterable[tuple[str, Request]]:
         for probes in portability_groups(case).values():
             for p in probes:
@@ -425,6 +429,7 @@ class PortabilityAR(_GenMetric):
 
 class _MQuAKE(_GenMetric):
     groups = ("portability",)
+    probe_kinds = (ProbeKind.MULTIHOP.value,)  # named when the cases have none (evaluate warns)
 
     def __init__(self, match: str = "contains", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  qa_template: str | None = MQUAKE_QA_TEMPLATE):

@@ -55,8 +55,10 @@ def test_wrong_type(tmp_path, cf):
     cf[5]["paraphrase_prompts"] = "just one string"
     _check(_err(_write(tmp_path, cf)), 5, "paraphrase_prompts", "expected an array, got string")
     cf[5]["paraphrase_prompts"] = ["ok", 42.5, None]
-    # numbers are tolerated as strings; null is not
-    _check(_err(_write(tmp_path, cf)), 5, "paraphrase_prompts[2]", "expected a string, got null")
+    # numbers are not strings (docs/data.md): no silent conversion
+    _check(_err(_write(tmp_path, cf)), 5, "paraphrase_prompts[1]", "expected a string, got number")
+    cf[5]["paraphrase_prompts"] = ["ok", None]
+    _check(_err(_write(tmp_path, cf)), 5, "paraphrase_prompts[1]", "expected a string, got null")
 
 
 def test_record_not_an_object(tmp_path, cf):
@@ -182,3 +184,77 @@ def test_skip_invalid(tmp_path, cf):
     with pytest.warns(UserWarning, match="skipped 1 invalid record"):
         cases = load_cases(p, skip_invalid=True)
     assert [c.case_id for c in cases] == ["0", "1", "3", "4", "5", "6", "7"]
+
+
+# ---------------------------------------------------------------------------------------- issue 13, item 14
+def _jsonl_rec(**rw):
+    base = {"prompt": "The capital of {} is", "subject": "Japan", "target_new": "Seoul", "target_true": "Tokyo"}
+    base.update(rw)
+    return {"case_id": "0", "rewrite": base}
+
+
+@pytest.mark.parametrize("field,value,tname", [("target_new", 5, "integer"), ("target_true", 1991, "integer"),
+                                              ("target_new", 2.5, "number"), ("subject", 7, "integer")])
+def test_number_is_not_a_string_jsonl(tmp_path, field, value, tname):
+    p = _write(tmp_path, json.dumps(_jsonl_rec(**{field: value})) + "\n", "d.jsonl")
+    e = _err(p)
+    _check(e, 0, f"rewrite.{field}", f"expected a string, got {tname}")
+    assert json.dumps(str(value)) in str(e)  # says how to write it instead
+
+
+def test_number_target_counterfact(tmp_path, cf):
+    bad = copy.deepcopy(cf)
+    bad[2]["requested_rewrite"]["target_new"]["str"] = 5
+    e = _err(_write(tmp_path, bad))
+    _check(e, 2, "requested_rewrite.target_new.str", "expected a string, got integer")
+
+
+def test_number_answer_zsre(tmp_path, zsre):
+    bad = copy.deepcopy(zsre)
+    bad[1]["alt"] = 1991
+    e = _err(_write(tmp_path, bad))
+    _check(e, 1, "alt", "expected a string, got integer")
+
+
+def test_target_new_equals_target_true_jsonl(tmp_path):
+    p = _write(tmp_path, json.dumps(_jsonl_rec(target_new="Tokyo")) + "\n", "d.jsonl")
+    e = _err(p)
+    _check(e, 0, "rewrite.target_new", "equals target_true")
+
+
+def test_target_new_equals_target_true_counterfact(tmp_path, cf):
+    bad = copy.deepcopy(cf)
+    bad[3]["requested_rewrite"]["target_new"]["str"] = bad[3]["requested_rewrite"]["target_true"]["str"]
+    e = _err(_write(tmp_path, bad))
+    _check(e, 3, "requested_rewrite.target_new", "equals target_true")
+    # skip_invalid keeps the other records (one warning naming the record)
+    with pytest.warns(UserWarning, match="equals target_true"):
+        cases = load_cases(_write(tmp_path, bad), skip_invalid=True)
+    assert len(cases) == len(cf) - 1
+
+
+def test_target_new_equals_target_true_make_case():
+    from editlens.data.schema import Rewrite, make_case
+
+    rw = Rewrite("The capital of {} is", "Japan", "Tokyo", "Tokyo")
+    with pytest.raises(DataFormatError, match="equals target_true"):
+        make_case("c0", rw)
+    with pytest.raises(DataFormatError, match="rewrite.target_new"):
+        rw.validate()
+
+
+def test_metric_without_probes_of_its_kind_warns(tiny_llama):
+    from editlens.data import synthetic_cases
+    from editlens.evaluate import ModelSystem, evaluate
+
+    cases = [c.with_probes("generation", []).with_probes("portability", []) for c in synthetic_cases(2)]
+    assert not any(c.probes_of("portability") for c in cases)
+    base = ModelSystem(tiny_llama)
+    with pytest.warns(UserWarning) as rec:
+        res = evaluate(base, cases, base=base, metrics=["s_acc", "portability_tacc", "fluency"], progress=False)
+    msgs = [str(w.message) for w in rec]
+    hit = [m for m in msgs if "portability_tacc" in m]
+    assert hit and "portability" in hit[0] and "no rows" in hit[0], msgs
+    assert any("fluency" in m and "generation" in m for m in msgs), msgs
+    assert not any("'s_acc'" in m for m in msgs)  # a metric that found its probes is not named
+    assert set(res.to_pandas().metric) == {"s_acc"}

@@ -6,6 +6,7 @@ wrong type or empty.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from editlens.data.schema import Probe, ProbeKind, Rewrite
@@ -101,11 +102,15 @@ def as_str(value: Any, where: Fields, key: str | int | None, *, field: str | Non
            allow_empty: bool = False) -> str:
     """Check that ``value`` is a (non-empty) string and return it stripped."""
     fname = field if field is not None else (where.name(key) if key is not None else where.prefix)
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataFormatError(f"expected a string, got {_tname(value)}", path=where.path, record=where.record,
-                              field=fname)
-    if not isinstance(value, str):  # numbers as answers ("1991") are accepted and converted
-        value = str(value)
+    if type(value) is not str:
+        if isinstance(value, str):  # a str subclass
+            value = str(value)
+        else:
+            # numbers are not converted (a JSON number is not the text the model must produce: 1.0, 1e3, 007...)
+            hint = f" (write it as the string {json.dumps(str(value))})" if isinstance(value, (int, float)) and \
+                not isinstance(value, bool) else ""
+            raise DataFormatError(f"expected a string, got {_tname(value)} {json.dumps(value, default=str)[:80]}"
+                                  f"{hint}", path=where.path, record=where.record, field=fname)
     value = value.strip()
     if not value and not allow_empty:
         raise DataFormatError("must not be empty", path=where.path, record=where.record, field=fname)

@@ -61,7 +61,8 @@ def parse(record: Any, *, index: int, path: Any = None) -> EditCase:
     """Parse one editlens JSON record into an :class:`EditCase`."""
     f = Fields(record, path=path, record=index)
     cid = f.raw("case_id")
-    case_id = as_str(cid, f, "case_id")
+    # case ids may be integers (docs/data.md); every other text field must be a JSON string
+    case_id = as_str(str(cid) if isinstance(cid, int) and not isinstance(cid, bool) else cid, f, "case_id")
     rewrite = _rewrite(f.sub("rewrite"))  # type: ignore[arg-type]
     extras = [_rewrite(Fields(r, path=path, record=index, prefix=f"extra_rewrites[{i}]"))
               for i, r in enumerate(f.list("extra_rewrites"))]
