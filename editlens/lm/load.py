@@ -645,6 +645,111 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
     return _finish(model, tok, name, dev, dt)
 
 
+def _config_layers(cfg: Any) -> int | None:
+    for attr in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    text = getattr(cfg, "text_config", None)  # multimodal configs nest the language model's
+    return _config_layers(text) if text is not None and text is not cfg else None
+
+
+def _gguf_layers(path: Path) -> int | None:
+    """``<arch>.block_count`` from a GGUF file's key/value header (read sequentially; no tensor is touched)."""
+    import struct
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    ints = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+    try:
+        with open(path, "rb") as f:
+            def read(n: int) -> bytes:
+                b = f.read(n)
+                if len(b) != n:
+                    raise EOFError
+                return b
+
+            def u32() -> int:
+                return struct.unpack("<I", read(4))[0]
+
+            def u64() -> int:
+                return struct.unpack("<Q", read(8))[0]
+
+            def string() -> bytes:
+                return read(u64())
+
+            def value(t: int) -> Any:
+                if t == 8:
+                    return string()
+                if t == 9:
+                    et, n = u32(), u64()
+                    if et in sizes:
+                        f.seek(sizes[et] * n, 1)
+                    else:
+                        for _ in range(n):
+                            value(et)
+                    return None
+                raw = read(sizes[t])
+                return struct.unpack(ints[t], raw)[0] if t in ints else None
+
+            if read(4) != b"GGUF" or u32() < 2:
+                return None
+            u64()  # tensor count
+            arch, counts = None, {}
+            for _ in range(u64()):
+                key = string().decode("utf-8", "replace")
+                v = value(u32())
+                if key == "general.architecture" and isinstance(v, bytes):
+                    arch = v.decode("utf-8", "replace")
+                elif key.endswith(".block_count") and isinstance(v, int):
+                    counts[key] = v
+                if arch is not None and f"{arch}.block_count" in counts:
+                    return int(counts[f"{arch}.block_count"])
+            return None
+    except (OSError, EOFError, KeyError, struct.error):
+        return None
+
+
+def model_n_layers(name_or_path: str) -> int | None:
+    """The number of transformer blocks of a model, read from its configuration only (no weights are loaded).
+
+    Built-in tiny models: their config; built-in embedded models and ``.gguf`` files: the GGUF metadata (or the
+    config of the dequantised copy in the cache); checkpoint directories: ``config.json``; hub ids: the config in
+    the local Hugging Face cache (never downloaded). ``None`` when it cannot be known that way.
+    """
+    name = str(name_or_path)
+    if name in TINY_MODELS:
+        return _config_layers(_tiny_config(name, vocab=1024))
+    if name in EMBEDDED_MODELS:
+        cached = sorted((cache_dir() / "models").glob(f"{name}-*/config.json"))
+        for c in cached:
+            with contextlib.suppress(Exception):
+                import json
+
+                n = _config_layers(type("C", (), json.loads(c.read_text(encoding="utf-8"))))
+                if n:
+                    return n
+        try:
+            return _gguf_layers(embedded_model_file(name))
+        except ModelLoadError:
+            return None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        return _gguf_layers(path) if path.is_file() else None
+    if path.is_dir() and not (path / "config.json").is_file():
+        return None
+    if not path.is_dir() and not _HUB_ID_RE.match(name):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = AutoConfig.from_pretrained(str(path) if path.is_dir() else name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not available without a download (or unreadable): unknown
+        return None
+    return _config_layers(cfg)
+
+
 def installed_models() -> dict[str, str]:
     """Built-in names and whether each is available here (``"installed"`` or what to install)."""
     out: dict[str, str] = {}

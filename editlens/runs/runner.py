@@ -260,20 +260,24 @@ def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> tuple[st
 
 
 def load_validated_spec(path: str | Path) -> Spec:
-    """:func:`editlens.runs.spec.load_spec` plus the metric and method/hyperparameter registries.
+    """:func:`editlens.runs.spec.load_spec` plus the metric and method/hyperparameter registries and the model's
+    depth (layer indices, read from the model's config: :func:`editlens.runs.spec.check_model_layers`).
 
     Raises:
-        SpecError: the message names the file, the line and the key of every problem.
+        SpecError: the message names the file, the line and the key of every problem, all at once.
     """
-    spec = load_spec(path, metric_validator=metric_validator)
-    check_methods(spec)
-    return spec
+    from editlens.runs.spec import check_model_layers
+
+    return load_spec(path, metric_validator=metric_validator, checks=(check_methods, check_model_layers))
 
 
 def prepare_spec(spec_or_path: Spec | str | Path) -> Spec:
     """A validated :class:`Spec` from a spec or a path (a given Spec is checked against the registries too)."""
     if isinstance(spec_or_path, Spec):
+        from editlens.runs.spec import check_model_layers
+
         check_methods(spec_or_path)
+        check_model_layers(spec_or_path)
         return spec_or_path
     return load_validated_spec(spec_or_path)
 

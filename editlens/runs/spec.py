@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +39,12 @@ KeyPath = tuple[Any, ...]
 LineLookup = Callable[[str], "int | None"]
 Validator = Callable[[str, dict, LineLookup], None]
 MetricValidator = Callable[[list, LineLookup], None]
+#: a whole-spec check (e.g. the method registry, the model's depth): raises SpecError (with ``issues``) or any
+#: EditlensError; it may see a partial spec (``model``/``regime`` None) when other problems were found
+SpecCheck = Callable[["Spec"], None]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+PROMPT_FORMATS = ("auto", "raw", "chat")
 REGIME_KINDS = ("batch", "sequential")
 _TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "regime", "metrics", "sweep",
              "seeds", "report")
@@ -601,8 +606,9 @@ def _close(word: str, choices: Sequence[str]) -> str:
 
 
 def load_spec(path: str | Path, *, validator: Validator | None = None,
-              metric_validator: MetricValidator | None = None) -> Spec:
-    """Read and validate a spec file (``.toml``, ``.yaml`` or ``.yml``). Raises :class:`SpecError`."""
+              metric_validator: MetricValidator | None = None, checks: Sequence[SpecCheck] = ()) -> Spec:
+    """Read and validate a spec file (``.toml``, ``.yaml`` or ``.yml``). Raises :class:`SpecError` listing every
+    problem found (structure, ``metric_validator``, ``validator`` and ``checks``), each as ``file:line: key: ...``."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
@@ -614,12 +620,18 @@ def load_spec(path: str | Path, *, validator: Validator | None = None,
     except UnicodeDecodeError as e:
         raise SpecError(f"spec {path}: not UTF-8 text: {e}") from None
     return parse_spec(text, "toml" if suffix == ".toml" else "yaml", base_dir=path.resolve().parent,
-                      source=path, validator=validator, metric_validator=metric_validator)
+                      source=path, validator=validator, metric_validator=metric_validator, checks=checks)
 
 
 def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", source: str | Path | None = None,
-               validator: Validator | None = None, metric_validator: MetricValidator | None = None) -> Spec:
-    """Parse and validate spec text (``fmt`` ``"toml"`` or ``"yaml"``); relative paths use ``base_dir``."""
+               validator: Validator | None = None, metric_validator: MetricValidator | None = None,
+               checks: Sequence[SpecCheck] = ()) -> Spec:
+    """Parse and validate spec text (``fmt`` ``"toml"`` or ``"yaml"``); relative paths use ``base_dir``.
+
+    All problems are collected before raising: the structural ones, then those of ``metric_validator``,
+    ``validator`` and each of ``checks`` (which also run when the structure has problems, on what could be
+    parsed), in one :class:`SpecError` whose ``issues`` lists them (file order).
+    """
     src = str(source) if source is not None else f"<{fmt} spec>"
     if fmt == "toml":
         try:
@@ -649,9 +661,24 @@ def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", sour
         ck.err((), f"the spec must be a table/mapping at the top level, got {_tname(data)}", line=1)
         ck.raise_if_any()
     spec = _validate(data, ck, Path(base_dir), Path(source) if source is not None else None)
-    ck.raise_if_any()
-    assert spec is not None
-    _run_plugins(spec, ck, validator, metric_validator)
+    partial = bool(ck.issues)
+    n_structural = len(ck.issues)
+    try:
+        _run_plugins(spec, ck, validator, metric_validator)
+        for check in checks:
+            try:
+                check(spec)
+            except SpecError as e:
+                _absorb(ck, e, ())
+            except EditlensError as e:
+                ck.err((), str(e))
+    except Exception:
+        if not partial:
+            raise
+        # a check tripping over a partial spec: the structural problems are what the user must fix first
+        del ck.issues[n_structural:]
+    if ck.issues:
+        ck.issues[:] = sorted(dict.fromkeys(ck.issues), key=lambda i: (i.line is None, i.line or 0))
     ck.raise_if_any()
     return spec
 
@@ -685,8 +712,14 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
             if "name" not in m:
                 ck.err(("model", "name"), "required key is missing", line=ck.lines.lookup(("model",)))
             device = ck.string(m.get("device", "auto"), ("model", "device")) or "auto"
+            if device != "auto":
+                from editlens.lm.load import device_problem
+
+                problem = device_problem(device)
+                if problem is not None:
+                    ck.err(("model", "device"), problem)
             dtype = ck.string(m.get("dtype", "auto"), ("model", "dtype"), DTYPES) or "auto"
-            pfmt = ck.string(m.get("prompt_format", "auto"), ("model", "prompt_format")) or "auto"
+            pfmt = ck.string(m.get("prompt_format", "auto"), ("model", "prompt_format"), PROMPT_FORMATS) or "auto"
             if mname:
                 local = base / mname
                 if mname.startswith("~"):
@@ -825,6 +858,10 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                 kinds.add("string" if isinstance(x, str) else "number")
             if not ok:
                 continue
+            bad = [x for x in values if isinstance(x, float) and not math.isfinite(x)]
+            if bad:
+                ck.err(path, f"sweep values must be finite numbers; got {', '.join(map(repr, bad))} in {values!r}")
+                continue
             if len(kinds) > 1:
                 ck.err(path, f"mixes numbers and strings: {values!r}; use one type per axis")
                 continue
@@ -869,8 +906,8 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                         ck.err(("report", "groups", g), f"must be a list of metric names, got {ms!r}")
         report = dict(r)
 
-    if ck.issues or model is None or regime is None:
-        return None
+    # with problems, a partial spec (model / regime may be None) still goes to the registry checks, so that
+    # every problem of the file is reported at once
     return Spec(model=model, datasets=datasets, methods=methods, regime=regime, metrics=metrics, sweep=sweep,
                 seeds=seeds, report=report, name=name, description=description, store=store, source=source,
                 raw=d, lines=ck.lines)
@@ -991,3 +1028,56 @@ def _absorb(ck: _Checker, e: SpecError, path: KeyPath) -> None:
         ck.issues.extend(issues)
     else:
         ck.err(path, str(e))
+
+
+#: hyperparameters that hold layer indices (an int or a list of ints), in every method
+LAYER_KEYS = ("layer", "layers")
+
+
+def _counts_from_end(method: str) -> bool:
+    """Whether ``method`` accepts negative layer indices (counted from the last layer, as GRACE and WISE do)."""
+    try:
+        from editlens.edit.base import get_method
+
+        return hasattr(get_method(method).hparams_class, "layer_index")
+    except EditlensError:
+        return False
+
+
+def check_model_layers(spec: Spec) -> None:
+    """Check every layer index set in the spec (``layer`` / ``layers`` of each method, and their sweep axes)
+    against the depth of the spec's model, read from its configuration only (see
+    :func:`editlens.lm.load.model_n_layers`; no weights are loaded). Nothing is checked when the depth cannot be
+    known without a download. Raises :class:`SpecError` naming each key and line."""
+    if spec.model is None or not spec.methods:
+        return
+    from editlens.lm.load import model_n_layers
+
+    n = model_n_layers(spec.model.name)
+    if not n:
+        return
+    ck = _Checker(str(spec.source) if spec.source is not None else "<spec>", spec.lines)
+    for i, m in enumerate(spec.methods):
+        relative = None
+        for point in spec.sweep_points(m):
+            hp, _ = merge_point(m, point)
+            for key in LAYER_KEYS:
+                if key not in hp:
+                    continue
+                v = hp[key]
+                vals = list(v) if isinstance(v, (list, tuple)) else [v]
+                ints = [x for x in vals if isinstance(x, int) and not isinstance(x, bool)]
+                if relative is None and any(x < 0 for x in ints):
+                    relative = _counts_from_end(m.name)
+                lo = -n if relative else 0
+                bad = [x for x in ints if not lo <= x < n]
+                if not bad:
+                    continue
+                axis = f"{m.label}.{key}"
+                path: KeyPath = ("sweep", axis) if axis in spec.sweep else ("methods", i, "hparams", key)
+                span = f"{-n}..{n - 1}, negative counts from the last" if relative else f"0..{n - 1}"
+                msg = (f"method {m.name!r}: layer {bad[0]} is outside the model {spec.model.name!r} "
+                       f"({n} layers: {span})")
+                if not any(x.key == key_str(path) and x.message == msg for x in ck.issues):
+                    ck.err(path, msg)
+    ck.raise_if_any()

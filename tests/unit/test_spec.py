@@ -279,3 +279,130 @@ def test_parse_spec_from_string(spec_dir):
     assert s.plan()[0].n_edits == 10 and s.default_run_id().startswith("run-")
     with pytest.raises(SpecError, match="top level"):
         parse_spec("- 1\n- 2\n", "yaml")
+
+
+# ---------------------------------------------------------------------------------------- issue 13, item 9
+THREE = """\
+metrics = ["kl"]
+[model]
+name = "tiny-llama"
+device = "gpu7"
+[[datasets]]
+path = "synthetic:30"
+[[methods]]
+name = "memit"
+hparams = { layers = [1, 99] }
+[regime]
+kind = "batch"
+sizes = [10]
+[sweep]
+"memit.mom2_update_weight" = [nan, inf, 10.0]
+"""
+
+
+def _dry_run(path):
+    from click.testing import CliRunner
+
+    from editlens.cli.main import cli
+
+    return CliRunner().invoke(cli, ["bench", str(path), "--dry-run"])
+
+
+def _lines(out: str, path) -> set[tuple[int, str]]:
+    """(line, key) of every problem printed as ``<path>:<line>: <key>: message``."""
+    import re
+
+    return {(int(m.group(1)), m.group(2)) for m in re.finditer(re.escape(str(path)) + r":(\d+): (\S+): ", out)}
+
+
+def test_dry_run_reports_every_problem_at_once(spec_dir):
+    from editlens.runs.runner import load_validated_spec
+
+    p = write(spec_dir, THREE.replace('metrics = ["kl"]', 'metrics = ["efficacy", "kl"]')
+              .replace('device = "gpu7"', 'device = "gpu7"\nprompt_format = "weird"'))
+    with pytest.raises(SpecError) as e:
+        load_validated_spec(p)
+    got = {(i.line, i.key) for i in e.value.issues}
+    want = {(1, "metrics[0]"), (4, "model.device"), (5, "model.prompt_format"), (10, "methods[0].hparams.layers"),
+            (15, 'sweep."memit.mom2_update_weight"')}
+    assert want <= got, got
+    r = _dry_run(p)
+    assert r.exit_code == 2, r.output
+    assert want <= _lines(r.output, p), r.output
+    assert "5 problems" in r.output or f"{len(got)} problems" in r.output
+    assert "'gpu7'" in r.output and "'weird'" in r.output and "efficacy" in r.output
+    assert "layer 99" in r.output and "4 layers" in r.output and "nan" in r.output
+
+
+@pytest.mark.parametrize("old,new,line,key,fragment", [
+    ('layers = [1, 99]', 'layers = [1, 99]', 9, "methods[0].hparams.layers", "layer 99"),
+    ('device = "gpu7"', 'device = "cuda:x"', 4, "model.device", "'cuda:x'"),
+    ('device = "gpu7"', 'prompt_format = "weird"', 4, "model.prompt_format", "'weird'"),
+    ('"memit.mom2_update_weight" = [nan, inf, 10.0]', '"memit.mom2_update_weight" = [1.0, inf]', 14,
+     'sweep."memit.mom2_update_weight"', "inf"),
+])
+def test_each_problem_fails_dry_run(spec_dir, old, new, line, key, fragment):
+    text = THREE
+    for o, n in (('device = "gpu7"', ''), ('layers = [1, 99]', 'layers = [1, 2]'),
+                 ('"memit.mom2_update_weight" = [nan, inf, 10.0]', '"memit.mom2_update_weight" = [10.0]')):
+        if o != old:
+            text = text.replace(o, n)
+    text = text.replace(old, new)
+    p = write(spec_dir, text)
+    r = _dry_run(p)
+    assert r.exit_code == 2, r.output
+    assert (line, key) in _lines(r.output, p), r.output
+    assert fragment in r.output
+
+
+def test_dry_run_clean_spec_passes(spec_dir):
+    text = THREE.replace('device = "gpu7"', 'device = "cpu"\nprompt_format = "raw"') \
+        .replace('layers = [1, 99]', 'layers = [1, 3]').replace("[nan, inf, 10.0]", "[10.0, 100.0]")
+    r = _dry_run(write(spec_dir, text))
+    assert r.exit_code == 0, r.output
+    assert "units: 2" in r.output
+
+
+def test_negative_layers_where_the_method_counts_from_the_end(spec_dir):
+    from editlens.runs.runner import load_validated_spec
+
+    base = THREE.replace('device = "gpu7"', '').replace("[nan, inf, 10.0]", "[10.0]")
+    ok = base.replace('hparams = { layers = [1, 99] }', '').replace('name = "memit"', 'name = "grace"\nhparams = { layer = -2 }') \
+        .replace('"memit.mom2_update_weight" = [10.0]', '')
+    load_validated_spec(write(spec_dir, ok))
+    with pytest.raises(SpecError, match="layer -5"):
+        load_validated_spec(write(spec_dir, ok.replace("layer = -2", "layer = -5")))
+    with pytest.raises(SpecError, match="layer -1"):
+        load_validated_spec(write(spec_dir, base.replace("layers = [1, 99]", "layers = [-1]")))
+    rome = ok.replace('name = "grace"\nhparams = { layer = -2 }', 'name = "rome"') + '"rome.layer" = [1, 7]\n'
+    with pytest.raises(SpecError) as e:
+        load_validated_spec(write(spec_dir, rome))
+    line = rome.splitlines().index('"rome.layer" = [1, 7]') + 1
+    assert [(i.key, i.line) for i in e.value.issues] == [('sweep."rome.layer"', line)] and "layer 7" in str(e.value)
+
+
+def test_model_layers_read_from_config_without_weights(tmp_path, monkeypatch):
+    import time
+
+    import editlens.lm.load as L
+
+    def boom(*a, **k):
+        raise AssertionError("the weights must not be read")
+
+    monkeypatch.setattr(L, "_load_gguf", boom)
+    monkeypatch.setattr(L, "_cached_gguf", boom)
+    monkeypatch.setattr(L, "build_tiny", boom)
+    assert L.model_n_layers("tiny-llama") == 4 and L.model_n_layers("tiny-gpt2") == 4
+    if L.installed_models()["smollm2-135m"] == "installed":
+        monkeypatch.setenv("EDITLENS_CACHE", str(tmp_path / "empty-cache"))  # no dequantised copy to look at
+        t0 = time.perf_counter()
+        assert L.model_n_layers("smollm2-135m") == 30
+        assert time.perf_counter() - t0 < 10
+    import transformers
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    transformers.LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                             vocab_size=100).save_pretrained(str(d))
+    assert L.model_n_layers(str(d)) == 3
+    assert L.model_n_layers("no-such-org-xyz/no-such-model") is None  # unknown without a download: not checked
