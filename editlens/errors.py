@@ -66,4 +66,16 @@ class StoreBusyError(StoreError):
 
 
 class ContextLengthError(EditlensError):
-    """A prompt (with its target or generated tokens) is longer than the model's context."""
+    """A prompt (with its target or generated tokens) is longer than the model's context.
+
+    Attributes (``None`` when unknown): ``n_tokens`` (positions needed), ``context`` (the model's context length),
+    ``case_id`` and ``probe`` (e.g. ``"paraphrase[1]"``) when the up-front check of an evaluation or edit found it.
+    """
+
+    def __init__(self, message: str, *, n_tokens: int | None = None, context: int | None = None,
+                 case_id: str | None = None, probe: str | None = None):
+        super().__init__(message)
+        self.n_tokens = n_tokens
+        self.context = context
+        self.case_id = case_id
+        self.probe = probe

@@ -34,9 +34,12 @@ import click
               help="Sequential regime: size K of the fixed evaluation sample (the first K cases; default: the "
                    "first checkpoint).")
 @click.option("--no-baseline", is_flag=True, help="Sequential regime: do not evaluate the unedited model at step 0.")
+@click.option("--truncate", type=click.Choice(["left"]), default=None,
+              help="Let prompts longer than the model's context lose their oldest tokens (recorded with the run). "
+                   "Default: such a prompt is an error naming the case and probe.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
 def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, report: bool, run_id: str | None,
-          eval_cases: int | None, no_baseline: bool, quiet: bool) -> None:
+          eval_cases: int | None, no_baseline: bool, truncate: str | None, quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
@@ -47,7 +50,7 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, rep
     s = load_validated_spec(spec)
     if eval_cases is not None and eval_cases < 1:
         raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
-    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline)
+    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate)
     store = store_path if store_path is not None else default_store_path(s)
     if dry_run:
         click.echo(s.describe_plan())

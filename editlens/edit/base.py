@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Se
 import torch
 
 from editlens.errors import HParamsError, MethodError
+from editlens.lm.context import check_rewrites
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
@@ -511,6 +512,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
         raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. edit(lm, cases, 'memit')")
     editor = get_method(method)()
     cases = _check_cases(cases)
+    check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     t0 = time.perf_counter()
     with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
@@ -538,6 +540,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
     editor = get_method(method)()
     cases = _check_cases(cases)
+    check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     state = editor.begin_sequence(lm, hp, seed=seed)
     marks = sorted({int(c) for c in checkpoints})

@@ -796,7 +796,8 @@ def _no_rows_message(metrics: Sequence[Metric], cases: Sequence["EditCase"]) -> 
 
 def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None" = None,
              metrics: str | Sequence[str | Metric] = ("gt", "gtfree"), batch_tokens: int | None = 4096,
-             prompt_format: str | None = None, cache: Any = True, progress: bool = True) -> Results:
+             prompt_format: str | None = None, cache: Any = True, progress: bool = True,
+             truncate: str | None = None) -> Results:
     """Evaluate ``system`` on ``cases`` with ``metrics`` (bulk, batched, base outputs cached).
 
     Args:
@@ -812,6 +813,10 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
         cache: ``True`` (process-wide in-memory LRU, the default), ``False``/``None`` (no cache), a
             :class:`BaseCache`, or a directory path (persistent cache there).
         progress: show a tqdm progress bar over the model calls.
+        truncate: ``None`` (default): a prompt that does not fit the model's context (with its target, or with the
+            new tokens of a generation, as each system poses it) is a :class:`ContextLengthError` naming the case
+            and the probe, raised before any model call. ``"left"``: such prompts lose their oldest tokens (see
+            :mod:`editlens.lm.context`); ``meta`` records ``truncate`` and ``truncated_requests``.
 
     Returns:
         :class:`Results` with one row per case, probe kind and metric; ``meta`` records the prompt format,
@@ -819,8 +824,12 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
 
     Raises:
         MetricError: unknown metric, or a metric that needs ``base`` when none is given.
+        ContextLengthError: a prompt longer than the model's context (without ``truncate="left"``).
     """
+    from editlens.lm import context as _ctx
+
     t0 = time.perf_counter()
+    truncate = _ctx.check_truncate(truncate)
     cases = _check_cases(cases)
     metric_objs = resolve_metrics(metrics)
     same = base is not None and (base is system)  # before re-posing: one object stays one system
@@ -845,6 +854,9 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             needs_base.append(m.name)
     if needs_base and base is None:
         raise MetricError(f"metrics {', '.join(needs_base)} compare with the unedited model: pass base=<System>")
+    # every prompt must fit the model's context, as each system poses it: checked before any model call
+    n_truncated = _ctx.check_requests({EDITED: system, BASE: base if base is not None else system}, wanted, cases,
+                                      metric_objs, truncate)
 
     # ---- answer
     store: dict[str, dict[Request, Any]] = {EDITED: {}, BASE: {}}
@@ -852,7 +864,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
     cache_hit = None
     fmt = system.prompt_format
     timings: dict[str, float] = {}
-    with _batch_tokens([s for s in (system, base) if s is not None], batch_tokens):
+    with _batch_tokens([s for s in (system, base) if s is not None], batch_tokens), _ctx.truncation(truncate):
         base_reqs = set(wanted[BASE]) | (set(wanted[EDITED]) if same else set())
         n_groups = len(_groups_of(base_reqs, base)) + (0 if same else len(_groups_of(wanted[EDITED], system)))
         with _progress(progress, n_groups, "evaluate") as bar:
@@ -902,6 +914,8 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
                               for t in (NextToken, Score, Generate)} for role in ROLES},
         "batch_tokens": batch_tokens,
         "base_cache_hit": cache_hit,
+        "truncate": truncate,
+        "truncated_requests": n_truncated,
         "timings": timings,
     }
     return Results(rows, meta)

@@ -586,6 +586,9 @@ def _finish(model, tok, name: str, device: torch.device, dtype: torch.dtype) -> 
     if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
         cfg.pad_token_id = tok.pad_token_id
     arch = arch_for(model)
+    from editlens.lm.context import install_guard
+
+    install_guard(model)  # a forward pass beyond the context length raises ContextLengthError
     return LM(model=model, tokenizer=tok, arch=arch, name=name, device=device,
               base_fingerprint=weights_fingerprint(model))
 

@@ -11,6 +11,10 @@ Only the logits that are needed are computed (``logits_to_keep``): the last posi
 distributions, the last ``len(target)`` positions for teacher forcing — with left padding the target tokens of
 every row sit at the end.
 
+Context length (:mod:`editlens.lm.context`): every operation checks all its prompts before its first forward pass;
+one that does not fit the model's context (with its target, or with the new tokens of a generation) raises
+:class:`~editlens.errors.ContextLengthError`, or inside ``with truncation("left")`` loses its oldest tokens.
+
 Target tokenisation (:func:`target_token_ids`): a target is joined to its prompt with one space unless the
 prompt ends with whitespace or the target starts with it. The target's tokens are the tokens of
 ``prompt + sep + target`` after the prompt's own tokens; when the tokenizer merges across the boundary (the
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 
 from editlens.errors import EditlensError
+from editlens.lm.context import context_length, fit_ids, truncation  # noqa: F401  (re-exported)
 from editlens.lm.hooks import record_io
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +65,8 @@ class TeacherForced:
         """Share of target tokens that are the model's top-1 prediction (T-acc)."""
         if self.target_ids.numel() == 0:
             return 0.0
+        if not bool(torch.isfinite(self.logprobs).all()):
+            return float("nan")  # non-finite logits: the argmax is meaningless (NaN, never 0)
         return float((self.argmax_ids == self.target_ids).float().mean())
 
 
@@ -174,7 +181,7 @@ def next_token_logprobs(lm: "LM", prompts: Sequence[str], batch_tokens: int = DE
     prompts = list(prompts)
     if not prompts:
         return torch.empty((0, lm.vocab_size))
-    ids = [encode(lm.tokenizer, p) for p in prompts]
+    ids = [fit_ids(lm, encode(lm.tokenizer, p), 0, what="prompt", index=i, text=p) for i, p in enumerate(prompts)]
     results: list[torch.Tensor | None] = [None] * len(prompts)
     for group in plan_batches([len(s) for s in ids], batch_tokens, _max_rows(lm)):
         batch = pad_left([ids[i] for i in group], _pad_id(lm), lm.device)
@@ -207,6 +214,9 @@ def teacher_forced_with_next_token(lm: "LM", prompts: Sequence[str], targets: Se
         raise EditlensError(f"{len(prompts)} prompts but {len(targets)} targets")
     want = set(next_token_rows)
     pairs = [target_token_ids(lm.tokenizer, p, t) for p, t in zip(prompts, targets)]
+    pairs = [(fit_ids(lm, p, len(t) - 1, what="prompt", index=i, text=prompts[i],
+                      reserved_what="target tokens fed after it"), t)
+             for i, (p, t) in enumerate(pairs)]
     seqs = [p + t[:-1] for p, t in pairs]
     results: list[TeacherForced | None] = [None] * len(pairs)
     nexts: dict[int, torch.Tensor] = {}
@@ -255,7 +265,8 @@ def generate(lm: "LM", prompts: Sequence[str], max_new_tokens: int = 16, batch_t
     prompts = list(prompts)
     if not prompts:
         return []
-    ids = [encode(lm.tokenizer, p) for p in prompts]
+    ids = [fit_ids(lm, encode(lm.tokenizer, p), max(0, max_new_tokens - 1), what="prompt", index=i, text=p,
+                   reserved_what=f"positions for {max_new_tokens} new tokens") for i, p in enumerate(prompts)]
     out: list[str] = [""] * len(prompts)
     eos = lm.tokenizer.eos_token_id
     for group in plan_batches([len(s) + max_new_tokens for s in ids], batch_tokens, _max_rows(lm)):
@@ -290,7 +301,8 @@ def capture(lm: "LM", prompts: Sequence[str], modules: Sequence[str], positions:
         ``{module: Tensor[n, d]}`` in float32 on CPU.
     """
     prompts = list(prompts)
-    ids = [encode(lm.tokenizer, p) for p in prompts]
+    ids = [fit_ids(lm, encode(lm.tokenizer, p), 0, what="prompt", index=i, text=p, allow_truncation=False)
+           for i, p in enumerate(prompts)]  # positions count in the prompt's own tokens: never truncated
     if len(positions) != len(prompts):
         raise EditlensError(f"{len(prompts)} prompts but {len(positions)} positions")
     res: dict[str, list[torch.Tensor | None]] = {m: [None] * len(prompts) for m in modules}

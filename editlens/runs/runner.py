@@ -87,14 +87,26 @@ class RunOptions:
             ``None`` = the first checkpoint.
         baseline: sequential regime: evaluate the unedited model at step 0.
         batch_tokens: token budget of one padded evaluation batch.
+        truncate: ``None`` (a prompt longer than the model's context is an error naming the case and probe) or
+            ``"left"`` (such prompts lose their oldest tokens; see :mod:`editlens.lm.context`). Recorded with the run
+            only when set, so runs recorded before the option existed still resume.
     """
 
     eval_cases: int | None = None
     baseline: bool = True
     batch_tokens: int = 4096
+    truncate: str | None = None
+
+    def __post_init__(self) -> None:
+        from editlens.lm.context import check_truncate
+
+        object.__setattr__(self, "truncate", check_truncate(self.truncate))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "runner_version": RUNNER_VERSION}
+        d = asdict(self)
+        if d["truncate"] is None:
+            del d["truncate"]
+        return {**d, "runner_version": RUNNER_VERSION}
 
     def eval_size(self, unit: Unit) -> int:
         """``K`` for a unit (batch regime: all its cases)."""
@@ -437,6 +449,13 @@ class BaseAnswers:
         key = _request_key(reqs)
         fb = self._by_key.get(key)
         if fb is None:
+            from editlens.evaluate.core import BASE, resolve_metrics
+            from editlens.evaluate.system import ModelSystem
+            from editlens.lm.context import check_requests, current_truncation
+
+            # prompts longer than the context: ContextLengthError naming the case and probe, before any model call
+            check_requests({BASE: ModelSystem(lm, prompt_format=self.prompt_format)}, {BASE: reqs}, list(cases),
+                           resolve_metrics(list(metrics)), current_truncation())
             fb = FrozenBase(lm, reqs, self.prompt_format, self.batch_tokens)
             self._by_key[key] = fb
         return fb
@@ -465,7 +484,8 @@ def _evaluate(system: Any, cases: Sequence["EditCase"], base: FrozenBase, metric
 
     with torch.random.fork_rng(devices=[]):
         return evaluate(system, list(cases), base=base, metrics=list(metrics), batch_tokens=options.batch_tokens,
-                        prompt_format=None if fmt == "raw" else fmt, cache=False, progress=False)
+                        prompt_format=None if fmt == "raw" else fmt, cache=False, progress=False,
+                        truncate=options.truncate)
 
 
 def _evk_object(evk: Mapping[str, Any] | None) -> Any:
@@ -499,7 +519,9 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
     is_none = unit.method.lower() in BASELINE_NAMES
     evk = _evk_object(unit.evk_align)
 
-    with torch.random.fork_rng(devices=_rng_devices(lm)):
+    from editlens.lm.context import truncation
+
+    with torch.random.fork_rng(devices=_rng_devices(lm)), truncation(options.truncate):
         torch.manual_seed(unit.seed)
         if unit.regime != "sequential":
             fb = base_answers.get(lm, cases, unit.metrics, with_edited=is_none)
@@ -688,11 +710,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--run-id", default=None)
     p.add_argument("--eval-cases", type=int, default=None)
+    p.add_argument("--truncate", choices=["left"], default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
         rid = run_spec(a.spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
-                       options=RunOptions(eval_cases=a.eval_cases))
+                       options=RunOptions(eval_cases=a.eval_cases, truncate=a.truncate))
     except EditlensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
