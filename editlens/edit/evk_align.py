@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -119,7 +119,8 @@ class EvkAlign:
 
     def settings(self) -> dict[str, Any]:
         """Plain settings recorded as ``diagnostics["evk_align"]``."""
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        # not asdict(): it deep-copies the private reference cache too (which holds the model and its lock)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         d["sigmas"], d["spans"] = list(self.sigmas), list(self.spans)
         return d
 
