@@ -116,3 +116,28 @@ def test_directory_without_config(tmp_path):
 def test_all_are_editlens_errors():
     assert issubclass(ModelLoadError, EditlensError) and issubclass(MetricError, EditlensError)
     assert editlens.load_model is not None
+
+
+def test_hub_id_unreachable_hub_uses_cache_only(monkeypatch, tmp_path):
+    import editlens.lm.load as L
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(L, "_hub_reachable", lambda timeout=2.0: False)
+    seen = {}
+    import transformers
+
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def spy(name, *a, **kw):
+        seen.update(kw)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="unreachable") as e:
+        load_model("no-such-org-xyz/tiny_llama", device="cpu")
+    assert time.perf_counter() - t0 < 5.0
+    assert seen.get("local_files_only") is True
+    assert "'tiny-llama'" in str(e.value)  # the close built-in name is suggested here too
