@@ -483,6 +483,26 @@ def suggest_builtin(name: str, n: int = 3) -> list[str]:
     return list(dict.fromkeys(out))[:n]
 
 
+def model_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model (``None`` when it can): not a built-in name, not an existing path and
+    not an ``org/name`` hub id (a missing path, a mistyped built-in name). Checks the name only: nothing is read
+    and the hub is not asked (a built-in model whose package is missing is reported when it loads)."""
+    name = str(name)
+    if name in TINY_MODELS or name in EMBEDDED_MODELS:
+        return None
+    path = Path(name).expanduser()
+    if path.exists():
+        return None
+    if _looks_like_path(name) or path.suffix == ".gguf":
+        return f"model path {name!r}: no such file or directory (looked for {path.absolute()})"
+    if _HUB_ID_RE.match(name):
+        return None
+    close = suggest_builtin(name)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return (f"unknown model {name!r}: {hint}It is not a built-in name ({', '.join(builtin_names())}), not an "
+            f"existing path, and not a Hugging Face hub id of the form 'org/name'")
+
+
 def _looks_like_path(name: str) -> bool:
     return (name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", "..") or "\\" in name
             or name.count("/") > 1 or os.path.isabs(name))
@@ -638,12 +658,10 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a checkpoint directory or a .gguf file")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
         raise ModelLoadError(f"model path {name!r}: no such file or directory (looked for {path.absolute()})")
-    if not _HUB_ID_RE.match(name):
+    problem = model_name_problem(name)
+    if problem is not None:
         # neither a built-in name, nor a path, nor an org/name hub id: fail now, without asking the hub
-        close = suggest_builtin(name)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise ModelLoadError(f"unknown model {name!r}: {hint}It is not a built-in name ({', '.join(builtin_names())}), "
-                             f"not an existing path, and not a Hugging Face hub id of the form 'org/name'")
+        raise ModelLoadError(problem)
     model, tok = _load_hub(name, dt, trust_remote_code)
     return _finish(model, tok, name, dev, dt)
 

@@ -726,6 +726,11 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                     mname = str(Path(mname).expanduser())
                 elif not mname.startswith("/") and (mname.startswith(".") or local.exists()):
                     mname = str(local.resolve())
+                from editlens.lm.load import model_name_problem
+
+                problem = model_name_problem(mname)
+                if problem is not None:
+                    ck.err(("model", "name") if isinstance(m, dict) and m is d["model"] else ("model",), problem)
                 model = ModelSpec(mname, device, dtype, pfmt)
 
     # ---- datasets

@@ -406,3 +406,14 @@ def test_model_layers_read_from_config_without_weights(tmp_path, monkeypatch):
                              vocab_size=100).save_pretrained(str(d))
     assert L.model_n_layers(str(d)) == 3
     assert L.model_n_layers("no-such-org-xyz/no-such-model") is None  # unknown without a download: not checked
+
+
+def test_model_name_checked_at_dry_run(spec_dir):
+    text = THREE.replace('device = "gpu7"', '').replace('layers = [1, 99]', 'layers = [1]').replace(
+        "[nan, inf, 10.0]", "[10.0]")
+    r = _dry_run(write(spec_dir, text.replace('name = "tiny-llama"', 'name = "tiny_llama"')))
+    assert r.exit_code == 2 and "model.name" in r.output and "did you mean 'tiny-llama'" in r.output, r.output
+    r = _dry_run(write(spec_dir, text.replace('name = "tiny-llama"', 'name = "./models/absent"')))
+    assert r.exit_code == 2 and "no such file or directory" in r.output, r.output
+    r = _dry_run(write(spec_dir, 'model = "tiny_lama"\n' + text.replace('[model]\nname = "tiny-llama"\n', '')))
+    assert r.exit_code == 2 and "spec.toml:1: model:" in r.output and "tiny-llama" in r.output, r.output
