@@ -214,9 +214,7 @@ def check_methods(spec: Spec, lm: "LM | None" = None) -> None:
                     issue = SpecIssue(key_str(path), spec.lines.lookup(path), msg)
                     if issue not in issues:
                         issues.append(issue)
-            err = _check_values(hcls, hp, lm)
-            if err is not None:
-                key, msg = err
+            for key, msg in _check_values(hcls, hp, lm):  # every bad override, not only the first
                 path = _param_path(spec, i, key) if key else ("methods", i, "hparams")
                 issue = SpecIssue(key_str(path), spec.lines.lookup(path), f"method {m.name!r}: {msg}")
                 if issue not in issues:
@@ -243,8 +241,8 @@ def _check_evk(evk: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> tuple[str | None, str] | None:
-    """``(key or None, message)`` when the overrides are invalid, else ``None``."""
+def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> list[tuple[str | None, str]]:
+    """``(key or None, message)`` of every invalid override (``[]`` when they are valid together)."""
     def attempt(base_factory: Callable[[], Any], overrides: Mapping[str, Any]) -> str | None:
         try:
             base_factory().replace(**dict(overrides))
@@ -260,15 +258,13 @@ def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> tuple[st
     except Exception:  # pragma: no cover - defaults that cannot be built without a model
         base_ok = False
     if not base_ok:
-        return None  # the generic defaults are not valid by themselves: values are checked once a model is loaded
+        return []  # the generic defaults are not valid by themselves: values are checked once a model is loaded
     msg = attempt(factory, hp)
     if msg is None:
-        return None
-    # find the key responsible (one override at a time), for the line number
-    for k, v in hp.items():
-        if attempt(factory, {k: v}) is not None:
-            return k, msg
-    return None, msg
+        return []
+    # the keys responsible (one override at a time), each with its own message and line
+    bad = [(k, m) for k, m in ((k, attempt(factory, {k: v})) for k, v in hp.items()) if m is not None]
+    return bad or [(None, msg)]
 
 
 def load_validated_spec(path: str | Path) -> Spec:

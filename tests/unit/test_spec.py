@@ -417,3 +417,14 @@ def test_model_name_checked_at_dry_run(spec_dir):
     assert r.exit_code == 2 and "no such file or directory" in r.output, r.output
     r = _dry_run(write(spec_dir, 'model = "tiny_lama"\n' + text.replace('[model]\nname = "tiny-llama"\n', '')))
     assert r.exit_code == 2 and "spec.toml:1: model:" in r.output and "tiny-llama" in r.output, r.output
+
+
+def test_every_bad_hyperparameter_reported(spec_dir):
+    from editlens.runs.runner import load_validated_spec
+
+    text = THREE.replace('device = "gpu7"', '').replace("[nan, inf, 10.0]", "[10.0]").replace(
+        'layers = [1, 99]', 'layers = [1], v_lr = -1.0, v_num_grad_steps = "many"')
+    with pytest.raises(SpecError) as e:
+        load_validated_spec(write(spec_dir, text))
+    keys = {i.key for i in e.value.issues}
+    assert {"methods[0].hparams.v_lr", "methods[0].hparams.v_num_grad_steps"} <= keys, str(e.value)
