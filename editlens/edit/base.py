@@ -311,6 +311,9 @@ class Editor:
 
     name: ClassVar[str] = "?"
     hparams_class: ClassVar[type[HParams]] = HParams
+    #: whether ``apply`` passes ``evk_align`` to its value optimisation / loss; when false, :func:`edit` and
+    #: :func:`edit_sequential` refuse an ``evk_align`` with a MethodError before any work (never silently ignored)
+    supports_evk_align: ClassVar[bool] = False
 
     def default_hparams(self, lm: "LM") -> HParams:
         return self.hparams_class.for_model(lm)
@@ -483,6 +486,13 @@ def _resolve_hparams(editor: Editor, lm: "LM", hparams: HParams | Mapping[str, A
     return hp
 
 
+def _check_evk_support(editor: Editor, evk_align: Any) -> None:
+    if evk_align is not None and not editor.supports_evk_align:
+        raise MethodError(f"method {editor.name!r} does not take evk_align: EVK-Align regularises a value "
+                          "optimisation or a fine-tuning loss (rome, memit, alphaedit, emmet, pmet, prune, rect, ft), "
+                          f"which {editor.name!r} does not have")
+
+
 def _check_cases(cases: Any) -> list["EditCase"]:
     from editlens.data.schema import EditCase
 
@@ -511,6 +521,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
     if not isinstance(method, str):
         raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. edit(lm, cases, 'memit')")
     editor = get_method(method)()
+    _check_evk_support(editor, evk_align)
     cases = _check_cases(cases)
     check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
@@ -539,6 +550,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     if batch_size < 1:
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
     editor = get_method(method)()
+    _check_evk_support(editor, evk_align)
     cases = _check_cases(cases)
     check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)

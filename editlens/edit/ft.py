@@ -346,6 +346,8 @@ def finetune_deltas(lm: "LM", cases: Sequence["EditCase"], hp: FTHParams, *, evk
 
 
 class _FTBase(Editor):
+    supports_evk_align = True  # added to the fine-tuning loss
+
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         if not isinstance(hparams, FTHParams):

@@ -93,6 +93,8 @@ class MEMITHParams(LocateHParams):
 class MultiLayerEditor(Editor):
     """The MEMIT loop (targets at the last layer, residual spread over the layers); :meth:`solve` is the closed form."""
 
+    supports_evk_align = True  # passed to the value optimisation (compute_values' extra_loss)
+
     def solve(self, lm, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hparams: Any,
               sequence: SequenceState | None) -> torch.Tensor:
         """``ΔW [d_out, d_in]`` for keys ``K [d_in, n]`` and residuals ``R [d_out, n]`` (float64, device)."""

@@ -253,6 +253,7 @@ class PMET(Editor):
     """PMET: joint MHSA+FFN value optimisation, FFN-only MEMIT-style update."""
 
     hparams_class = PMETHParams
+    supports_evk_align = True  # passed to the joint value optimisation (extra_loss)
 
     def apply(self, lm: "LM", cases, hparams: PMETHParams, *, evk_align: Any = None, progress: bool = True,
               sequence: SequenceState | None = None) -> Edit:

@@ -88,6 +88,7 @@ class ROME(Editor):
     """ROME (rank-one, one fact at a time)."""
 
     hparams_class = ROMEHParams
+    supports_evk_align = True  # passed to the value optimisation (compute_values' extra_loss)
 
     def apply(self, lm, cases, hparams: ROMEHParams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams

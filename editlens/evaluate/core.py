@@ -270,6 +270,14 @@ class Metric:
         family: the registered name (set by :func:`register_metric`).
         groups: groups the metric belongs to (``"gt"``, ``"gtfree"``, ...).
         direction: ``"higher"`` or ``"lower"`` is better.
+        value_range: ``(low, high)``, closed, that every row value lies in (``-inf``/``inf`` for an open end);
+            ``None`` = undeclared, which :func:`editlens.testing.check_metric` rejects.
+        aux_ranges: ranges of auxiliary rows, by the end of their metric name (``{"_cos": (-1.0, 1.0)}``).
+        identity: the value of every row when the evaluated system is the base itself; required of metrics that
+            request the base (``kl`` 0, ``topk`` 1), ``None`` for the others.
+        requires: Python packages the metric needs (``check_metric`` skips, saying so, when one is missing).
+        needs: a resource beyond a model that the metric needs (a reasoning model, a judge...), stated when
+            ``check_metric`` gets no rows from it on a tiny model.
 
     Instance attributes:
         name: canonical name of this instance (``"topk@5"``); defaults to ``family``.
@@ -279,6 +287,11 @@ class Metric:
     family: ClassVar[str] = ""
     groups: ClassVar[tuple[str, ...]] = ()
     direction: ClassVar[str] = "higher"
+    value_range: ClassVar[tuple[float, float] | None] = None
+    aux_ranges: ClassVar[Mapping[str, tuple[float, float]]] = {}
+    identity: ClassVar[float | None] = None
+    requires: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[str | None] = None
 
     def __init__(self, name: str | None = None, **params: Any):
         self.name = name or self.family
@@ -290,6 +303,12 @@ class Metric:
         if arg is not None:
             raise MetricError(f"metric {cls.family!r} takes no '@' parameter (got {name!r})")
         return [cls()]
+
+    @classmethod
+    def check_instances(cls) -> list["Metric"]:
+        """The instances :func:`editlens.testing.check_metric` checks (default: ``from_name(family, None)``);
+        override to check a cheaper but equivalent configuration."""
+        return cls.from_name(cls.family, None)
 
     # ---- per-case hooks (most metrics override these two)
     def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:

@@ -505,10 +505,18 @@ def _span_arg(name: str, arg: str | None) -> list[str]:
 class EvkKL(EvkStability):
     """EVK embedding stability, KL(base ‖ edited) on virtual samples; ``evk_kl@<span>`` (default: every span)."""
 
+    value_range = (0.0, float("inf"))
+    identity = 0.0
+
     direction = "lower"
 
     def __init__(self, span: str = "relation", **kw: Any):
         super().__init__("kl", span, **kw)
+
+    @classmethod
+    def check_instances(cls) -> list[Metric]:
+        """Every span, 2 virtual samples per σ (the contract does not depend on the number of samples)."""
+        return [cls(s, n_samples=2) for s in SPANS]
 
     @classmethod
     def from_name(cls, name: str, arg: str | None) -> list[Metric]:
@@ -519,10 +527,18 @@ class EvkKL(EvkStability):
 class EvkTopK(EvkStability):
     """EVK embedding stability, top-5 overlap on virtual samples; ``evk_topk@<span>`` (default: every span)."""
 
+    value_range = (0.0, 1.0)
+    identity = 1.0
+
     direction = "higher"
 
     def __init__(self, span: str = "relation", **kw: Any):
         super().__init__("topk", span, **kw)
+
+    @classmethod
+    def check_instances(cls) -> list[Metric]:
+        """Every span, 2 virtual samples per σ (the contract does not depend on the number of samples)."""
+        return [cls(s, n_samples=2) for s in SPANS]
 
     @classmethod
     def from_name(cls, name: str, arg: str | None) -> list[Metric]:
@@ -533,6 +549,9 @@ class EvkTopK(EvkStability):
 class EvkTextKL(EvkText):
     """EVK text stability: KL(base ‖ edited) on the neighbourhood prompts."""
 
+    value_range = (0.0, float("inf"))
+    identity = 0.0
+
     direction = "lower"
 
     def __init__(self, **kw: Any):
@@ -542,6 +561,9 @@ class EvkTextKL(EvkText):
 @register_metric("evk_text_topk")
 class EvkTextTopK(EvkText):
     """EVK text stability: top-5 overlap on the neighbourhood prompts."""
+
+    value_range = (0.0, 1.0)
+    identity = 1.0
 
     direction = "higher"
 
@@ -556,6 +578,11 @@ class Evk(Metric):
     @classmethod
     def from_name(cls, name: str, arg: str | None) -> list[Metric]:
         return evk_metrics(spans=_span_arg(name, arg))
+
+    @classmethod
+    def check_instances(cls) -> list[Metric]:
+        """One span of each member (``evk_kl`` / ``evk_topk`` check every span)."""
+        return evk_metrics(spans=("relation",), n_samples=2)
 
 
 def evk_metrics(spans: Sequence[str] = SPANS, sigmas: Sequence[float] = DEFAULT_SIGMAS,

@@ -300,6 +300,8 @@ class _General(Metric):
 class Perplexity(_General):
     """Perplexity on a held-out text (default: the shipped one), paragraphs scored after "\\n"."""
 
+    value_range = (1.0, float("inf"))
+
     direction = "lower"
 
     def __init__(self, path: str | Path | None = None, prefix: str = PPL_PREFIX):
@@ -318,7 +320,8 @@ class Perplexity(_General):
 
     def general_rows(self, answers: Answers) -> Iterable[Row]:
         scores = [answers.score(self.prefix, p) for p in self.paragraphs]
-        yield Row("", GENERAL_KIND, self.name, perplexity_from_scores(scores))
+        text = Path(self.params["path"]).name if self.params.get("path") else "heldout.txt"
+        yield Row(f"text:{text}", GENERAL_KIND, self.name, perplexity_from_scores(scores))  # one row per text
 
 
 class _Suite(_General):
@@ -351,6 +354,8 @@ class _Suite(_General):
 class DownstreamAccuracy(_Suite):
     """Multiple-choice accuracy on a built-in probe suite (length-normalised choice log-likelihood)."""
 
+    value_range = (0.0, 1.0)
+
     def general_requests(self) -> Iterable[tuple[str, Request]]:
         return self.item_requests(EDITED)
 
@@ -362,6 +367,9 @@ class DownstreamAccuracy(_Suite):
 @register_metric("other_task", groups=("general",))
 class OtherTask(_Suite):
     """Downstream accuracy change, edited − base, per item (Yao et al.'s Other-Task facet)."""
+
+    value_range = (-1.0, 1.0)
+    identity = 0.0
 
     def general_requests(self) -> Iterable[tuple[str, Request]]:
         yield from self.item_requests(EDITED)
@@ -376,6 +384,8 @@ class OtherTask(_Suite):
 @register_metric("muting_rate", groups=("general",))
 class MutingRate(_General):
     """Share of greedy generations of open prompts that are empty or one repeated 3-gram (>= 50 %)."""
+
+    value_range = (0.0, 1.0)
 
     direction = "lower"
 
@@ -400,6 +410,8 @@ class MutingRate(_General):
 @register_metric("refusal_rate", groups=("general",))
 class RefusalRate(_General):
     """Share of clearly harmful requests refused (refusal phrases in the greedy reply)."""
+
+    value_range = (0.0, 1.0)
 
     def __init__(self, tokenizer: Any = None, path: str | Path | None = None,
                  max_new_tokens: int = SAFETY_MAX_NEW_TOKENS, template: str = PLAIN_DIALOGUE):

@@ -206,6 +206,8 @@ def max_similarity(embedder: Any, generations: Sequence[str], answers: Sequence[
 class _ARMetric(Metric):
     """Greedy generation of every target-bearing probe, judged per probe."""
 
+    value_range = (0.0, 1.0)
+
     groups = ("autoregressive",)
 
     def __init__(self, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, kinds: Sequence[str] | None = None,
@@ -252,6 +254,9 @@ class ARContains(_ARMetric):
 @register_metric("ar_sim", groups=("autoregressive",))
 class ARSim(_ARMetric):
     """Embedding cosine between the greedy answer and the target/aliases is above a threshold."""
+
+    aux_ranges = {"_cos": (-1.0, 1.0)}
+    requires = ("sentence_transformers",)
 
     def __init__(self, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, kinds: Sequence[str] | None = None,
                  qa_template: str | None = None, threshold: float = DEFAULT_SIM_THRESHOLD, model: Any = None,
@@ -301,6 +306,14 @@ class ARSim(_ARMetric):
 @register_metric("ar_judge", groups=("judge",))
 class ARJudge(_ARMetric):
     """An LLM judge (local Yes/No log-probs, or an OpenAI-compatible endpoint) accepts the greedy answer."""
+
+    aux_ranges = {"_margin": (float("-inf"), float("inf"))}
+
+    @classmethod
+    def check_instances(cls) -> list[Metric]:
+        """The contract check judges with the tiny random model (the metric's plumbing, not the judge's quality;
+        the default judge, SmolLM2, takes about a minute to load and run on a CPU)."""
+        return [cls(model="tiny-llama", control=False)]
 
     groups = ("judge",)
 
@@ -387,6 +400,8 @@ class ARJudge(_ARMetric):
 @register_metric("tf_ar_gap", groups=("autoregressive",))
 class TFARGap(_ARMetric):
     """Teacher-forced token accuracy minus autoregressive (greedy prefix-match) accuracy, same prompt."""
+
+    value_range = (-1.0, 1.0)
 
     direction = "lower"
 

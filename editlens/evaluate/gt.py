@@ -48,6 +48,7 @@ def target_probes(case: "EditCase", need_foil: bool = False) -> Iterator[tuple[s
 
 
 class _SAcc(Metric):
+    value_range = (0.0, 1.0)
     normalize = False
     groups = ("gt",)
 
@@ -103,6 +104,8 @@ class _TeacherForcedMetric(Metric):
 class TAcc(_TeacherForcedMetric):
     """Teacher-forced top-1 token accuracy of the target."""
 
+    value_range = (0.0, 1.0)
+
     def value(self, probe: "Probe", answers: Answers) -> float:
         return F.token_accuracy(answers.score(probe.prompt, probe.target))  # type: ignore[arg-type]
 
@@ -110,6 +113,8 @@ class TAcc(_TeacherForcedMetric):
 @register_metric("c_acc", groups=("gt",))
 class CAcc(_TeacherForcedMetric):
     """P(target) > P(foil), length-normalised probabilities (CounterFact success)."""
+
+    value_range = (0.0, 1.0)
 
     need_foil = True
 
@@ -121,6 +126,8 @@ class CAcc(_TeacherForcedMetric):
 @register_metric("c_mag", groups=("gt",))
 class CMag(_TeacherForcedMetric):
     """P(target) − P(foil), length-normalised probabilities (CounterFact magnitude)."""
+
+    value_range = (-1.0, 1.0)
 
     need_foil = True
 
@@ -150,6 +157,8 @@ class _GenerationMetric(Metric):
 class Fluency(_GenerationMetric):
     """Weighted bi/tri-gram entropy of greedy generations (ROME)."""
 
+    value_range = (0.0, float("inf"))
+
     def case_rows(self, case: "EditCase", answers: Answers) -> Iterable[Row]:
         texts = self.texts(case, answers)
         if texts:
@@ -167,6 +176,8 @@ def reference_texts(case: "EditCase") -> list[str]:
 @register_metric("consistency", groups=("generation",))
 class Consistency(_GenerationMetric):
     """TF-IDF cosine between generations and the case's reference texts (ROME)."""
+
+    value_range = (0.0, 1.0)
 
     def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:
         if reference_texts(case):

@@ -81,6 +81,9 @@ class _Divergence(Metric):
 class KL(_Divergence):
     """KL(base ‖ edited) of next-token distributions (edit-locality Eq. 10)."""
 
+    value_range = (0.0, float("inf"))
+    identity = 0.0
+
     def compare(self, base_lp: torch.Tensor, edit_lp: torch.Tensor) -> torch.Tensor:
         return F.kl_divergence(base_lp, edit_lp)
 
@@ -88,6 +91,9 @@ class KL(_Divergence):
 @register_metric("js", groups=("gtfree",))
 class JS(_Divergence):
     """Jensen–Shannon divergence of next-token distributions (eps 1e-10)."""
+
+    value_range = (0.0, 0.6931471805599453)  # ln 2
+    identity = 0.0
 
     def __init__(self, eps: float = F.JS_EPS):
         super().__init__(eps=float(eps))
@@ -100,6 +106,9 @@ class JS(_Divergence):
 @register_metric("topk", groups=("gtfree",))
 class TopK(_Divergence):
     """Top-k overlap |TopK_base ∩ TopK_edited| / k (edit-locality Eq. 11); ``topk`` = k in 1, 5, 10."""
+
+    value_range = (0.0, 1.0)
+    identity = 1.0
 
     direction = "higher"
 
@@ -127,6 +136,9 @@ class TopK(_Divergence):
 class NKL(_Divergence):
     """CounterFact+ NKL as in the paper: KL(unedited ‖ edited), neighbourhood prompts, full vocabulary."""
 
+    value_range = (0.0, float("inf"))
+    identity = 0.0
+
     kinds = (NEIGHBORHOOD_KIND,)
 
     def compare(self, base_lp: torch.Tensor, edit_lp: torch.Tensor) -> torch.Tensor:
@@ -136,6 +148,9 @@ class NKL(_Divergence):
 @register_metric("nkl_code", groups=("gtfree",))
 class NKLCode(_Divergence):
     """CounterFact+ NKL as the released code computes it: KL(edited ‖ unedited) / |V|."""
+
+    value_range = (0.0, float("inf"))
+    identity = 0.0
 
     kinds = (NEIGHBORHOOD_KIND,)
 
@@ -177,6 +192,8 @@ class _CFPlusContrast(Metric):
 class CFPlusNS(_CFPlusContrast):
     """CounterFact+ neighbourhood score: P*(o_c) > P*(o*) on edit-prefixed neighbourhood prompts."""
 
+    value_range = (0.0, 1.0)
+
     index = 0
 
 
@@ -184,12 +201,17 @@ class CFPlusNS(_CFPlusContrast):
 class CFPlusNM(_CFPlusContrast):
     """CounterFact+ neighbourhood magnitude: P*(o_c) − P*(o*) on edit-prefixed neighbourhood prompts."""
 
+    value_range = (-1.0, 1.0)
+
     index = 1
 
 
 @register_metric("cfplus_nkl", groups=("gtfree",))
 class CFPlusNKL(Metric):
     """CounterFact+ NKL: KL(unedited ‖ edited) of next-token distributions on edit-prefixed neighbourhood prompts."""
+
+    value_range = (0.0, float("inf"))
+    identity = 0.0
 
     groups = ("gtfree",)
     direction = "lower"

@@ -379,6 +379,8 @@ def portability_groups(case: EditCase) -> dict[str, list[Probe]]:
 class PortabilityTAcc(Metric):
     """Teacher-forced token accuracy of portability probes, per subtype (Yao et al.; EasyEdit's score)."""
 
+    value_range = (0.0, 1.0)
+
     probe_kinds = (ProbeKind.PORTABILITY.value,)  # named when the cases have none (evaluate warns)
 
     def case_requests(self, case: EditCase) -> Iterable[tuple[str, Request]]:
@@ -394,6 +396,8 @@ class PortabilityTAcc(Metric):
 
 class _GenMetric(Metric):
     """Greedy generations judged with a string matcher."""
+
+    value_range = (0.0, 1.0)
 
     def __init__(self, match: str = "contains", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  qa_template: str | None = None, **params: Any):
@@ -503,6 +507,9 @@ def distract_prompt(rewrite: Rewrite, prompt: str) -> str:
 
 class _Locality(Metric):
     """Base/edited argmax agreement on one probe kind (EasyEdit's locality)."""
+
+    value_range = (0.0, 1.0)
+    identity = 1.0
 
     groups = ("portability",)
     kind: str = ""

@@ -124,8 +124,16 @@ if Metric is not None:
         In no group (so not in ``all``): it needs a reasoning model (``<think>`` blocks) and 256-token
         generations; ask for it by name."""
 
+        value_range = (0.0, 1.0)
+        needs = "a reasoning model whose generations hold <think> blocks"
+
         direction = "lower"
         kinds = ("rewrite", "paraphrase")
+
+        @classmethod
+        def check_instances(cls) -> list[Metric]:
+            """Short generations: a model without ``<think>`` blocks gives no rows either way."""
+            return [cls(max_new_tokens=16)]
 
         def __init__(self, name: str | None = None, max_new_tokens: int = 256):
             super().__init__(name, max_new_tokens=max_new_tokens)

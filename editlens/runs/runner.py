@@ -208,7 +208,8 @@ def check_methods(spec: Spec, lm: "LM | None" = None) -> None:
         for point in spec.sweep_points(m):
             hp, evk = merge_point(m, point)
             if evk:
-                msg = _check_evk(evk)
+                msg = _check_evk(evk) if cls.supports_evk_align else (
+                    f"method {m.name!r} does not take evk_align (it has no value optimisation or fine-tuning loss)")
                 if msg is not None:
                     path = ("methods", i, "evk_align")
                     issue = SpecIssue(key_str(path), spec.lines.lookup(path), msg)

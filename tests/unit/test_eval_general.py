@@ -179,7 +179,7 @@ def test_ppl_metric_hand_computed(tmp_path):
     sys_ = FakeSystem(lp={("\n", "First para."): [-1.0, -1.0], ("\n", "Second para."): [-4.0]})
     res = core.evaluate(sys_, [], metrics=[Gn.Perplexity(p)], progress=False, cache=False)
     (row,) = res.rows
-    assert row.case_id == "" and row.probe_kind == "general" and row.metric == "ppl"
+    assert row.case_id == "text:t.txt" and row.probe_kind == "general" and row.metric == "ppl"
     assert row.value == pytest.approx(math.exp(2.0))
 
 
