@@ -336,10 +336,14 @@ def test_dry_run_reports_every_problem_at_once(spec_dir):
 
 @pytest.mark.parametrize("old,new,line,key,fragment", [
     ('layers = [1, 99]', 'layers = [1, 99]', 9, "methods[0].hparams.layers", "layer 99"),
+    ('device = "gpu7"', 'device = "gpu7"', 4, "model.device", "'gpu7'"),
     ('device = "gpu7"', 'device = "cuda:x"', 4, "model.device", "'cuda:x'"),
+    ('device = "gpu7"', 'device = "meta"', 4, "model.device", "'meta'"),
     ('device = "gpu7"', 'prompt_format = "weird"', 4, "model.prompt_format", "'weird'"),
     ('"memit.mom2_update_weight" = [nan, inf, 10.0]', '"memit.mom2_update_weight" = [1.0, inf]', 14,
      'sweep."memit.mom2_update_weight"', "inf"),
+    ('"memit.mom2_update_weight" = [nan, inf, 10.0]', '"memit.mom2_update_weight" = [nan]', 14,
+     'sweep."memit.mom2_update_weight"', "nan"),
 ])
 def test_each_problem_fails_dry_run(spec_dir, old, new, line, key, fragment):
     text = THREE
