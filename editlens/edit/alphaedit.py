@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from editlens.edit.base import register_method
+from editlens.edit.base import register_method, POSITIVE
 from editlens.edit.hparams import TINY
 from editlens.edit.memit import MEMITHParams, MultiLayerEditor
 from editlens.errors import HParamsError
@@ -74,6 +74,7 @@ class AlphaEditHParams(MEMITHParams):
     nullspace_threshold: float = 1e-2
     nullspace_mode: str = "absolute"
     l2: float = 1.0
+    RANGES: ClassVar[Mapping[str, Any]] = {"nullspace_threshold": POSITIVE, "l2": POSITIVE}
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
         "tiny": dict(layers=[1, 2], **TINY),

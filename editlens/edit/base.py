@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import numbers
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field, fields, replace as dc_replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
 
@@ -71,6 +74,76 @@ def model_keys(lm: "LM") -> list[str]:
     return keys
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric hyperparameter: an interval (bounds open or closed) plus optional special
+    values outside it (e.g. ``-1`` = "the variant's default"). Non-finite values are never allowed."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, v: float) -> bool:
+        if v in self.also:
+            return True
+        above = v > self.lo if self.lo_open else v >= self.lo
+        below = v < self.hi if self.hi_open else v <= self.hi
+        return above and below
+
+    def describe(self) -> str:
+        if self.lo == -math.inf and self.hi == math.inf:
+            text = "a finite number"
+        elif self.hi == math.inf:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        elif self.lo == -math.inf:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        else:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        return text + "".join(f" or {a:g}" for a in self.also)
+
+
+#: ``> 0``
+POSITIVE = Range(0.0, lo_open=True)
+#: ``>= 0``
+NON_NEGATIVE = Range(0.0)
+#: ``(0, 1]``
+FRACTION = Range(0.0, 1.0, lo_open=True)
+#: any finite number
+FINITE = Range()
+
+
+def _numeric_annotation(ann: Any) -> str | None:
+    """``"float"`` / ``"int"`` for a field annotated as such (optionally ``| None``), else ``None``."""
+    text = str(ann).replace("typing.", "").replace(" ", "")
+    for kind in ("float", "int"):
+        if text in (kind, f"{kind}|None", f"None|{kind}", f"Optional[{kind}]", f"<class'{kind}'>"):
+            return kind
+    return None
+
+
+def _check_number(method: str, key: str, v: Any, kind: str | None, rng: "Range | None") -> None:
+    """Raise :class:`HParamsError` when ``v`` is a boolean where a number is expected, a non-finite number, or
+    outside ``rng``."""
+    if v is None:
+        return
+    if isinstance(v, bool):
+        if kind is not None:
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be a number, got the boolean {v!r}")
+        return
+    if isinstance(v, numbers.Real):
+        x = float(v)
+        if not math.isfinite(x):
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be a finite number, got {x!r}")
+        if kind == "int" and not float(v).is_integer():
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be an integer, got {v!r}")
+        if rng is not None and x not in rng:
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be {rng.describe()}, got {v!r}")
+    elif kind is not None:
+        raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be a number, got {v!r}")
+
+
 @dataclass
 class HParams:
     """Base class of every method's typed hyperparameters.
@@ -79,14 +152,53 @@ class HParams:
     attribute ``ARCH_DEFAULTS: dict[key, dict | Callable[[LM], dict]]`` keyed by the strings of
     :func:`model_keys` (``"tiny"``, ``"smollm2-135m"``, ``"gpt2-xl"``, ``"gptj"``, ``"llama"``...): the first key
     that matches the model gives its overrides. ``method`` (class attribute) names the method in error messages.
+
+    Value checks: ``RANGES: dict[field, Range]`` (class attribute, merged along the class hierarchy, a subclass
+    overriding its parents) declares the allowed interval of each numeric field; every ``float`` field must have
+    one. Whenever an instance is made (construction, :meth:`replace`, :meth:`for_model`, a spec's sweep point
+    checked at ``--dry-run``), :meth:`check_values` rejects with an :class:`HParamsError` naming the field: a
+    non-finite number (``nan``, ``inf``) in any numeric field or list, a boolean where a number is expected
+    (``v_lr=True``), and a value outside its range. :meth:`validate` adds each method's own rules.
     """
 
     method: ClassVar[str] = "?"
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    RANGES: ClassVar[Mapping[str, Range]] = {}
+
+    def __post_init__(self) -> None:
+        self.check_values()
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def value_ranges(cls) -> dict[str, Range]:
+        """The declared :class:`Range` of each numeric field (``RANGES`` merged along the class hierarchy)."""
+        out: dict[str, Range] = {}
+        for klass in reversed(cls.__mro__):
+            out.update(klass.__dict__.get("RANGES", {}) or {})
+        return out
+
+    @classmethod
+    def float_fields(cls) -> list[str]:
+        """Names of the fields annotated ``float``."""
+        return [f.name for f in fields(cls) if _numeric_annotation(f.type) == "float"]
+
+    def check_values(self) -> None:
+        """Generic checks of every field (see the class docstring); raises :class:`HParamsError` naming it."""
+        ranges = self.value_ranges()
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = _numeric_annotation(f.type)
+            if isinstance(v, (list, tuple)):
+                for x in v:
+                    _check_number(self.method, f.name, x, None, None)
+                    if isinstance(x, bool):
+                        raise HParamsError(f"hyperparameter {f.name!r} of method {self.method!r} must hold "
+                                           f"numbers, got the boolean {x!r}")
+                continue
+            _check_number(self.method, f.name, v, kind, ranges.get(f.name))
 
     @classmethod
     def for_model(cls: type[H], lm: "LM") -> H:
@@ -140,9 +252,16 @@ def _coerce(method: str, key: str, current: Any, value: Any) -> Any:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 return value.lower() in ("true", "1", "yes")
             raise ValueError
-        if isinstance(current, float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(current, int) and not isinstance(value, bool):
+        if isinstance(current, (int, float)) and isinstance(value, bool):
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be a number, got the boolean "
+                               f"{value!r}")
+        if isinstance(current, float):
+            value = float(value)
+            if not math.isfinite(value):
+                raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be a finite number, got "
+                                   f"{value!r}")
+            return value
+        if isinstance(current, int):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
@@ -355,6 +474,10 @@ class Editor:
         modified. With ``applied=True`` the deltas were already added with :meth:`add_now` into ``snapshot`` and
         are only used for the fingerprint. The fingerprint tag is a hash of the method, the hyperparameters, the
         cases and the deltas' float64 sums, so the same edit of the same weights gives the same fingerprint.
+
+        After the update every changed tensor is checked (see :meth:`_check_written`): non-finite values undo the
+        edit and raise :class:`MethodError`; an update that changes nothing warns (:class:`NoOpEditWarning`) and
+        sets ``diagnostics["zero_delta"]`` (``False`` otherwise).
         """
         from editlens.evaluate.system import ModelSystem
         from editlens.lm.arch import add_delta, weight_param
@@ -374,12 +497,57 @@ class Editor:
             sums.append(torch.stack([d64.sum(), (d64 * d64).sum()]))
         if sums:
             h.update(torch.stack(sums).cpu().numpy().tobytes())
+        diagnostics = dict(diagnostics or {})
+        self._check_written(lm, snap, deltas, sequence, diagnostics)
         tag = f"{self.name}:{h.hexdigest()[:16]}"
         if sequence is not None:
             # edit_sequential pushes the run's state and replaces this system by one pinned to it
             return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, tag=tag, undoable=False)
         lm.push_state(tag, snap)
         return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, snapshot=snap, tag=tag)
+
+
+    def _check_written(self, lm: "LM", snap: WeightSnapshot, deltas: Mapping[str, torch.Tensor],
+                       sequence: SequenceState | None, diagnostics: dict[str, Any]) -> None:
+        """Check the tensors an edit wrote.
+
+        * A non-finite value (nan, inf) in any edited weight: the edit is undone (a single edit's snapshot is
+          restored bit for bit; in a sequential run :func:`edit_sequential` restores the run's) and
+          :class:`MethodError` names the modules and the count of bad values.
+        * An update that changes nothing (every delta exactly zero, or - for a single edit - every edited weight
+          bit for bit its original): :class:`NoOpEditWarning` and ``diagnostics["zero_delta"] = True``.
+        """
+        from editlens.lm.arch import weight_param
+
+        bad: dict[str, int] = {}
+        for name in deltas:
+            w = weight_param(lm.module(name)).detach()
+            n_bad = int((~torch.isfinite(w)).sum())
+            if n_bad:
+                bad[name] = n_bad
+        if bad:
+            if sequence is None:
+                snap.restore()
+                snap.clear()
+            where = ", ".join(f"{k} ({v} of {weight_param(lm.module(k)).numel()} values)" for k, v in bad.items())
+            raise MethodError(f"{self.name}: the edit wrote non-finite values (nan/inf) into {where}; it was undone "
+                              "(the weights are restored bit for bit). Check the hyperparameters (learning rates, "
+                              "mom2_update_weight, clamp_norm_factor) and the second-moment statistics")
+        zero = all(int(torch.count_nonzero(d)) == 0 for d in deltas.values())
+        if not zero and sequence is None:
+            zero = all(name in snap and torch.equal(weight_param(lm.module(name)), snap.original(name))
+                       for name in deltas)
+        diagnostics["zero_delta"] = bool(zero)
+        if zero:
+            warnings.warn(f"{self.name}: the edit changed no weight ("
+                          f"{'its update is zero or too small to change any weight' if deltas else 'no module was updated'}"
+                          "); diagnostics['zero_delta'] is True. "
+                          "Check the hyperparameters (e.g. a learning rate so large that the update overflows and "
+                          "is clamped to nothing)", NoOpEditWarning, stacklevel=3)
+
+
+class NoOpEditWarning(UserWarning):
+    """A weight edit changed no weight (its update is exactly zero); see ``diagnostics["zero_delta"]``."""
 
 
 _METHODS: dict[str, type[Editor]] = {}
@@ -417,8 +585,11 @@ def register_method(name: str) -> Callable[[type[Editor]], type[Editor]]:
         if not (isinstance(cls, type) and issubclass(cls, Editor)):
             raise MethodError(f"register_method({name!r}) must decorate an Editor subclass")
         cls.name = key
-        if getattr(cls.hparams_class, "method", "?") == "?":
-            cls.hparams_class.method = key
+        hcls = cls.hparams_class
+        # name the method in the class's own attribute only: setting it on a shared base class (HParams itself, or
+        # a parent another method registered first) would rename that method in every error message
+        if hcls is not HParams and hcls.__dict__.get("method", "?") == "?":
+            hcls.method = key
         _METHODS[key] = cls
         return cls
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from editlens.edit.base import register_method
+from editlens.edit.base import register_method, NON_NEGATIVE, POSITIVE
 from editlens.edit.memit import MEMITHParams, MultiLayerEditor
 from editlens.errors import HParamsError
 
@@ -57,6 +57,7 @@ class EMMETHParams(MEMITHParams):
     """
 
     emmet_lambda: float = 0.1
+    RANGES = {"emmet_lambda": NON_NEGATIVE, "mom2_update_weight": POSITIVE}
 
     def validate(self) -> None:
         super().validate()

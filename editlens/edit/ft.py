@@ -44,6 +44,7 @@ import torch
 
 from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, evk_settings, model_keys, register_method
+from editlens.edit.base import NON_NEGATIVE, POSITIVE, Range
 from editlens.errors import HParamsError, MethodError
 from editlens.lm import ops
 from editlens.lm.arch import is_conv1d, weight_param
@@ -97,6 +98,8 @@ class FTHParams(HParams):
     batch_size: int = 1
     weight_decay: float = 0.0
     stop_loss: float = 1e-2
+    RANGES: ClassVar[dict[str, Any]] = {"lr": POSITIVE, "norm_constraint": Range(0.0, also=(-1.0,)),
+                                        "weight_decay": NON_NEGATIVE, "stop_loss": NON_NEGATIVE}
 
     ARCH_DEFAULTS: ClassVar[dict[str, Any]] = {
         "tiny": {"layers": [2], "lr": 5e-3, "steps": 25},

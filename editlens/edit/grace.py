@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
+from editlens.edit.base import NON_NEGATIVE, POSITIVE
 from editlens.errors import HParamsError, MethodError
 from editlens.evaluate.system import ModelSystem, WrappedSystem
 from editlens.lm import ops
@@ -244,6 +245,7 @@ class GraceHParams(HParams):
     lr: float = 0.5
     n_iter: int = 60
     loss_stop: float = 0.05
+    RANGES = {"eps_init": POSITIVE, "lr": POSITIVE, "loss_stop": NON_NEGATIVE}
 
     ARCH_DEFAULTS = {"tiny": {"layer": 2, "eps_init": 0.05, "n_iter": 20}, "smollm2-135m": {"layer": 26, "eps_init": 8.0}}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from editlens.edit.base import HParams
+from editlens.edit.base import HParams, NON_NEGATIVE, POSITIVE, Range
 from editlens.errors import HParamsError
 
 
@@ -53,6 +53,10 @@ class LocateHParams(HParams):
     seed: int = 0
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    RANGES: ClassVar[Mapping[str, Range]] = {
+        "v_lr": POSITIVE, "v_weight_decay": NON_NEGATIVE, "clamp_norm_factor": POSITIVE, "kl_factor": NON_NEGATIVE,
+        "early_stop_loss": NON_NEGATIVE,
+    }
 
     def validate(self) -> None:
         for key in ("n_prefixes", "prefix_length", "v_num_grad_steps", "stats_n_samples", "stats_max_length",
@@ -80,6 +84,17 @@ class LocateHParams(HParams):
                     weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
                     early_stop_loss=self.early_stop_loss, kl_template=self.kl_template or None,
                     batch_tokens=self.batch_tokens)
+
+
+def no_duplicate_layers(method: str, layers: Any) -> None:
+    """Raise :class:`HParamsError` when a layer list names a layer twice (the update would be applied once, not
+    twice, while the recorded hyperparameters say otherwise)."""
+    seen: set[int] = set()
+    for l in layers:
+        if int(l) in seen:
+            raise HParamsError(f"hyperparameter 'layers' of method {method!r} names layer {int(l)} twice: "
+                               f"{list(layers)}")
+        seen.add(int(l))
 
 
 #: small settings for the built-in random tiny models (tests)

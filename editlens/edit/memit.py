@@ -35,7 +35,8 @@ import torch
 
 from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, SequenceState, register_method
-from editlens.edit.hparams import TINY, LocateHParams
+from editlens.edit.hparams import TINY, LocateHParams, no_duplicate_layers as _no_duplicate_layers
+from editlens.edit.base import NON_NEGATIVE
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError
 
@@ -69,6 +70,7 @@ class MEMITHParams(LocateHParams):
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1.5e4
     clamp_norm_factor: float = 0.75
+    RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": NON_NEGATIVE}
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
         "tiny": dict(layers=[1, 2], **TINY),
@@ -86,6 +88,7 @@ class MEMITHParams(LocateHParams):
             raise HParamsError(f"hyperparameter 'layers' of method {self.method!r} must not be empty")
         if any(l < 0 for l in self.layers):
             raise HParamsError(f"hyperparameter 'layers' of method {self.method!r}: negative layer")
+        _no_duplicate_layers(self.method, self.layers)
         if self.mom2_update_weight < 0:
             raise HParamsError(f"hyperparameter 'mom2_update_weight' of method {self.method!r} must be >= 0")
 

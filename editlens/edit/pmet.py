@@ -46,7 +46,8 @@ import torch
 
 from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, SequenceState, evk_settings, register_method
-from editlens.edit.hparams import TINY, LocateHParams
+from editlens.edit.hparams import TINY, LocateHParams, no_duplicate_layers
+from editlens.edit.base import POSITIVE
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError, MethodError
 from editlens.lm import ops
@@ -227,6 +228,7 @@ class PMETHParams(LocateHParams):
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1.5e4
     clamp_norm_factor: float = 1.0
+    RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": POSITIVE}
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
         "tiny": dict(layers=[1, 2], clamp_norm_factor=4.0, **TINY),
@@ -244,6 +246,7 @@ class PMETHParams(LocateHParams):
         super().validate()
         if not self.layers:
             raise HParamsError(f"hyperparameter 'layers' of method {self.method!r} must name at least one layer")
+        no_duplicate_layers(self.method, self.layers)
         if self.mom2_update_weight <= 0:
             raise HParamsError(f"hyperparameter 'mom2_update_weight' of method {self.method!r} must be > 0")
 

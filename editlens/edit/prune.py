@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from editlens.edit.base import Edit, SequenceState, register_method
+from editlens.edit.base import Edit, SequenceState, register_method, Range
 from editlens.edit.memit import MEMITHParams, MultiLayerEditor, memit_update
 from editlens.errors import HParamsError
 from editlens.lm.arch import is_conv1d, weight_param, weight_view
@@ -111,6 +111,7 @@ class PRUNEHParams(MEMITHParams):
 
     method: ClassVar[str] = "prune"
     alpha: float = 1.2
+    RANGES = {"alpha": Range(1.0, lo_open=True)}
 
     def validate(self) -> None:
         super().validate()

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from editlens.edit.base import register_method
+from editlens.edit.base import register_method, FRACTION
 from editlens.edit.memit import MEMITHParams, MultiLayerEditor, memit_update
 from editlens.errors import HParamsError
 from editlens.lm.arch import weight_view
@@ -90,6 +90,7 @@ class RECTHParams(MEMITHParams):
 
     method: ClassVar[str] = "rect"
     keep_fraction: float = 0.2
+    RANGES = {"keep_fraction": FRACTION}
 
     def validate(self) -> None:
         super().validate()

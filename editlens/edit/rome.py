@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from editlens.edit import locate
-from editlens.edit.base import Edit, Editor, register_method
+from editlens.edit.base import Edit, Editor, register_method, NON_NEGATIVE, POSITIVE
 from editlens.edit.hparams import TINY, LocateHParams
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError
@@ -65,6 +65,7 @@ class ROMEHParams(LocateHParams):
     layer: int = 5
     mom2_update_weight: float = 1.5e4
     mom2_ridge: float = 0.0
+    RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": POSITIVE, "mom2_ridge": NON_NEGATIVE}
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
         "tiny": dict(layer=1, **TINY),

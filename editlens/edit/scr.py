@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
+from editlens.edit.base import FINITE, Range
 from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
 from editlens.errors import HParamsError
 from editlens.evaluate.system import ModelSystem, WrappedSystem
@@ -80,6 +81,7 @@ class SCRHParams(HParams):
     sim_threshold: float = 0.55
     confirm: bool = True
     confirm_margin: float = 0.0
+    RANGES = {"sim_threshold": Range(-1.0, 1.0), "confirm_margin": FINITE}
     confirm_calibrate: bool = False
     context_format: str = "auto"
     fact_template: str = "Fact: {fact}\n"

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
+from editlens.edit.base import FRACTION, NON_NEGATIVE, POSITIVE
 from editlens.edit.grace import AdaptorSystem, LayerAdaptor, prompt_target_batch, target_nll
 from editlens.errors import HParamsError
 from editlens.evaluate.system import ModelSystem
@@ -73,6 +74,8 @@ class WiseHParams(HParams):
     edits_per_memory: int = 0
     seed: int = 0
 
+    RANGES = {"mask_ratio": FRACTION, "ties_density": FRACTION, "lr": POSITIVE, "loss_stop": NON_NEGATIVE,
+              "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE}
     ARCH_DEFAULTS = {"tiny": {"layer": 2, "alpha": 0.05, "beta": 0.5, "gamma": 0.3, "lr": 0.05, "n_iter": 30,
                               "n_irrelevant": 6},
                      "smollm2-135m": {"layer": 26, "lr": 0.02, "n_iter": 25}}

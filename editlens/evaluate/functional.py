@@ -13,6 +13,8 @@ Distributions are passed as **log-probabilities** over the last axis (``[..., vo
   reduction="batchmean")`` on a 1-D vocabulary vector = ``KL(edited‖unedited) / |V|``.
 * :func:`sequence_prob` — ``exp(mean token log-prob)``, CounterFact's length-normalised probability.
 * :func:`contrastive` — C-acc indicator ``P(target) > P(foil)`` and C-mag ``P(target) − P(foil)``.
+* :func:`scores_ok`, :func:`distribution_ok` — whether scores came from finite logits. Argmax- and ranking-based
+  results (T-acc, C-acc/C-mag, top-k overlap) are NaN, never 0, on scores of non-finite logits.
 * :func:`normalize_answer`, :func:`string_match` — S-acc string matching.
 * :func:`word_tokenize`, :func:`ngram_entropy`, :func:`fluency` — ROME's generation entropy.
 * :class:`TfIdf`, :func:`tfidf_cosine` — ROME's consistency (reference score), numpy only.
@@ -64,14 +66,32 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor, eps: float = JS_EPS) -
 
 
 def topk_overlap(logp: torch.Tensor, logq: torch.Tensor, k: int) -> torch.Tensor:
-    """``|TopK(p) ∩ TopK(q)| / k`` over the last axis (ties broken by :func:`torch.topk`)."""
+    """``|TopK(p) ∩ TopK(q)| / k`` over the last axis (ties broken by :func:`torch.topk`).
+
+    NaN where either distribution holds a NaN (non-finite logits: its ranking means nothing)."""
     _check_pair(logp, logq)
     if not 1 <= k <= logp.shape[-1]:
         raise EditlensError(f"k={k} must be between 1 and the vocabulary size {logp.shape[-1]}")
     a = torch.topk(logp, k, dim=-1).indices
     b = torch.topk(logq, k, dim=-1).indices
     hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum(-1)
-    return hits.double() / k
+    out = hits.double() / k
+    broken = torch.isnan(logp).any(-1) | torch.isnan(logq).any(-1)
+    return torch.where(broken, torch.full_like(out, math.nan), out)
+
+
+def distribution_ok(logp: torch.Tensor) -> bool:
+    """Whether a next-token log-distribution came from finite logits (no NaN: a NaN or ``+inf`` logit makes the
+    log-softmax NaN; ``-inf`` entries, i.e. masked tokens, are fine)."""
+    return not bool(torch.isnan(logp).any())
+
+
+def scores_ok(*tfs: TeacherForced) -> bool:
+    """Whether teacher-forced scores came from finite logits: every target log-prob is finite.
+
+    A NaN or ``+inf`` logit anywhere in a row makes that row's log-softmax NaN or ``-inf``, so argmax-based
+    metrics (T-acc, C-acc, argmax agreement) on such scores are undefined: they return NaN, never 0."""
+    return all(bool(torch.isfinite(tf.logprobs).all()) for tf in tfs)
 
 
 def nkl_code(log_unedited: torch.Tensor, log_edited: torch.Tensor) -> torch.Tensor:
@@ -91,6 +111,8 @@ def token_accuracy(tf: TeacherForced) -> float:
     """T-acc of one target: mean over its tokens of ``argmax == target token``."""
     if tf.target_ids.numel() == 0:
         raise EditlensError("empty target: no token to score")
+    if not scores_ok(tf):
+        return math.nan  # non-finite logits: the argmax is meaningless (see scores_ok)
     return float((tf.argmax_ids == tf.target_ids).double().mean())
 
 
@@ -98,8 +120,11 @@ def contrastive(target: TeacherForced, foil: TeacherForced) -> tuple[float, floa
     """``(C-acc, C-mag)`` = ``(1[P(target) > P(foil)], P(target) − P(foil))`` with P = :func:`sequence_prob`.
 
     ``P(target) > P(foil)`` is evaluated as ``mean log P(target) > mean log P(foil)`` (the same order, without
-    the rounding of ``exp``), i.e. a lower mean token NLL of the target, as in CounterFact.
+    the rounding of ``exp``), i.e. a lower mean token NLL of the target, as in CounterFact. Both are NaN when either
+    score came from non-finite logits (:func:`scores_ok`).
     """
+    if not scores_ok(target, foil):
+        return math.nan, math.nan
     mt = float(target.logprobs.double().mean())
     mf = float(foil.logprobs.double().mean())
     return float(mt > mf), math.exp(mt) - math.exp(mf)

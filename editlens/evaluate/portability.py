@@ -45,6 +45,7 @@ import torch
 
 from editlens.data.schema import EditCase, Probe, ProbeKind, Rewrite, make_case
 from editlens.errors import EditlensError, MetricError
+from editlens.evaluate import functional as F
 from editlens.evaluate.core import BASE, EDITED, Answers, Generate, Metric, NextToken, Request, Results, Row, Score, register_metric
 from editlens.evaluate.generation import DEFAULT_MAX_NEW_TOKENS, MATCHERS, match, pose
 
@@ -497,6 +498,8 @@ def argmax_unchanged(base: "TeacherForced", edited: "TeacherForced") -> float:
         raise EditlensError("base and edited scores cover different target tokens")
     if base.argmax_ids.numel() == 0:
         return 1.0
+    if not F.scores_ok(base, edited):
+        return math.nan  # non-finite logits: the argmax is meaningless
     return float((base.argmax_ids == edited.argmax_ids).double().mean())
 
 
@@ -527,6 +530,8 @@ class _Locality(Metric):
         if p.target:
             return argmax_unchanged(answers.score(p.prompt, p.target, on=BASE), answers.score(p.prompt, p.target))
         b, e = answers.next_token(p.prompt, on=BASE), answers.next_token(p.prompt)
+        if not (F.distribution_ok(b) and F.distribution_ok(e)):
+            return math.nan  # non-finite logits: the argmax is meaningless
         return float(int(b.argmax()) == int(e.argmax()))
 
     def case_rows(self, case: EditCase, answers: Answers) -> Iterable[Row]:
