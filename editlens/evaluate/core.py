@@ -833,8 +833,8 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             :class:`BaseCache`, or a directory path (persistent cache there).
         progress: show a tqdm progress bar over the model calls.
         truncate: ``None`` (default): a prompt that does not fit the model's context (with its target, or with the
-            new tokens of a generation, as each system poses it) is a :class:`ContextLengthError` naming the case
-            and the probe, raised before any model call. ``"left"``: such prompts lose their oldest tokens (see
+            new tokens of a generation, in each system's prompt format) is a :class:`ContextLengthError` naming the
+            case and the probe, raised before any model call (what IKE/SCR add at call time is checked then). ``"left"``: such prompts lose their oldest tokens (see
             :mod:`editlens.lm.context`); ``meta`` records ``truncate`` and ``truncated_requests``.
 
     Returns:
@@ -873,7 +873,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             needs_base.append(m.name)
     if needs_base and base is None:
         raise MetricError(f"metrics {', '.join(needs_base)} compare with the unedited model: pass base=<System>")
-    # every prompt must fit the model's context, as each system poses it: checked before any model call
+    # every prompt must fit the model's context, in each system's prompt format: checked before any model call
     n_truncated = _ctx.check_requests({EDITED: system, BASE: base if base is not None else system}, wanted, cases,
                                       metric_objs, truncate)
 

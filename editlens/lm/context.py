@@ -5,9 +5,11 @@ position table) would crash with an ``IndexError``; RoPE models (LLaMA, Qwen2, .
 they were never trained on. So:
 
 * :func:`check_requests` (called by :func:`editlens.evaluate.evaluate` before answering anything) measures every
-  request as each system poses it (chat template, IKE/SCR demonstrations included) and raises
+  request in each system's prompt format (chat template included) and raises
   :class:`~editlens.errors.ContextLengthError` naming the case, the probe (``paraphrase[1]``), the token count and
-  the context length. :func:`check_rewrites` does the same for the rewrites given to :func:`editlens.edit`.
+  the context length. What a wrapper system adds to prompts at call time (IKE/SCR demonstrations) is measured by
+  the model operations when that call is made. :func:`check_rewrites` does the same for the rewrites given to
+  :func:`editlens.edit`.
 * the model operations (:mod:`editlens.lm.ops`) check every prompt before their first forward pass, whoever calls
   them (a custom system, a metric);
 * :func:`install_guard` (installed by :func:`editlens.load_model`) checks the width of every forward pass through
@@ -197,15 +199,19 @@ def check_requests(systems: Mapping[str, Any], wanted: Mapping[str, Any], cases:
     prompt posing (``_inputs``) -- precomputed answers, custom systems -- are skipped."""
     over: dict[Any, tuple[str, int, int, int, str]] = {}  # request -> (role, needed, reserved, ctx, model name)
     for role, system in systems.items():
-        lm, pose = getattr(system, "lm", None), getattr(system, "_inputs", None)
+        lm, fmt = getattr(system, "lm", None), getattr(system, "format", None)
         reqs = [r for r in wanted.get(role, ()) if hasattr(r, "prompt")]
-        if lm is None or not callable(pose) or not reqs:
+        if lm is None or fmt is None or not reqs:
             continue
         ctx = context_length(lm)
         if ctx is None:
             continue
+        from editlens.lm.prompting import format_prompts
+
         prompts = sorted({r.prompt for r in reqs})
-        posed = dict(zip(prompts, pose(prompts)))
+        # the prompt format (chat template) is applied; a wrapper's own rewriting (IKE/SCR demonstrations) is not:
+        # it may retrieve or count, and runs once, at call time, where the model operations check the result
+        posed = dict(zip(prompts, format_prompts(fmt, prompts, lm.tokenizer)))
         for r in reqs:
             res = _request_positions(lm, r, posed[r.prompt])
             if res is not None and res[0] > ctx:

@@ -192,3 +192,22 @@ def test_bench_names_the_case_before_any_unit_and_truncates_when_asked(tmp_path)
         assert st.run_spec("ctx-left")["runner"]["truncate"] == "left"
         rows = st.rows("ctx-left")
         assert set(rows["case_id"]) == {synthetic_cases(3)[0].case_id, case.case_id}
+
+
+def test_wrapper_prompt_rewriting_is_checked_at_call_time_and_runs_once(tiny_gpt2):
+    """What a wrapper adds at call time (IKE/SCR demonstrations) is not re-run by the up-front check (it may
+    retrieve or count); the model operations catch a result that does not fit: ContextLengthError, not IndexError."""
+    from editlens.evaluate.system import WrappedSystem
+
+    class Padded(WrappedSystem):
+        calls = 0
+
+        def transform_prompts(self, prompts):
+            type(self).calls += 1
+            return [FILLER + p for p in prompts]
+
+    base = ModelSystem(tiny_gpt2)
+    s = Padded(base, "padded")
+    with pytest.raises(ContextLengthError, match="prompt 0 needs .* context of 256"):
+        evaluate(s, synthetic_cases(1), base=base, metrics=["t_acc"], progress=False, cache=False)
+    assert Padded.calls == 1
