@@ -584,6 +584,10 @@ def register_method(name: str) -> Callable[[type[Editor]], type[Editor]]:
     def deco(cls: type[Editor]) -> type[Editor]:
         if not (isinstance(cls, type) and issubclass(cls, Editor)):
             raise MethodError(f"register_method({name!r}) must decorate an Editor subclass")
+        prev = _METHODS.get(key)
+        if prev is not None and (prev.__module__, prev.__qualname__) != (cls.__module__, cls.__qualname__):
+            # a plugin (or a second module) must not silently replace a method; re-importing a module is fine
+            raise MethodError(f"method {key!r} is already registered by {prev.__module__}.{prev.__qualname__}")
         cls.name = key
         hcls = cls.hparams_class
         # name the method in the class's own attribute only: setting it on a shared base class (HParams itself, or

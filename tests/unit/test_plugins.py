@@ -129,6 +129,11 @@ def test_entry_point_plugins_are_usable_by_name(plugin_dir):
     assert all((v == before[k]).all() for k, v in lm.model.state_dict().items())
     assert eval_core.metric_groups()["plugin"] == ["target_logprob"]
     assert edit_base._discovery().sources["rome-plugin"] == "editlens_test_plugin"
+    # plugin authors run the same contract checks as editlens's own methods and metrics
+    from editlens.testing import check_method, check_metric
+
+    assert check_method("rome-plugin", lm)["evk_align"] == "applied"
+    assert check_metric("target_logprob")["rows"] > 0
 
 
 def test_plugin_installed_after_first_use_is_found(tmp_path, monkeypatch, plugin_dir):
@@ -160,8 +165,11 @@ def test_cli_lists_plugins(plugin_dir):
 def test_broken_entry_point_is_reported_not_skipped(tmp_path, monkeypatch):
     root = _install(tmp_path / "site", "broken_plugin",
                     {"brokenplug.py": "import editlens_dependency_that_is_not_installed\n",
-                     "emptyplug.py": "X = 1\n"},
-                    {"editlens.methods": {"broken-method": "brokenplug", "empty-method": "emptyplug"},
+                     "emptyplug.py": "X = 1\n",
+                     "shadowplug.py": "from editlens.edit.base import Editor, register_method\n\n"
+                                      "@register_method('rome')\nclass Shadow(Editor):\n    pass\n"},
+                    {"editlens.methods": {"broken-method": "brokenplug", "empty-method": "emptyplug",
+                                          "rome": "shadowplug"},
                      "editlens.metrics": {"broken_metric": "brokenplug"}})
     monkeypatch.syspath_prepend(str(root))
     disc_m, disc_e = edit_base._discovery(), eval_core._discovery()
@@ -178,6 +186,9 @@ def test_broken_entry_point_is_reported_not_skipped(tmp_path, monkeypatch):
         # a module that loads but registers nothing of the entry point's name is an error too
         assert "registered no method named 'empty-method'" in msg
         assert any("broken-method" in e for e in edit_base.method_import_errors())
+        # a plugin cannot silently replace a method of another module
+        assert "MethodError: method 'rome' is already registered by editlens.edit.rome.ROME" in msg
+        assert edit_base.get_method("rome").__module__ == "editlens.edit.rome"
         with pytest.raises(MetricError, match="note: metric module entry point 'broken_metric'.*ModuleNotFoundError"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PluginImportWarning)
@@ -190,8 +201,8 @@ def test_broken_entry_point_is_reported_not_skipped(tmp_path, monkeypatch):
     finally:
         for disc in (disc_m, disc_e):
             disc.errors = {k: v for k, v in disc.errors.items() if "plug" not in k}
-        sys.modules.pop("brokenplug", None)
-        sys.modules.pop("emptyplug", None)
+        for mod in ("brokenplug", "emptyplug", "shadowplug"):
+            sys.modules.pop(mod, None)
 
 
 def test_builtin_scan_reports_a_module_whose_dependency_is_missing(tmp_path, monkeypatch):
