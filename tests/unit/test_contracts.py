@@ -295,3 +295,17 @@ def test_reflection_checked_with_a_reasoning_system(tiny_llama):
     cases = [c for c in contract_cases() if c.case_id == "handmade:0"]
     report = check_metric("reflection", cases=cases, system=Reasoning(tiny_llama), base=ModelSystem(tiny_llama))
     assert report["rows"] >= 1
+
+
+def test_spec_with_evk_align_for_a_method_without_an_optimisation_fails_validation(monkeypatch):
+    from editlens.errors import SpecError
+    from editlens.runs.runner import check_methods
+    from editlens.runs.spec import parse_spec
+
+    text = ('metrics = ["kl"]\n[model]\nname = "tiny-llama"\n[[datasets]]\npath = "synthetic:2"\n'
+            '[[methods]]\nname = "grace"\n[methods.evk_align]\nweight = 1.0\n[regime]\nkind = "batch"\nsizes = [1]\n')
+    spec = parse_spec(text, "toml", source="s.toml")
+    with pytest.raises(SpecError, match=r"s\.toml:8: methods\[0\]\.evk_align: method 'grace' does not take evk_align"):
+        check_methods(spec)
+    monkeypatch.setattr(edit_base.get_method("grace"), "supports_evk_align", True)  # as before: accepted
+    check_methods(spec)
