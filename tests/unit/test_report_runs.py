@@ -233,10 +233,17 @@ def test_readonly_store_without_wal_opens_immutable(tmp_path):
                 "try:\n"
                 f"    Store({str(src / 'new.sqlite')!r})\n"
                 "except Exception as e:\n"
-                "    print('WRITER', type(e).__name__, e)\n")
+                "    print('WRITER', type(e).__name__, e)\n"
+                "from editlens.runs.store import StoreLock\n"
+                "try:\n"
+                f"    StoreLock({str(src / 's.sqlite')!r}).acquire()\n"
+                "except Exception as e:\n"
+                "    print('LOCK', type(e).__name__, e)\n")
         r = _run_unprivileged(code)
         assert "ROWS 1" in r.stdout, r.stdout + r.stderr
         assert "WRITER StoreError" in r.stdout and "read-only directory" in r.stdout, r.stdout + r.stderr
+        lock_line = [x for x in r.stdout.splitlines() if x.startswith("LOCK")]
+        assert lock_line and "StoreError" in lock_line[0] and "read-only directory" in lock_line[0], r.stdout
         assert sorted(os.listdir(src)) == ["s.sqlite"]
     finally:
         src.chmod(0o755)
