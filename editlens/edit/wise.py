@@ -14,23 +14,31 @@ Knowledge Memory for Lifelong Model Editing of Large Language Models").
 * **Training** of ``Δ`` (Adam, ``lr``, at most ``n_iter`` steps, early stop) minimises the target NLL with the
   side memory in place plus the paper's routing margin loss
   ``max(0, Δ_act(x_i) − α) + max(0, β − Δ_act(x_e)) + max(0, γ − (Δ_act(x_e) − Δ_act(x_i)))``
-  averaged over edit prompts ``x_e`` and irrelevant prompts ``x_i`` (:func:`irrelevant_prompts`: generic
-  factual cloze prompts and sentences of a held-out text shipped with editlens).
-* **Threshold.** After each edit batch, ``ε`` of the memory is calibrated on its edit prompts: the midpoint
-  between the largest irrelevant score and the smallest edit score when they are separated, else the smallest
-  edit score (``diagnostics["router_separated"]`` says which).
+  averaged over edit prompts ``x_e`` (the batch's and, for the routing term, the memory's earlier ones) and
+  irrelevant prompts ``x_i``: generic factual cloze prompts and held-out prose (:func:`irrelevant_prompts`, less
+  any that is the same text as an edit prompt — one input cannot be both above and below the threshold) and
+  **contrast prompts** (:func:`contrast_prompts`): each edit's own template filled with ``n_contrast`` other
+  subjects, the shape of CounterFact's neighbourhood prompts. Without them the router learns the *relation*
+  (the template tokens, shared by every neighbourhood prompt) instead of the fact.
+* **Threshold.** After each edit batch, ``ε`` of the memory is calibrated: the midpoint between the largest
+  negative score and the smallest edit score when they are separated, else the smallest edit score
+  (``diagnostics["router_separated"]``). The negatives include ``n_calibration`` further contrast prompts per
+  edit that the router was *not* trained on, so ``ε`` sits above prompts it has not seen, not only above the
+  ones it was pushed below.
 * **Knowledge sharding and merging.** The edits of a batch are dealt round-robin to ``n_shards`` shards. Each
   shard trains its own copy of the memory's ``Δ`` under a fixed random gradient mask of density
   ``mask_ratio`` (a random subspace of the weight entries; seeded per shard). The shards' increments
   ``τ_s = Δ_s − Δ`` are then merged with TIES (:func:`ties_merge`: trim to the top ``ties_density`` magnitudes,
   elect the sign of the summed trimmed increments, average the increments that agree with it) and added to ``Δ``.
 * **Several side memories.** In sequential editing, after ``edits_per_memory`` edits (0 = never) a new side
-  memory (``Δ = 0``) is started; routing picks among all of them.
+  memory (``Δ = 0``) is started; routing picks among all of them. A later batch written into a memory replays up
+  to ``n_replay`` of its earlier edits (prompt and target) in the NLL, so they are not overwritten.
 
 Simplifications (documented): the increments are merged relative to the memory before the batch (the paper
-merges shard copies relative to the main memory; the same thing for the first batch); there is no replay of
-earlier edits of a memory in later batches; ``Δ_act`` is averaged over prompt tokens; the irrelevant prompts are
-a small fixed set rather than a sample of the pre-training corpus.
+merges shard copies relative to the main memory; the same thing for the first batch); ``Δ_act`` is averaged
+over prompt tokens; the irrelevant prompts are a small fixed set plus template contrasts rather than a sample of
+the pre-training corpus; in long sequential runs the replayed edits and the earlier contrasts are seeded samples
+(at most ``n_replay`` edits, 64 training and 128 calibration contrasts).
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ import torch
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
 from editlens.edit.base import FRACTION, NON_NEGATIVE, POSITIVE
 from editlens.edit.grace import AdaptorSystem, LayerAdaptor, prompt_target_batch, target_nll
+from editlens.data.schema import fill_template
 from editlens.errors import HParamsError
 from editlens.evaluate.system import ModelSystem
 from editlens.lm import ops
@@ -71,13 +80,16 @@ class WiseHParams(HParams):
     beta: float = 20.0
     gamma: float = 10.0
     n_irrelevant: int = 12
+    n_contrast: int = 40
+    n_calibration: int = 12
+    n_replay: int = 16
     edits_per_memory: int = 0
     seed: int = 0
 
     RANGES = {"mask_ratio": FRACTION, "ties_density": FRACTION, "lr": POSITIVE, "loss_stop": NON_NEGATIVE,
               "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE}
     ARCH_DEFAULTS = {"tiny": {"layer": 2, "alpha": 0.05, "beta": 0.5, "gamma": 0.3, "lr": 0.05, "n_iter": 30,
-                              "n_irrelevant": 6},
+                              "n_irrelevant": 6, "n_contrast": 4, "n_calibration": 2},
                      "smollm2-135m": {"layer": 26, "lr": 0.02, "n_iter": 25}}
 
     def validate(self) -> None:
@@ -87,6 +99,14 @@ class WiseHParams(HParams):
             v = getattr(self, key)
             if not 0 < v <= 1:
                 raise HParamsError(f"hyperparameter {key!r} of method 'wise' must be in (0, 1], got {v}")
+        for key in ("n_irrelevant", "n_contrast", "n_calibration", "n_replay"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise HParamsError(f"hyperparameter {key!r} of method 'wise' must be an integer >= 0, got {v!r}")
+        if self.n_contrast > len(_CONTRAST_SUBJECTS) - self.n_calibration:
+            raise HParamsError(f"hyperparameters 'n_contrast' + 'n_calibration' of method 'wise' are "
+                               f"{self.n_contrast} + {self.n_calibration}, but there are only "
+                               f"{len(_CONTRAST_SUBJECTS)} contrast subjects")
 
     def layer_index(self, lm: "LM") -> int:
         n = lm.n_layers
@@ -156,6 +176,15 @@ class SideMemory:
     delta: torch.Tensor  # [d_out, d_in] float32
     eps: float = float("inf")
     prompts: list[str] = field(default_factory=list)
+    #: the new targets of its edits (parallel to ``prompts``), replayed when later edits train the memory
+    targets: list[str] = field(default_factory=list)
+    #: the subjects of its edits (never used as contrast subjects of this memory)
+    subjects: set[str] = field(default_factory=set)
+    #: its edit prompts as written (before the system's prompt format), to keep them out of the negatives
+    texts: list[str] = field(default_factory=list)
+    #: same-template contrast prompts of its edits: trained below the threshold / held out to calibrate it
+    contrasts: list[str] = field(default_factory=list)
+    calibration: list[str] = field(default_factory=list)
 
 
 class WiseAdaptor(LayerAdaptor):
@@ -232,31 +261,101 @@ _GENERIC_CLOZE = ("Water boils at a temperature of", "The chemical symbol for go
                   "water is")
 
 
-def irrelevant_prompts(n: int) -> list[str]:
-    """``n`` irrelevant prompts: alternately generic factual cloze prompts and held-out prose (first 16 words)."""
+#: subjects that fill an edit's own template to make its *contrast prompts* (same relation, another subject:
+#: the shape of CounterFact's neighbourhood prompts). Types are interleaved so that any window of the tuple mixes
+#: countries, cities, people, works, organisations, substances and places.
+_CONTRAST_SUBJECTS = (
+    "Canada", "Chicago", "Wolfgang Amadeus Mozart", "The Odyssey", "Toyota", "carbon", "Mount Everest",
+    "Mexico", "Cairo", "Napoleon Bonaparte", "War and Peace", "Nokia", "helium", "the Amazon River",
+    "Egypt", "Sydney", "Cleopatra", "Moby-Dick", "the United Nations", "copper", "Stonehenge",
+    "Kenya", "Toronto", "Mahatma Gandhi", "The Divine Comedy", "Coca-Cola", "nitrogen", "the Sahara Desert",
+    "Sweden", "Mumbai", "Nelson Mandela", "Guernica", "Samsung", "silver", "the Golden Gate Bridge",
+    "Argentina", "Istanbul", "Galileo Galilei", "The Night Watch", "Boeing", "uranium", "Lake Victoria",
+    "Vietnam", "Dublin", "Frida Kahlo", "Don Giovanni", "Volkswagen", "calcium", "the Panama Canal",
+    "Norway", "Moscow", "Queen Victoria", "The Iliad", "Nintendo", "zinc", "Mount Kilimanjaro",
+    "Peru", "Barcelona", "Charles Dickens", "Jane Eyre", "Siemens", "lead", "the Louvre",
+    "Poland", "Venice", "Vincent van Gogh", "Frankenstein", "Ford", "mercury", "the Acropolis",
+    "Greece", "Vienna", "Johann Sebastian Bach", "Les Misérables", "IBM", "platinum", "the Kremlin",
+    "Chile", "Amsterdam", "Marco Polo", "The Birth of Venus", "Sony", "neon", "Niagara Falls",
+)
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Whether two prompts are the same text up to case, spacing and final punctuation."""
+    def norm(p: str) -> str:
+        return " ".join(p.casefold().split()).rstrip(" .,:;?!")
+    return norm(a) == norm(b)
+
+
+def irrelevant_prompts(n: int, exclude: Sequence[str] = ()) -> list[str]:
+    """``n`` irrelevant prompts: alternately generic factual cloze prompts and held-out prose (first 16 words).
+
+    A prompt that is the same text as one in ``exclude`` (the edit prompts: case, spacing and final punctuation
+    ignored) is left out — the router cannot put one input both above and below its threshold.
+    """
     text = (Path(__file__).resolve().parents[1] / "resources" / "heldout.txt").read_text()
     sents = [" ".join(s.split()[:16]) for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 6]
     out: list[str] = []
     for a, b in zip(_GENERIC_CLOZE, sents):
         out += [a, b]
-    return out[:n]
+    return [p for p in out if not any(_same_text(p, e) for e in exclude)][:n]
 
 
-def _prompt_acts(lm: "LM", module: str, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def contrast_prompts(template: str, subject: str, n_train: int, n_calibration: int,
+                     exclude_subjects: Sequence[str] = (), exclude_prompts: Sequence[str] = ()
+                     ) -> tuple[list[str], list[str]]:
+    """Contrast prompts of one rewrite: its template filled with other subjects, ``(train, calibration)``.
+
+    Each rewrite gets its own window of :data:`_CONTRAST_SUBJECTS` (by a hash of template and subject, so edits
+    of one batch do not all share the same contrasts); the first ``n_train`` prompts train the router below its
+    threshold, the next ``n_calibration`` are held out for calibrating the threshold. Subjects in
+    ``exclude_subjects`` (case-insensitive: the subjects edited into the same memory) and prompts that are the
+    same text as one of ``exclude_prompts`` (the edit prompts) are skipped. A template without ``{}`` has none.
+    """
+    if "{}" not in template:
+        return [], []
+    skip = {x.casefold() for x in exclude_subjects} | {subject.casefold()}
+    k = len(_CONTRAST_SUBJECTS)
+    start = int(hashlib.sha256(f"{template}\x00{subject}".encode()).hexdigest(), 16) % k
+    out: list[str] = []
+    for j in range(k):
+        if len(out) == n_train + n_calibration:
+            break
+        subj = _CONTRAST_SUBJECTS[(start + j) % k]
+        p = fill_template(template, subj)
+        if subj.casefold() in skip or any(_same_text(p, e) for e in exclude_prompts):
+            continue
+        out.append(p)
+    return out[:n_train], out[n_train:]
+
+
+def _prompt_acts(lm: "LM", module: str, prompts: Sequence[str], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs of ``module`` for each prompt, left-padded ``[n, width, d_in]``, and the token mask ``[n, width]``."""
     ids = [ops.encode(lm.tokenizer, p) for p in prompts]
-    batch = ops.pad_left(ids, ops._pad_id(lm), lm.device)
-    with torch.no_grad(), record_io(lm.model, [module], kind="input") as rec:
-        lm.model(**batch, logits_to_keep=1, use_cache=False)
-    return rec[module].float(), batch["attention_mask"].bool()
+    width = max(len(i) for i in ids)
+    acts, masks = [], []
+    for a in range(0, len(ids), chunk):
+        batch = ops.pad_left(ids[a:a + chunk], ops._pad_id(lm), lm.device)
+        with torch.no_grad(), record_io(lm.model, [module], kind="input") as rec:
+            lm.model(**batch, logits_to_keep=1, use_cache=False)
+        x, m = rec[module].float(), batch["attention_mask"].bool()
+        extra = width - x.shape[1]  # left-pad every chunk to the longest prompt of all
+        acts.append(torch.nn.functional.pad(x, (0, 0, extra, 0)))
+        masks.append(torch.nn.functional.pad(m, (extra, 0), value=False))
+    return torch.cat(acts), torch.cat(masks)
 
 
 def train_shard(lm: "LM", module: str, delta0: torch.Tensor, mask: torch.Tensor, prompts: Sequence[str],
-                targets: Sequence[str], irr: tuple[torch.Tensor, torch.Tensor], hp: WiseHParams
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Train one shard's side-memory difference from ``delta0`` under the gradient ``mask``."""
+                targets: Sequence[str], irr: tuple[torch.Tensor, torch.Tensor], hp: WiseHParams,
+                kept: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+    """Train one shard's side-memory difference from ``delta0`` under the gradient ``mask``.
+
+    The routing loss holds the shard's ``prompts`` and the memory's earlier edit prompts ``kept`` above the
+    irrelevant inputs ``irr`` (activations of the projection's input do not depend on ``Δ``: no replay of the
+    earlier edits' targets is needed for their routing).
+    """
     batch, key_cols, tids = prompt_target_batch(lm, prompts, targets)
-    e_acts, e_mask = _prompt_acts(lm, module, prompts)
+    e_acts, e_mask = _prompt_acts(lm, module, list(prompts) + list(kept))
     i_acts, i_mask = irr
     d = delta0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([d], lr=hp.lr)
@@ -305,29 +404,68 @@ class WiseEditor(Editor):
         if not ad.memories or (hp.edits_per_memory and len(ad.memories[-1].prompts) >= hp.edits_per_memory):
             ad.memories.append(SideMemory(torch.zeros(w.shape, dtype=torch.float32, device=w.device)))
         mem = ad.memories[-1]
-        items = [(system.format.apply(r.text), r.target_new) for c in cases for r in c.rewrites]
-        irr_prompts = [system.format.apply(p) for p in irrelevant_prompts(hp.n_irrelevant)]
-        irr = _prompt_acts(lm, module, irr_prompts)
+        rewrites = [r for c in cases for r in c.rewrites]
+        items = [(system.format.apply(r.text), r.target_new) for r in rewrites]
+        kept = list(mem.prompts)  # the memory's earlier edit prompts
+        g = torch.Generator().manual_seed(hp.seed * 7919 + len(kept))
+        def sample(old: list, n: int) -> list:  # bounded cost in long sequential runs
+            return old if len(old) <= n else [old[i] for i in sorted(torch.randperm(len(old), generator=g)[:n].tolist())]
+
+        replay = sample(list(zip(mem.prompts, mem.targets)), hp.n_replay)
+        mem.targets.extend(t for _, t in items)
+        mem.subjects |= {r.subject for r in rewrites}
+        mem.texts.extend(r.text for r in rewrites)
+        mem.prompts.extend(p for p, _ in items)
+        # negatives: generic prompts that are not one of the edit prompts, and each edit's template filled with
+        # other subjects (trained below the threshold, or held out to calibrate it); earlier contrasts that now
+        # are an edit prompt or name an edited subject are dropped
+        def clash(p: str) -> bool:
+            return any(_same_text(p, e) for e in mem.prompts) or any(
+                re.search(rf"(?<!\w){re.escape(sj)}(?!\w)", p, flags=re.IGNORECASE) for sj in mem.subjects)
+
+        new_con, new_cal = [], []
+        for r in rewrites:
+            tr, ca = contrast_prompts(r.prompt, r.subject, hp.n_contrast, hp.n_calibration, sorted(mem.subjects),
+                                      mem.texts)
+            new_con += [system.format.apply(p) for p in tr]
+            new_cal += [system.format.apply(p) for p in ca]
+        mem.contrasts = [p for p in mem.contrasts if not clash(p)]
+        mem.calibration = [p for p in mem.calibration if not clash(p)]
+        generic = [system.format.apply(p) for p in irrelevant_prompts(hp.n_irrelevant, exclude=mem.texts)]
+        train_neg = generic + new_con + sample(mem.contrasts, max(64, len(new_con)))
+        calib_neg = new_cal + sample(mem.calibration, max(128, len(new_cal)))
+        mem.contrasts.extend(new_con)
+        mem.calibration.extend(new_cal)
+        if not train_neg:
+            raise HParamsError("method 'wise' has no irrelevant prompts to train its router against: set "
+                               "'n_irrelevant' or 'n_contrast' above 0")
+        irr = _prompt_acts(lm, module, train_neg)
         step = sequence.step if sequence is not None else 0
         taus, diag = [], {}
         with torch.enable_grad():
             for s in range(min(hp.n_shards, len(items))):
-                shard = items[s::hp.n_shards]
-                g = torch.Generator().manual_seed(hp.seed * 1_000_003 + step * 101 + s)
-                mask = (torch.rand(w.shape, generator=g) < hp.mask_ratio).to(w.device)
-                d, st = train_shard(lm, module, mem.delta, mask, [p for p, _ in shard], [t for _, t in shard], irr, hp)
+                shard = items[s::hp.n_shards] + replay  # earlier edits keep their targets
+                gen = torch.Generator().manual_seed(hp.seed * 1_000_003 + step * 101 + s)
+                mask = (torch.rand(w.shape, generator=gen) < hp.mask_ratio).to(w.device)
+                d, st = train_shard(lm, module, mem.delta, mask, [p for p, _ in shard], [t for _, t in shard], irr, hp,
+                                    kept=[p for p in kept if p not in {q for q, _ in replay}])
                 taus.append(d - mem.delta)
                 for k, v in st.items():
                     diag[f"loss/shard{s}_{k}"] = v
         mem.delta = mem.delta + ties_merge(taus, hp.ties_density).to(mem.delta.device)
-        mem.prompts.extend(p for p, _ in items)
         e_acts, e_mask = _prompt_acts(lm, module, mem.prompts)
         e_scores = activation_scores(e_acts, mem.delta, e_mask).tolist()
         i_scores = activation_scores(irr[0], mem.delta, irr[1]).tolist()
-        mem.eps, separated = calibrate_threshold(e_scores, i_scores)
+        c_scores: list[float] = []
+        if calib_neg:
+            c_acts, c_mask = _prompt_acts(lm, module, calib_neg)
+            c_scores = activation_scores(c_acts, mem.delta, c_mask).tolist()
+        mem.eps, separated = calibrate_threshold(e_scores, i_scores + c_scores)
         system.refresh()
         diag.update({"side_memories": len(ad.memories), "threshold": mem.eps, "router_separated": separated,
                      "score_edit_min": min(e_scores), "score_irrelevant_max": max(i_scores),
+                     "score_calibration_max": max(c_scores) if c_scores else float("nan"),
+                     "n_negatives_train": len(train_neg), "n_negatives_calibration": len(calib_neg),
                      "delta_norm/side": float(mem.delta.norm())})
         if sequence is not None:
             return Edit(system, self.name, cases, hparams, diag, lm=lm, undoable=False)

@@ -141,3 +141,49 @@ def test_cached_step_detected_under_any_cache_name():
     for name in ("cache", "past_key_values"):
         assert _is_cached_step(one, {name: cache})
         assert not _is_cached_step(full, {name: DynamicCache()})  # empty cache: a full pass
+
+
+def test_irrelevant_prompts_leave_out_edit_prompts():
+    from editlens.edit.wise import irrelevant_prompts
+
+    full = irrelevant_prompts(12)
+    assert "The chemical symbol for gold is" in full
+    kept = irrelevant_prompts(12, exclude=["the chemical symbol for  gold is."])  # case/space/punctuation
+    assert len(kept) == 12 and not any(p.startswith("The chemical symbol for gold") for p in kept)
+
+
+def test_contrast_prompts_share_the_template_not_the_subject():
+    from editlens.edit.wise import _CONTRAST_SUBJECTS, contrast_prompts
+
+    tr, ca = contrast_prompts("The capital of {} is", "Canada", 6, 3, exclude_subjects=["Egypt"],
+                              exclude_prompts=["The capital of Mexico is"])
+    assert len(tr) == 6 and len(ca) == 3 and not set(tr) & set(ca)
+    for p in tr + ca:
+        assert p.startswith("The capital of ") and p.endswith(" is")
+        assert p[len("The capital of "):-len(" is")] in _CONTRAST_SUBJECTS
+    assert not {"The capital of Canada is", "The capital of Egypt is", "The capital of Mexico is"} & set(tr + ca)
+    assert contrast_prompts("No placeholder here", "Canada", 6, 3) == ([], [])
+    # another rewrite gets another window of subjects
+    assert contrast_prompts("{} was written by", "Hamlet", 6, 0)[0] != contrast_prompts("{} was written by",
+                                                                                       "Ulysses", 6, 0)[0]
+
+
+def test_edit_prompt_equal_to_an_irrelevant_prompt_keeps_the_router_separated(tiny_llama):
+    """The built-in irrelevant set holds "The chemical symbol for gold is"; an edit of exactly that prompt used to
+    be trained both above and below the threshold, so the router could not separate and the threshold fell to
+    the edit's own score."""
+    from editlens.edit.wise import irrelevant_prompts
+
+    case = make_case("g", Rewrite("The chemical symbol for {} is", "gold", "Ag", "Au"))
+    assert case.rewrite.text in irrelevant_prompts(6)  # the tiny default n_irrelevant
+    e = edit(tiny_llama, [case], "wise")
+    try:
+        d = e.diagnostics
+        negatives = max(d["score_irrelevant_max"], d.get("score_calibration_max", float("-inf")))
+        assert d["router_separated"] and d["score_edit_min"] > d["threshold"] > negatives, d
+        # a real margin, not float noise between two passes over the same text (before: 1e-7 relative)
+        assert d["score_edit_min"] - negatives > 0.01 * d["score_edit_min"], d
+        e.system.next_token_logprobs([case.rewrite.text])
+        assert e.system.adaptor.last_route.tolist() == [0]
+    finally:
+        e.undo()
