@@ -37,6 +37,9 @@ resumed run ends with exactly the rows of an uninterrupted run because:
   for the whole run in a :class:`FrozenBase` keyed by a hash of that request set — units that evaluate the same
   cases share them, and which units ran before does not change a value;
 * the edited system's requests are likewise answered in sorted batches that depend only on the unit.
+* the run records the torch thread count it started with (``versions["torch_threads"]``); a resumed run with the
+  local executor computes with that count (CPU reductions are split by thread count, so another count would give
+  numbers that differ in the last bits).
 
 The unit's cases: the dataset's cases (after its ``limit``/``sample``), in file order for seed 0 and in the
 order of a ``random.Random(seed)`` shuffle for any other seed; the first ``n_edits`` of them are edited.
@@ -582,6 +585,35 @@ def _rng_devices(lm: "LM") -> list:
 
 
 # ============================================================================================ the driver
+def _run_threads(ex: Any) -> int:
+    """The torch intra-op thread count the run's computations use (a Ray task's ``num_cpus``, else this
+    process's): on CPU, reductions split by thread count, so it is part of what makes results reproducible."""
+    import torch
+
+    return int(getattr(ex, "num_cpus", 0) or torch.get_num_threads())
+
+
+def _resume_threads(st: Any, rid: str, ex: Any, progress: bool) -> int | None:
+    """On resume with the local executor: use the thread count the run was started with (recorded as
+    ``versions["torch_threads"]``), so the resumed units compute bit for bit what the first process would have.
+    Returns the count to restore afterwards, or ``None`` when nothing was changed."""
+    import torch
+
+    if getattr(ex, "num_cpus", None):  # Ray tasks set their own count (num_cpus, recorded the same way)
+        return None
+    runs = st.runs()
+    rec = runs.loc[runs["run_id"] == rid, "versions"]
+    want = rec.iloc[0].get("torch_threads") if len(rec) and isinstance(rec.iloc[0], dict) else None
+    have = torch.get_num_threads()
+    if not want or int(want) == have:
+        return None
+    if progress:
+        print(f"run {rid}: started with {int(want)} torch threads, this process has {have}; using {int(want)} so "
+              "the resumed units give the same numbers", file=sys.stderr, flush=True)
+    torch.set_num_threads(int(want))
+    return have
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -664,6 +696,7 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
 
     spec = prepare_spec(spec_or_path)
     options = options or RunOptions()
+    restore_threads: int | None = None
     # one writing run per store: taken before any work (model loading included); a second run fails here at once
     lock = StoreLock(store.path if isinstance(store, Store) else
                      Path(store) if store is not None else default_store_path(spec)).acquire()
@@ -676,7 +709,10 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
     try:
         fingerprint = ex.prepare(spec, options)
         rid = run_id or spec.default_run_id()
-        st.start_run(rid, {**spec.to_dict(), "runner": options.to_dict()}, _versions(), fingerprint, spec.seeds)
+        new_run = st.start_run(rid, {**spec.to_dict(), "runner": options.to_dict()},
+                               {**_versions(), "torch_threads": _run_threads(ex)}, fingerprint, spec.seeds)
+        if not new_run:
+            restore_threads = _resume_threads(st, rid, ex, progress)
         units = spec.plan()
         metas = {u.id: unit_meta(u, spec, options) for u in units}
         finished = st.finished_units(rid)
@@ -693,6 +729,10 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
         ex.run(spec, todo, options, sink, done_steps=done_steps, progress=progress)
         return rid
     finally:
+        if restore_threads is not None:
+            import torch
+
+            torch.set_num_threads(restore_threads)
         if owned:
             st.close()
         lock.release()
