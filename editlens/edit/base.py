@@ -541,9 +541,10 @@ class Editor:
         if zero:
             warnings.warn(f"{self.name}: the edit changed no weight ("
                           f"{'its update is zero or too small to change any weight' if deltas else 'no module was updated'}"
-                          "); diagnostics['zero_delta'] is True. "
-                          "Check the hyperparameters (e.g. a learning rate so large that the update overflows and "
-                          "is clamped to nothing)", NoOpEditWarning, stacklevel=3)
+                          "); diagnostics['zero_delta'] is True. Either the model already met the edit's "
+                          "objective (e.g. every loss below the early-stop threshold) or a hyperparameter made the "
+                          "update vanish (e.g. a learning rate so large that it overflows and is clamped to nothing)",
+                          NoOpEditWarning, stacklevel=3)
 
 
 class NoOpEditWarning(UserWarning):
