@@ -464,9 +464,10 @@ class WiseEditor(Editor):
         system.refresh()
         diag.update({"side_memories": len(ad.memories), "threshold": mem.eps, "router_separated": separated,
                      "score_edit_min": min(e_scores), "score_irrelevant_max": max(i_scores),
-                     "score_calibration_max": max(c_scores) if c_scores else float("nan"),
                      "n_negatives_train": len(train_neg), "n_negatives_calibration": len(calib_neg),
                      "delta_norm/side": float(mem.delta.norm())})
+        if c_scores:
+            diag["score_calibration_max"] = max(c_scores)
         if sequence is not None:
             return Edit(system, self.name, cases, hparams, diag, lm=lm, undoable=False)
 
