@@ -262,12 +262,10 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
     for l in layers:
         path = _cache_path(cache, lm, l, ckey, n_samples, max_length)
         if use_cache and path.is_file():
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-                out[l] = obj["mom2"].to(out_dtype)
+            mom2 = _read_cached(path, lm, l)
+            if mom2 is not None:
+                out[l] = mom2.to(out_dtype)
                 continue
-            except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
-                pass
         missing.append(l)
     if missing:
         if docs is None:
@@ -288,6 +286,39 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
                 os.replace(tmp, path)
             out[l] = mom2.to(out_dtype)
     return {l: out[l] for l in layers}
+
+
+def _read_cached(path: Path, lm: "LM", layer: int) -> torch.Tensor | None:
+    """The cached ``C`` of ``layer`` in ``path``, or None (with a warning naming the file) when it is damaged.
+
+    The file is read with ``weights_only=True`` (no object of the file is constructed beyond tensors and plain
+    containers, nothing is imported or called) and its content is checked before use: a dict whose ``mom2`` is a
+    finite, square floating-point matrix of the layer's key width and whose ``layer`` is this layer. Anything
+    else (an unreadable file, a pickle naming code, a wrong shape, NaN/inf) is recomputed and the entry replaced.
+    """
+    import warnings
+
+    from editlens.lm.arch import in_out_features
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable entry is recomputed
+        why = f"unreadable ({type(e).__name__})"
+    else:
+        d_in = in_out_features(lm.module(lm.arch.mlp_out_at(layer)))[0]
+        mom2 = obj.get("mom2") if isinstance(obj, dict) else None
+        if not isinstance(mom2, torch.Tensor) or not mom2.is_floating_point():
+            why = "no floating-point 'mom2' matrix"
+        elif tuple(mom2.shape) != (d_in, d_in):
+            why = f"'mom2' has shape {tuple(mom2.shape)}, expected {(d_in, d_in)}"
+        elif obj.get("layer") != layer:
+            why = f"it is for layer {obj.get('layer')!r}, not {layer}"
+        elif not bool(torch.isfinite(mom2).all()):
+            why = "'mom2' holds NaN or inf"
+        else:
+            return mom2
+    warnings.warn(f"statistics cache file {path} is damaged ({why}); recomputing it", stacklevel=3)
+    return None
 
 
 def dk_norm(delta: torch.Tensor, C: torch.Tensor) -> float:
