@@ -193,7 +193,8 @@ class WiseAdaptor(LayerAdaptor):
     def __init__(self, module: str):
         self.module = module
         self.memories: list[SideMemory] = []
-        #: per row of the last full forward: memory used (-1 = main memory) and the best score
+        #: per row of the last full forward: memory used (-1 = main memory) and the best score. Rows are in that
+        #: padded batch's order — the system's calls group prompts sorted by length, not in the order given
         self.last_route = torch.zeros((0,), dtype=torch.long)
         self.last_scores = torch.zeros((0,))
 

@@ -187,3 +187,30 @@ def test_edit_prompt_equal_to_an_irrelevant_prompt_keeps_the_router_separated(ti
         assert e.system.adaptor.last_route.tolist() == [0]
     finally:
         e.undo()
+
+
+def test_unrouted_row_of_a_mixed_padded_batch_is_bit_identical_to_the_base(tiny_llama):
+    """One routed and one unrouted prompt of different lengths (left padding) in one batch: the unrouted row's
+    next-token log-probabilities and greedy generation equal the base model's in the same batch, bit for bit,
+    while the routed row's differ (the side memory is applied per row, on the full pass and every cached step)."""
+    from editlens.edit.wise import _prompt_acts
+
+    lm = tiny_llama
+    module = lm.arch.mlp_out_at(2)
+    prompts = ["Alice Smith lives in the city of", "The weather"]
+    w = lm.module(module).weight
+    delta = torch.randn(w.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    acts, mask = _prompt_acts(lm, module, prompts)
+    scores = activation_scores(acts, delta, mask).tolist()
+    assert scores[0] != scores[1]
+    routed, unrouted = (0, 1) if scores[0] > scores[1] else (1, 0)
+    ad = WiseAdaptor(module)
+    ad.memories = [SideMemory(delta, eps=sum(scores) / 2)]
+    base, s = ModelSystem(lm), WiseSystem(ModelSystem(lm), ad)
+    lo_b, lo_s = base.next_token_logprobs(prompts), s.next_token_logprobs(prompts)
+    assert sorted(ad.last_route.tolist()) == [-1, 0]
+    assert torch.equal(lo_s[unrouted], lo_b[unrouted])
+    assert not torch.equal(lo_s[routed], lo_b[routed])
+    g_b, g_s = base.generate(prompts, max_new_tokens=6), s.generate(prompts, max_new_tokens=6)
+    assert g_s[unrouted] == g_b[unrouted]
+    assert s.generate([prompts[unrouted]], max_new_tokens=6) == base.generate([prompts[unrouted]], max_new_tokens=6)
