@@ -77,3 +77,21 @@ def noisy_tiny_llama(seed: int, scale: float = 0.05):
                 p.add_(scale * torch.randn(p.shape, generator=g))
     lm.push_state("test-noise")
     return lm
+
+
+def shipped_methods() -> list[str]:
+    """Registered methods that editlens itself ships (classes in ``editlens.*`` modules).
+
+    Tests and doc examples register throw-away methods (``_test_add``, the docs' ``toyedit``) into the same
+    process-wide registry; tests that walk "every method" must not depend on which of those ran first.
+    """
+    from editlens.edit import get_method, registered_methods
+
+    return [m for m in registered_methods() if get_method(m).__module__.startswith("editlens.")]
+
+
+def shipped_metrics() -> list[str]:
+    """Registered metrics that editlens itself ships (see :func:`shipped_methods`)."""
+    from editlens.evaluate import registered_metrics
+
+    return [m for m, cls in registered_metrics().items() if cls.__module__.startswith("editlens.")]

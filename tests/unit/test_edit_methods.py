@@ -14,10 +14,11 @@ from editlens.lm.arch import weight_view
 
 from editlens.edit.memit import MultiLayerEditor
 from editlens.edit.rome import ROME
+from tests.conftest import shipped_methods
 
 #: the locate-then-edit methods (ROME and the MEMIT family), registered ones included as soon as they exist; the
 #: contracts every method keeps (bit-exact undo, sequential undo, ...) are checked in test_contracts.py
-METHODS = [m for m in registered_methods() if issubclass(get_method(m), (ROME, MultiLayerEditor))]
+METHODS = [m for m in shipped_methods() if issubclass(get_method(m), (ROME, MultiLayerEditor))]
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +60,7 @@ def test_edit_and_undo_bit_for_bit(model, method):
     _assert_same(lm, before)
 
 
-@pytest.mark.parametrize("method", registered_methods())
+@pytest.mark.parametrize("method", shipped_methods())
 def test_sequential_undo_and_flat_state(method):
     lm = editlens.load_model("tiny-gpt2")
     before = _snapshot(lm)

@@ -18,15 +18,14 @@ from editlens.errors import HParamsError, MethodError, SpecError
 from editlens.evaluate import functional as F
 from editlens.lm.arch import weight_view
 from editlens.lm.ops import TeacherForced
+from tests.conftest import shipped_methods
 
 BAD = [math.nan, math.inf, -math.inf]
 
 
 def _hparams_classes():
     out = {}
-    for name in registered_methods():
-        if name.startswith("_test"):
-            continue
+    for name in shipped_methods():
         out[name] = get_method(name).hparams_class
     assert {"rome", "memit", "alphaedit", "emmet", "ft-m", "grace", "wise", "scr", "pmet", "prune", "rect"} <= set(out)
     return out
