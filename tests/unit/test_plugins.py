@@ -22,7 +22,7 @@ from editlens.data.schema import Probe, Rewrite, make_case
 from editlens.errors import MethodError, MetricError
 from editlens.evaluate import ModelSystem, evaluate
 from editlens.registry import Discovery, PluginImportWarning
-from tests.conftest import shipped_methods
+from tests.conftest import shipped_methods, shipped_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,7 @@ def test_builtin_modules_are_found_by_scanning():
     assert {edit_base.get_method(m).__module__ for m in shipped_methods()} <= set(mods)
     mmods = eval_core._discovery().builtin_modules()
     assert "editlens.evaluate.gt" in mmods and "editlens.evaluate.meta" not in mmods  # meta registers nothing
-    assert {c.__module__ for c in eval_core.registered_metrics().values()} <= set(mmods)
+    assert {eval_core.registered_metrics()[m].__module__ for m in shipped_metrics()} <= set(mmods)
 
 
 def test_entry_point_plugins_are_usable_by_name(plugin_dir):
