@@ -108,19 +108,7 @@ def test_plain_http_refused_in_spec_validation(monkeypatch, tmp_path):
     from editlens.runs.runner import load_validated_spec
 
     monkeypatch.setenv(ENV, SECRET)
-    spec = tmp_path / "s.toml"
-    spec.write_text(textwrap.dedent("""
-        name = "j"
-        model = "tiny-llama"
-        metrics = ["ar_judge@http://example.com/v1"]
-        [[datasets]]
-        path = "synthetic:2"
-        [[methods]]
-        name = "none"
-        [regime]
-        kind = "batch"
-        sizes = [2]
-    """).lstrip())
+    spec = _judge_spec(tmp_path, "http://example.com/v1")
     with pytest.raises(SpecError, match="example.com") as e:
         load_validated_spec(spec)
     assert SECRET not in str(e.value)
