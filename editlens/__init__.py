@@ -12,11 +12,11 @@ __all__ = ["EditlensError", "LM", "Arch", "load_model", "load_cases", "save_case
 
 def __getattr__(name: str):  # lazy re-exports keep `import editlens` light
     if name == "ModelSystem":
-        from editlens.evaluate.system import ModelSystem
+        from editlens.system import ModelSystem
 
         return ModelSystem
     if name == "System":
-        from editlens.evaluate.system import System
+        from editlens.system import System
 
         return System
     if name in ("load_cases", "save_cases", "synthetic_cases"):

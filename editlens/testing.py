@@ -32,7 +32,7 @@ from editlens.errors import EditlensError, HParamsError, MethodError
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
     from editlens.evaluate.core import Metric
-    from editlens.evaluate.system import System
+    from editlens.system import System
     from editlens.lm.load import LM
 
 __all__ = ["ContractError", "ContractSkip", "check_method", "check_metric", "contract_cases", "edit_cases",
@@ -262,7 +262,7 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
         ContractError: the first broken check, naming it.
     """
     from editlens.edit.base import Edit, edit, edit_sequential, get_method
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     t0 = time.perf_counter()
     with _Stage(f"check_method({name!r}): get_method"):
@@ -470,7 +470,7 @@ def check_metric(name: str, *, cases: Sequence["EditCase"] | None = None, system
     import importlib.util
 
     from editlens.evaluate.core import BASE, EDITED, OnDemandAnswers, evaluate, registered_metrics
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     t0 = time.perf_counter()
     reg = registered_metrics()

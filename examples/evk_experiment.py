@@ -38,7 +38,7 @@ def main() -> None:
     from editlens.edit.evk_align import EvkAlign
     from editlens.evaluate.core import evaluate
     from editlens.evaluate.evk import evk_metrics
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     lm = editlens.load_model(args.model)
     cases = synthetic_cases(args.cases, seed=args.seed)

@@ -11,7 +11,7 @@ Writing a method (contract for implementers)
 * Weight-editing methods compute their deltas and finish with :meth:`Editor.weight_edit`, which saves every
   touched tensor once in a :class:`WeightSnapshot` (the run's snapshot when ``sequence`` is given), adds the
   deltas in place, calls ``lm.push_state(tag)`` so ``lm.fingerprint`` reflects the new weights, and returns an
-  :class:`Edit` whose ``system`` is a :class:`~editlens.evaluate.system.ModelSystem`.
+  :class:`Edit` whose ``system`` is a :class:`~editlens.system.ModelSystem`.
 * Wrapper methods (GRACE, WISE, IKE, SCR) build ``Edit(system=<WrappedSystem>, ..., on_undo=...)`` themselves.
 * ``sequence`` is the per-run :class:`SequenceState` made by :meth:`Editor.begin_sequence` when the edit is
   one step of :func:`edit_sequential`. Methods that accumulate state across steps (AlphaEdit's previous keys,
@@ -44,7 +44,7 @@ from editlens.lm.context import check_rewrites
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
-    from editlens.evaluate.system import ModelSystem, System
+    from editlens.system import ModelSystem, System
     from editlens.lm.load import LM
 
 H = TypeVar("H", bound="HParams")
@@ -414,6 +414,37 @@ class Edit:
             self.lm.pop_state(self.tag)
         self.undone = True
 
+    def save_pretrained(self, directory: Any, *, force: bool = False, verify: bool = True) -> Any:
+        """Write the edited model as a standard Hugging Face checkpoint (``model.safetensors``, ``config.json``,
+        tokenizer files, plus ``editlens.json`` naming the base model, the method, its hyperparameters and the
+        case ids) that :func:`editlens.load_model` and ``AutoModelForCausalLM.from_pretrained`` read back with
+        bit-identical weights (checked after writing when ``verify``). The weights saved are this edit's, even
+        when later edits of the model are applied (its system is pinned to them). See
+        :func:`editlens.lm.checkpoint.save_checkpoint`; returns the directory.
+
+        Raises:
+            MethodError: the method does not put its edit in the weights (GRACE, WISE, IKE, SCR: a weights
+                checkpoint would be the unedited model), or this edit was undone.
+            EditlensError: ``directory`` is a file, or a non-empty directory without ``force``.
+        """
+        from editlens.lm.checkpoint import check_save_target, save_checkpoint
+        from editlens.system import ModelSystem
+
+        system = self.system
+        lm = self.lm if self.lm is not None else getattr(system, "lm", None)
+        if type(system) is not ModelSystem or self._snapshot is None or lm is None:
+            raise MethodError(
+                f"{self.method} keeps its edit outside the model's weights ({type(system).__name__}: a codebook, "
+                "side memory, retrieved facts or a prompt consulted at call time), so a weights checkpoint would be "
+                "the unedited model; save_pretrained works for weight-editing methods (ft, rome, memit, alphaedit, "
+                "emmet, rect, prune, pmet)")
+        if self.undone:
+            raise MethodError(f"this {self.method} edit was undone; there are no edited weights to save")
+        check_save_target(directory, force)
+        meta = {"method": self.method, "n_cases": len(self.cases), "case_ids": [c.case_id for c in self.cases],
+                "hparams": self.hparams.to_dict() if hasattr(self.hparams, "to_dict") else repr(self.hparams)}
+        return save_checkpoint(lm, directory, force=force, state=system.model_state, metadata=meta, verify=verify)
+
     def __repr__(self) -> str:
         return f"Edit(method={self.method!r}, cases={len(self.cases)}, undone={self.undone})"
 
@@ -433,6 +464,10 @@ class Editor:
     #: whether ``apply`` passes ``evk_align`` to its value optimisation / loss; when false, :func:`edit` and
     #: :func:`edit_sequential` refuse an ``evk_align`` with a MethodError before any work (never silently ignored)
     supports_evk_align: ClassVar[bool] = False
+    #: whether the method's edit lives in the model's weights (``Edit.save_pretrained`` can write it); ``False``
+    #: for wrapper methods, so ``editlens edit --save`` refuses them before editing; ``None`` = not declared
+    #: (checked on the Edit)
+    edits_weights: ClassVar[bool | None] = None
 
     def default_hparams(self, lm: "LM") -> HParams:
         return self.hparams_class.for_model(lm)
@@ -479,7 +514,7 @@ class Editor:
         edit and raise :class:`MethodError`; an update that changes nothing warns (:class:`NoOpEditWarning`) and
         sets ``diagnostics["zero_delta"]`` (``False`` otherwise).
         """
-        from editlens.evaluate.system import ModelSystem
+        from editlens.system import ModelSystem
         from editlens.lm.arch import add_delta, weight_param
 
         snap = snapshot if snapshot is not None else self.snapshot_for(sequence)
@@ -765,7 +800,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
             system = step_edit.system
             if type(system).__name__ == "ModelSystem":
                 # pin the step's system to the weights after this step (the tag was just pushed)
-                from editlens.evaluate.system import ModelSystem
+                from editlens.system import ModelSystem
 
                 system = ModelSystem(lm, prompt_format=system.format, batch_tokens=system.batch_tokens)
             if run_edit is None:

@@ -46,7 +46,7 @@ import torch
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
 from editlens.edit.base import NON_NEGATIVE, POSITIVE
 from editlens.errors import HParamsError, MethodError
-from editlens.evaluate.system import ModelSystem, WrappedSystem
+from editlens.system import ModelSystem, WrappedSystem
 from editlens.lm import ops
 from editlens.lm.ops import TeacherForced
 
@@ -407,6 +407,7 @@ class GraceEditor(Editor):
     """GRACE as an editing method: the Edit's system is a :class:`GraceSystem`; ``undo()`` empties the codebook."""
 
     hparams_class = GraceHParams
+    edits_weights = False  # the edit lives outside the weights (Edit.save_pretrained refuses it)
 
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:

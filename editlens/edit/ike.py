@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
 from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
 from editlens.errors import HParamsError
-from editlens.evaluate.system import ModelSystem, WrappedSystem
+from editlens.system import ModelSystem, WrappedSystem
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
@@ -204,6 +204,7 @@ class IKEEditor(Editor):
     """IKE as an editing method: the Edit's system is an :class:`IKESystem`; ``undo()`` forgets the facts."""
 
     hparams_class = IKEHParams
+    edits_weights = False  # the edit lives outside the weights (Edit.save_pretrained refuses it)
 
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:

@@ -45,7 +45,7 @@ from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_me
 from editlens.edit.base import FINITE, Range
 from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
 from editlens.errors import HParamsError
-from editlens.evaluate.system import ModelSystem, WrappedSystem
+from editlens.system import ModelSystem, WrappedSystem
 from editlens.lm import ops
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,7 +133,7 @@ def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
 
 
 class SCRSystem(WrappedSystem):
-    """A :class:`~editlens.evaluate.system.System` that answers with retrieved, model-confirmed facts in context.
+    """A :class:`~editlens.system.System` that answers with retrieved, model-confirmed facts in context.
 
     Args:
         base: the system queries go to (its prompt format is used for queries without facts).
@@ -302,6 +302,7 @@ class SCREditor(Editor):
     """SCR as an editing method: the Edit's system is an :class:`SCRSystem`; ``undo()`` empties its memory."""
 
     hparams_class = SCRHParams
+    edits_weights = False  # the edit lives outside the weights (Edit.save_pretrained refuses it)
 
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:

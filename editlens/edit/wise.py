@@ -55,7 +55,7 @@ from editlens.edit.base import FRACTION, NON_NEGATIVE, POSITIVE
 from editlens.edit.grace import AdaptorSystem, LayerAdaptor, prompt_target_batch, target_nll
 from editlens.data.schema import fill_template
 from editlens.errors import HParamsError
-from editlens.evaluate.system import ModelSystem
+from editlens.system import ModelSystem
 from editlens.lm import ops
 from editlens.lm.arch import weight_view
 from editlens.lm.hooks import record_io
@@ -389,6 +389,7 @@ class WiseEditor(Editor):
     """WISE as an editing method: the Edit's system is a :class:`WiseSystem`; ``undo()`` drops the side memories."""
 
     hparams_class = WiseHParams
+    edits_weights = False  # the edit lives outside the weights (Edit.save_pretrained refuses it)
 
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:

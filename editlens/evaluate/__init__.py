@@ -26,7 +26,7 @@ from editlens.evaluate.core import (
     registered_metrics,
     resolve_metrics,
 )
-from editlens.evaluate.system import ModelSystem, System, WrappedSystem
+from editlens.system import ModelSystem, System, WrappedSystem
 
 __all__ = [
     "BASE", "EDITED", "Answers", "BaseCache", "Generate", "Metric", "NextToken", "Request", "Results", "Row",

@@ -71,7 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from editlens.data.schema import EditCase
-    from editlens.evaluate.system import System
+    from editlens.system import System
 
 #: role of the evaluated (edited) system in a request
 EDITED = "edited"
@@ -735,7 +735,7 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float]:
 def _with_format(system: "System", prompt_format: str | None, role: str) -> "System":
     if prompt_format is None or getattr(system, "prompt_format", "raw") == prompt_format:
         return system
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     if type(system) is ModelSystem:
         return system.with_format(prompt_format)  # keeps the weights it is pinned to

@@ -70,7 +70,7 @@ from editlens.lm.hooks import patch_embeddings, record_io
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
-    from editlens.evaluate.system import System
+    from editlens.system import System
     from editlens.lm.load import LM
 
 SPANS = ("subject", "relation", "full")

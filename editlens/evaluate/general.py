@@ -53,7 +53,7 @@ from editlens.evaluate.core import BASE, EDITED, Answers, Generate, Metric, Requ
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
-    from editlens.evaluate.system import System
+    from editlens.system import System
     from editlens.lm import LM
     from editlens.lm.ops import TeacherForced
 
@@ -449,7 +449,7 @@ def _raw_system(system: "System") -> "System":
     """The system posing prompts as raw text (a plain ModelSystem in chat format is re-posed as raw)."""
     if getattr(system, "prompt_format", "raw") == "raw":
         return system
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     if type(system) is ModelSystem:
         return system.with_format("raw")

@@ -37,7 +37,7 @@ from editlens.evaluate.core import BASE, EDITED, Answers, Metric, NextToken, Req
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase, Probe
-    from editlens.evaluate.system import System
+    from editlens.system import System
 
 GENERATION_KIND = "generation"
 NEIGHBORHOOD_KIND = "neighborhood"

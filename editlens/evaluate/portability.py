@@ -50,7 +50,7 @@ from editlens.evaluate.core import BASE, EDITED, Answers, Generate, Metric, Next
 from editlens.evaluate.generation import DEFAULT_MAX_NEW_TOKENS, MATCHERS, match, pose
 
 if TYPE_CHECKING:  # pragma: no cover
-    from editlens.evaluate.system import System
+    from editlens.system import System
     from editlens.lm import LM
     from editlens.lm.ops import TeacherForced
 
@@ -279,7 +279,7 @@ def conflict_scores(lm: "LM", edit_fn: EditFn, conflict_cases: Sequence[Conflict
     (composite only) and the raw probabilities ``p_new_final``, ``p_old_mid``, ``p_old_final``; ``meta["summary"]``
     holds ``{kind: {"CS", "CM", "TFD", "n"}}``.
     """
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     base = base_system if base_system is not None else ModelSystem(lm)
     rows: list[Row] = []
@@ -327,7 +327,7 @@ def round_edit_scores(lm: "LM", edit_fn: EditFn, round_cases: Sequence[RoundCase
     (:func:`knowledge_distortion`), ``ignore_rate`` and ``failure`` (``1[IR > 0.5]``; its mean is FR).
     ``meta["summary"]`` holds ``{"Succ", "D", "IR", "FR", "n"}``.
     """
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     base = base_system if base_system is not None else ModelSystem(lm)
     rows: list[Row] = []

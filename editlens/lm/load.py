@@ -67,7 +67,7 @@ class LM:
     duration: :meth:`state_view` (the swap a system pinned to an earlier state does around each call),
     :meth:`push_state` / :meth:`pop_state`, :func:`editlens.edit` / :func:`editlens.edit.edit_sequential` (each
     batch's computation and weight update), :meth:`editlens.edit.Edit.undo`, and every call of a
-    :class:`~editlens.evaluate.system.ModelSystem` (and of the wrapped systems built on it). Such operations on
+    :class:`~editlens.system.ModelSystem` (and of the wrapped systems built on it). Such operations on
     one model are therefore serialised (a thread evaluating the base system waits while another applies an
     edit, and the reverse); nested use from one thread never deadlocks (the lock is re-entrant). Code that runs
     ``lm.model`` directly, outside a system call, must hold ``lm.lock`` itself (``with lm.lock: ...``) to get

@@ -358,7 +358,7 @@ def judge_endpoint_lines(spec: Spec, units: Sequence[Unit], options: RunOptions)
 
 # ============================================================================================ frozen base
 class FrozenBase:
-    """A :class:`~editlens.evaluate.system.System` that answers from base-model outputs computed once.
+    """A :class:`~editlens.system.System` that answers from base-model outputs computed once.
 
     Built on the *unedited* model for a fixed set of requests (sorted and batched the same way every time, so
     that the values do not depend on what ran before); afterwards the model may be edited freely. A request
@@ -367,7 +367,7 @@ class FrozenBase:
 
     def __init__(self, lm: "LM", requests: Iterable[Any], prompt_format: str = "raw", batch_tokens: int = 4096):
         from editlens.evaluate.core import Generate, NextToken, Score, _answer, _groups_of
-        from editlens.evaluate.system import ModelSystem
+        from editlens.system import ModelSystem
 
         if lm.fingerprint != lm.base_fingerprint:
             raise EditlensError("internal: FrozenBase must be built on the unedited model")
@@ -450,7 +450,7 @@ class BaseAnswers:
         fb = self._by_key.get(key)
         if fb is None:
             from editlens.evaluate.core import BASE, resolve_metrics
-            from editlens.evaluate.system import ModelSystem
+            from editlens.system import ModelSystem
             from editlens.lm.context import check_requests, current_truncation
 
             # prompts longer than the context: ContextLengthError naming the case and probe, before any model call
