@@ -24,6 +24,7 @@ _COMMANDS = [
     ("editlens.cli.stats", "stats"),
     ("editlens.cli.bench", "bench"),
     ("editlens.cli.report", "report"),
+    ("editlens.cli.compare", "compare_cmd"),
 ]
 
 HELP = """editlens: edit the knowledge of causal language models and measure what an edit really did.
@@ -38,6 +39,7 @@ Typical session:
   editlens stats --model smollm2-135m --layers 4,5,6,7,8
   editlens bench examples/locality_sweep.toml   # run a spec into a resumable SQLite store
   editlens report results.sqlite --html report.html
+  editlens compare results.sqlite --ref pre-edit  # paired differences, bootstrap CIs, Holm
 
 Models: a built-in name (smollm2-135m, tiny-llama, ...), a .gguf file, a local checkpoint directory or a
 Hugging Face hub id. Nothing is downloaded unless you pass a hub id and have network access.
