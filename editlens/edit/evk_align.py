@@ -21,8 +21,8 @@ trained on).
 
 Where it plugs in
 -----------------
-* **Value optimisation** (ROME, MEMIT, AlphaEdit, EMMET, PMET, ... — anything calling
-  :func:`editlens.edit.locate.compute_values` with ``extra_loss=evk_align``): the object is called with the
+* **Value optimisation** (ROME, MEMIT, AlphaEdit, EMMET, RECT, PRUNE, PMET, ... — anything calling
+  :func:`editlens.edit.locate.optimise_values` with ``extra_loss=evk_align``): the object is called with the
   :class:`~editlens.edit.locate.ValueLossContext`; virtual samples of each request's *unprefixed* prompt are run
   with the request's ``δ`` added at its last subject token (``ctx.with_delta``), the original distributions are
   computed once (without ``δ``) at the first step. Only edit-prompt samples enter here: ``δ`` acts at the edited
@@ -37,7 +37,7 @@ Where it plugs in
 Both paths return a scalar whose value is ``L_EVK`` and whose gradient is exact: the KL is accumulated chunk by
 chunk (``batch_tokens`` per chunk) with ``torch.autograd.grad`` so memory stays bounded, and the returned tensor is
 the first-order surrogate ``L + Σ_θ ⟨θ, g_θ⟩ − Σ_θ ⟨θ, g_θ⟩.detach()`` (value L, gradient g w.r.t. every leaf θ being
-optimised: ``ctx.delta`` (and PMET's ``ctx.delta_attn``) or the model's trainable parameters).
+optimised: ``ctx.leaves()``, every place's ``δ`` (PMET: MHSA and FFN), or the model's trainable parameters).
 
 Switch it on with ``editlens.edit(lm, cases, "memit", evk_align=EvkAlign(weight=...))``; the settings are recorded in
 ``Edit.diagnostics["evk_align"]`` and the last value in ``diagnostics["loss/extra"]`` (value optimisation).
@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 
 from editlens.errors import HParamsError
-from editlens.evaluate import evk
+from editlens.lm import perturb as evk  # embedding perturbation shared with the EVK metrics
 from editlens.lm import ops
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -126,7 +126,7 @@ class EvkAlign:
 
     # ------------------------------------------------------------------ entry points
     def __call__(self, ctx: "ValueLossContext") -> torch.Tensor:
-        """The value-optimisation loss (``compute_values(extra_loss=evk_align)``)."""
+        """The value-optimisation loss (``optimise_values(..., extra_loss=evk_align)``)."""
         return self.value_loss(ctx)
 
     def extra_loss(self, *args: Any) -> torch.Tensor:
@@ -164,8 +164,7 @@ class EvkAlign:
     def value_loss(self, ctx: "ValueLossContext") -> torch.Tensor:
         """EVK-Align on the value optimisation of locate-then-edit methods (see the module docstring)."""
         lm = ctx.lm
-        leaves = [t for t in (getattr(ctx, "delta", None), getattr(ctx, "delta_attn", None))
-                  if torch.is_tensor(t) and t.requires_grad]
+        leaves = ctx.leaves()
         if self.weight == 0 or not leaves:
             return torch.zeros((), device=lm.device)
         if ctx.step == 0 or self._ref_key is not ctx:
