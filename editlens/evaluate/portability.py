@@ -28,18 +28,19 @@ Registered metrics (rows per case; the survey "Editing the Mind of Giants", Tabl
 
 Multi-edit pitfalls (Li et al., ICLR 2024, "Unveiling the Pitfalls of Knowledge Editing"; definitions read from
 their code, see ``docs/metrics-autoregressive-portability-general.md``) need two sequential edits and so are
-drivers, not registered metrics: :func:`conflict_scores` (ConflictEdit: conflict score, conflict magnitude,
-tied-fact damage) and :func:`round_edit_scores` (RoundEdit: success, knowledge distortion, ignore rate,
-failure rate). Both take an ``edit_fn(lm, cases) -> Edit`` callback that applies ``cases`` **sequentially**
-(one edit per step) and returns a handle with ``.system`` and ``.undo()``, so they work with any method;
-:func:`sequential_edit_fn` makes one from a method name. The probability of a fact is
+drivers, not registered metrics. The drivers, which edit, live above editing and evaluation in
+:mod:`editlens.drivers` (:func:`~editlens.drivers.conflict_scores`: conflict score, conflict magnitude, tied-fact
+damage; :func:`~editlens.drivers.round_edit_scores`: success, knowledge distortion, ignore rate, failure rate);
+this module measures the systems they hand over (:func:`measure_fact`, :func:`measure_facts`) and turns the
+measurements into rows (:func:`conflict_values` / :func:`conflict_results`, :func:`round_values` /
+:func:`round_results`), never editing anything itself. The probability of a fact is
 ``p(o | s, r) = mean over the fact's prompts of exp(mean token log-prob of o)``, as in Li et al.'s code.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -231,25 +232,13 @@ def make_round_case(case_id: str, rewrite: Rewrite, objects: Sequence[str],
     return RoundCase(str(case_id), (e1, e2), (rewrite.text, *extra_prompts), tuple(objs), o_star)
 
 
-EditFn = Callable[["LM", Sequence[EditCase]], Any]
-
-
-def sequential_edit_fn(method: str, **overrides: Any) -> EditFn:
-    """``edit_fn`` for the drivers: ``editlens.edit.edit_sequential(lm, cases, method, batch_size=1, ...)``."""
-
-    def fn(lm: "LM", cases: Sequence[EditCase]) -> Any:
-        from editlens.edit import edit_sequential
-
-        return edit_sequential(lm, list(cases), method, batch_size=1, **overrides)
-
-    return fn
-
-
-def _prob(system: "System", fact: FactQuery) -> float:
+def measure_fact(system: "System", fact: FactQuery) -> float:
+    """``p(o | s, r)`` of one fact on ``system``: :func:`fact_probability` of its prompts' teacher-forced scores."""
     return fact_probability(system.teacher_forced(list(fact.prompts), [fact.obj] * len(fact.prompts)))
 
 
-def _probs(system: "System", facts: Sequence[FactQuery]) -> list[float]:
+def measure_facts(system: "System", facts: Sequence[FactQuery]) -> list[float]:
+    """``p(o | s, r)`` of each fact, all prompts in one ``teacher_forced`` call."""
     prompts = [p for f in facts for p in f.prompts]
     objs = [f.obj for f in facts for _ in f.prompts]
     tfs = system.teacher_forced(prompts, objs) if prompts else []
@@ -260,57 +249,40 @@ def _probs(system: "System", facts: Sequence[FactQuery]) -> list[float]:
     return out
 
 
-def _apply(edit_fn: EditFn, lm: "LM", cases: Sequence[EditCase], case_id: str) -> Any:
-    handle = edit_fn(lm, list(cases))
-    if not hasattr(handle, "system") or not hasattr(handle, "undo"):
-        raise EditlensError(f"edit_fn must return an Edit-like handle with .system and .undo() "
-                            f"(case {case_id!r}, got {type(handle).__name__})")
-    return handle
+# The ConflictEdit / RoundEdit drivers (edit e1, measure, undo, edit e1+e2, measure, undo) live in
+# :mod:`editlens.drivers`, above both editing and evaluation; what follows turns their measurements into rows.
+def conflict_final_facts(c: ConflictCase) -> list[FactQuery]:
+    """The facts measured after both edits (θ''): ``k_n``, ``k_o`` and, for a composite conflict, ``k_t``."""
+    return [c.new_fact, c.old_fact] + ([c.tied_fact] if c.tied_fact is not None else [])
 
 
-def conflict_scores(lm: "LM", edit_fn: EditFn, conflict_cases: Sequence[ConflictCase],
-                    base_system: "System | None" = None) -> Results:
-    """ConflictEdit: apply ``e1`` (θ'), measure ``p_θ'(k_o)``; undo; apply ``e1, e2`` sequentially (θ''),
-    measure ``p_θ''(k_n)``, ``p_θ''(k_o)`` (and ``p_θ''(k_t)``); undo. The tied fact is also measured on the
-    unedited model (``base_system``, default ``ModelSystem(lm)``) before any edit.
+def conflict_values(c: ConflictCase, p_tied_base: float | None, p_old_mid: float,
+                    final: Sequence[float]) -> dict[str, float]:
+    """One ConflictEdit record's values from ``p_θ(k_t)`` (unedited; ``None`` without a tied fact),
+    ``p_θ'(k_o)`` (after ``e1``) and the probabilities of :func:`conflict_final_facts` after ``e1, e2``."""
+    p_new, p_old = final[0], final[1]
+    cs = conflict_score([p_new], [p_old])
+    cm = conflict_magnitude([p_old_mid], [p_old]) if p_old_mid > 0 else -1.0
+    vals = {"conflict_score": cs, "conflict_magnitude": cm, "p_new_final": p_new, "p_old_mid": p_old_mid,
+            "p_old_final": p_old}
+    if c.tied_fact is not None and p_tied_base is not None:
+        vals["tied_fact_damage"] = tied_fact_damage([p_tied_base], [final[2]])
+        vals["p_tied_base"], vals["p_tied_final"] = p_tied_base, final[2]
+    return vals
 
-    Returns :class:`Results` with rows ``(case_id, "conflict/<kind>", metric, value)`` for ``conflict_score``
-    (0/1; the mean is CS), ``conflict_magnitude`` (the per-record term; the mean is CM), ``tied_fact_damage``
-    (composite only) and the raw probabilities ``p_new_final``, ``p_old_mid``, ``p_old_final``; ``meta["summary"]``
-    holds ``{kind: {"CS", "CM", "TFD", "n"}}``.
-    """
-    from editlens.system import ModelSystem
 
-    base = base_system if base_system is not None else ModelSystem(lm)
+def conflict_results(records: Sequence[tuple[ConflictCase, Mapping[str, float]]]) -> Results:
+    """:class:`Results` of ConflictEdit from ``(case, conflict_values(...))`` per record: rows
+    ``(case_id, "conflict/<kind>", metric, value)`` and ``meta["summary"] = {kind: {"CS", "CM", "TFD", "n"}}``."""
     rows: list[Row] = []
     acc: dict[str, dict[str, list[float]]] = {}
-    for c in conflict_cases:
+    for c, vals in records:
         kind = f"conflict/{c.kind}"
-        p_tied_base = _prob(base, c.tied_fact) if c.tied_fact is not None else None
-        h1 = _apply(edit_fn, lm, c.edits[:1], c.case_id)
-        try:
-            p_old_mid = _prob(h1.system, c.old_fact)
-        finally:
-            h1.undo()
-        h2 = _apply(edit_fn, lm, c.edits, c.case_id)
-        try:
-            facts = [c.new_fact, c.old_fact] + ([c.tied_fact] if c.tied_fact is not None else [])
-            probs = _probs(h2.system, facts)
-        finally:
-            h2.undo()
-        p_new, p_old = probs[0], probs[1]
-        cs = conflict_score([p_new], [p_old])
-        cm = conflict_magnitude([p_old_mid], [p_old]) if p_old_mid > 0 else -1.0
-        vals = {"conflict_score": cs, "conflict_magnitude": cm, "p_new_final": p_new, "p_old_mid": p_old_mid,
-                "p_old_final": p_old}
-        if c.tied_fact is not None and p_tied_base is not None:
-            vals["tied_fact_damage"] = tied_fact_damage([p_tied_base], [probs[2]])
-            vals["p_tied_base"], vals["p_tied_final"] = p_tied_base, probs[2]
         for k, v in vals.items():
             rows.append(Row(c.case_id, kind, k, float(v)))
         d = acc.setdefault(c.kind, {"CS": [], "CM": [], "TFD": []})
-        d["CS"].append(cs)
-        d["CM"].append(cm)
+        d["CS"].append(vals["conflict_score"])
+        d["CM"].append(vals["conflict_magnitude"])
         if "tied_fact_damage" in vals:
             d["TFD"].append(vals["tied_fact_damage"])
     summary = {k: {m: (sum(v) / len(v) if v else None) for m, v in d.items()} | {"n": len(d["CS"])}
@@ -318,43 +290,33 @@ def conflict_scores(lm: "LM", edit_fn: EditFn, conflict_cases: Sequence[Conflict
     return Results(rows, {"driver": "conflict_scores", "summary": summary})
 
 
-def round_edit_scores(lm: "LM", edit_fn: EditFn, round_cases: Sequence[RoundCase],
-                      base_system: "System | None" = None, code_compat: bool = False) -> Results:
-    """RoundEdit: measure the true objects' probabilities on the unedited model (θ), apply ``e1`` (θ'),
-    measure ``p(o*)``, ``p(o)``; undo; apply ``e1, e2`` (θ*), measure every object and ``o*``; undo.
+def round_facts(c: RoundCase) -> tuple[list[FactQuery], FactQuery]:
+    """The RoundEdit facts of a record: each true object (``o`` first) and the intermediate ``o*``."""
+    return [FactQuery(c.prompts, o) for o in c.objects], FactQuery(c.prompts, c.intermediate)
 
-    Rows ``(case_id, "round_edit", metric, value)``: ``round_success`` (the per-record Succ), ``distortion``
-    (:func:`knowledge_distortion`), ``ignore_rate`` and ``failure`` (``1[IR > 0.5]``; its mean is FR).
-    ``meta["summary"]`` holds ``{"Succ", "D", "IR", "FR", "n"}``.
-    """
-    from editlens.system import ModelSystem
 
-    base = base_system if base_system is not None else ModelSystem(lm)
+def round_values(p_before: Sequence[float], p_mid_inter: float, p_mid_orig: float, p_after: Sequence[float],
+                 p_final_inter: float, code_compat: bool = False) -> dict[str, float]:
+    """One RoundEdit record's values: ``round_success``, ``distortion``, ``ignore_rate``, ``failure``, from the
+    true objects' probabilities before (θ) and after both edits (θ*) and ``p(o*)``, ``p(o)`` after ``e1`` (θ')
+    and ``p(o*)`` after both."""
+    s = round_success(p_mid_inter, p_mid_orig, p_after[0], p_final_inter)
+    d = knowledge_distortion(p_before, p_after, code_compat=code_compat)
+    ir = ignore_rate(p_before, p_after, 0)
+    return {"round_success": s, "distortion": d, "ignore_rate": ir, "failure": float(ir > 0.5)}
+
+
+def round_results(records: Sequence[tuple[RoundCase, Mapping[str, float]]], code_compat: bool = False) -> Results:
+    """:class:`Results` of RoundEdit from ``(case, round_values(...))`` per record: rows
+    ``(case_id, "round_edit", metric, value)`` and ``meta["summary"] = {"Succ", "D", "IR", "FR", "n"}``."""
     rows: list[Row] = []
     succ, dist, irs = [], [], []
-    for c in round_cases:
-        facts = [FactQuery(c.prompts, o) for o in c.objects]
-        inter = FactQuery(c.prompts, c.intermediate)
-        p_before = _probs(base, facts)
-        h1 = _apply(edit_fn, lm, c.edits[:1], c.case_id)
-        try:
-            p_mid_inter, p_mid_orig = _probs(h1.system, [inter, facts[0]])
-        finally:
-            h1.undo()
-        h2 = _apply(edit_fn, lm, c.edits, c.case_id)
-        try:
-            after = _probs(h2.system, facts + [inter])
-        finally:
-            h2.undo()
-        p_after, p_final_inter = after[:-1], after[-1]
-        s = round_success(p_mid_inter, p_mid_orig, p_after[0], p_final_inter)
-        d = knowledge_distortion(p_before, p_after, code_compat=code_compat)
-        ir = ignore_rate(p_before, p_after, 0)
-        succ.append(s)
-        dist.append(d)
-        irs.append(ir)
-        for k, v in (("round_success", s), ("distortion", d), ("ignore_rate", ir), ("failure", float(ir > 0.5))):
-            rows.append(Row(c.case_id, "round_edit", k, v))
+    for c, vals in records:
+        succ.append(vals["round_success"])
+        dist.append(vals["distortion"])
+        irs.append(vals["ignore_rate"])
+        for k in ("round_success", "distortion", "ignore_rate", "failure"):
+            rows.append(Row(c.case_id, "round_edit", k, vals[k]))
     n = len(succ)
     summary = {"Succ": sum(succ) / n, "D": sum(dist) / n, "IR": sum(irs) / n, "FR": failure_rate(irs), "n": n} if n else {"n": 0}
     return Results(rows, {"driver": "round_edit_scores", "summary": summary, "code_compat": code_compat})

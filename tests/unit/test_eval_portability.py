@@ -9,6 +9,7 @@ import torch
 from editlens.data.schema import Probe, Rewrite, make_case
 from editlens.errors import EditlensError, MetricError
 from editlens.evaluate import core
+from editlens import drivers as D
 from editlens.evaluate import portability as P
 from editlens.lm.ops import TeacherForced
 
@@ -245,7 +246,7 @@ def test_conflict_scores_driver_hand_computed():
                              ("Hamlet was written by", "Agatha Christie"): 0.1, ("The author of Hamlet is", "Agatha Christie"): 0.1,
                              ("The notable work of Shakespeare is", "Hamlet"): 0.1}}
     fn = FakeEditFn(tables)
-    res = P.conflict_scores(None, fn, [case], base_system=base)
+    res = D.conflict_scores(None, fn, [case], base_system=base)
     rows = _rows(res)
     k = "conflict/composite"
     assert rows[("r1", k, "p_old_mid")] == pytest.approx(0.4)   # mean of 0.6, 0.2
@@ -261,7 +262,7 @@ def test_conflict_driver_rejects_bad_handle():
     e = make_case("e", Rewrite("{} is", "a", "b", "c"))
     case = P.ConflictCase("x", "reverse", (e, e), P.FactQuery("a is", "b"), P.FactQuery("a is", "c"))
     with pytest.raises(EditlensError, match="Edit-like handle"):
-        P.conflict_scores(None, lambda lm, cases: object(), [case], base_system=TableSystem())
+        D.conflict_scores(None, lambda lm, cases: object(), [case], base_system=TableSystem())
     with pytest.raises(EditlensError, match="two EditCases"):
         P.ConflictCase("x", "reverse", (e,), P.FactQuery("a is", "b"), P.FactQuery("a is", "c"))
     with pytest.raises(EditlensError, match="non-empty"):
@@ -277,7 +278,7 @@ def test_round_edit_driver_hand_computed():
     base = StateSystem({(pr, "English"): 0.4, (pr, "German"): 0.3, (pr, "Dutch"): 0.1})
     tables = {("a/e1",): {(pr, "French"): 0.7, (pr, "English"): 0.1},
               ("a/e1", "a/e2"): {(pr, "English"): 0.4, (pr, "German"): 0.05, (pr, "Dutch"): 0.15, (pr, "French"): 0.2}}
-    res = P.round_edit_scores(None, FakeEditFn(tables), [rc], base_system=base)
+    res = D.round_edit_scores(None, FakeEditFn(tables), [rc], base_system=base)
     rows = _rows(res)
     assert rows[("a", "round_edit", "round_success")] == 1.0
     assert rows[("a", "round_edit", "ignore_rate")] == 0.5   # German fell, Dutch rose
@@ -312,7 +313,7 @@ def test_drivers_on_tiny_model_restore_weights(tiny_llama):
         return H()
 
     rc = P.make_round_case("t", Rewrite("{} speaks", "Ann", "French", "English"), ["English", "German"])
-    res = P.round_edit_scores(lm, edit_fn, [rc])
+    res = D.round_edit_scores(lm, edit_fn, [rc])
     assert {r.metric for r in res.rows} == {"round_success", "distortion", "ignore_rate", "failure"}
     assert 0.0 <= res.meta["summary"]["D"] <= math.log(2) + 1e-9
     assert torch.equal(w, orig)
