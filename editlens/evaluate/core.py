@@ -87,12 +87,18 @@ DEFAULT_MAX_NEW_TOKENS = 16
 class NextToken:
     """Next-token log-probabilities after ``prompt`` (answer: float32 tensor ``[vocab]``)."""
 
+    #: what follows the prompt, for the up-front context-length check (:mod:`editlens.lm.context`)
+    context_kind: ClassVar[str] = "next_token"
+
     prompt: str
 
 
 @dataclass(frozen=True, order=True)
 class Score:
     """Teacher-forced scores of ``target`` after ``prompt`` (answer: :class:`~editlens.lm.ops.TeacherForced`)."""
+
+    #: what follows the prompt, for the up-front context-length check (:mod:`editlens.lm.context`)
+    context_kind: ClassVar[str] = "score"
 
     prompt: str
     target: str
@@ -101,6 +107,9 @@ class Score:
 @dataclass(frozen=True, order=True)
 class Generate:
     """Greedy continuation of ``prompt`` with at most ``max_new_tokens`` new tokens (answer: ``str``)."""
+
+    #: what follows the prompt, for the up-front context-length check (:mod:`editlens.lm.context`)
+    context_kind: ClassVar[str] = "generate"
 
     prompt: str
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -732,6 +741,20 @@ def mean_sem(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ================================================================================================ evaluator
+def _resolve_format(system: "System", prompt_format: Any) -> str | None:
+    """``None`` or the requested format checked and resolved (``auto``: chat when the system's model has a chat
+    template; a system without a model keeps its own format). PromptFormatError for an unknown value."""
+    if prompt_format is None:
+        return None
+    from editlens.lm.prompting import check_prompt_format, resolve_prompt_format
+
+    name = check_prompt_format(prompt_format)
+    lm = getattr(system, "lm", None)
+    if lm is None:
+        return getattr(system, "prompt_format", "raw") if name == "auto" else name
+    return resolve_prompt_format(name, lm.tokenizer)
+
+
 def _with_format(system: "System", prompt_format: str | None, role: str) -> "System":
     if prompt_format is None or getattr(system, "prompt_format", "raw") == prompt_format:
         return system
@@ -739,8 +762,12 @@ def _with_format(system: "System", prompt_format: str | None, role: str) -> "Sys
 
     if type(system) is ModelSystem:
         return system.with_format(prompt_format)  # keeps the weights it is pinned to
-    raise MetricError(f"the {role} system ({type(system).__name__}) poses prompts as "
-                      f"{system.prompt_format!r}; build it with prompt_format={prompt_format!r} instead")
+    made = getattr(system, "prompt_format", "raw")
+    raise MetricError(f"the {role} system ({type(system).__name__}) was made in prompt format {made!r} and is not "
+                      "re-posed (what a wrapper edit stores - codebook keys, side memories, in-context prompts - was "
+                      f"built for prompts in that format): make it with prompt_format={prompt_format!r} (e.g. "
+                      f"editlens.edit(..., prompt_format={prompt_format!r})), or evaluate with "
+                      f"prompt_format={made!r}")
 
 
 @contextlib.contextmanager
@@ -827,8 +854,11 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             :class:`Metric` instances; a comma-separated string is accepted.
         batch_tokens: token budget of one padded batch, set on the systems for the duration of the call
             (``None`` keeps each system's own setting).
-        prompt_format: ``"raw"`` / ``"chat"``; a plain :class:`ModelSystem` is re-posed in that format, other
-            systems must already use it. ``None``: the systems' own format.
+        prompt_format: ``"raw"`` / ``"chat"`` / ``"auto"`` (chat when the model has a chat template; see
+            :mod:`editlens.lm.prompting`). A plain :class:`ModelSystem` (the base, a weight edit) is re-posed in
+            that format, exactly (its weights do not depend on it); a wrapper edit (GRACE, WISE, IKE, SCR) must have
+            been made in it (``editlens.edit(..., prompt_format=...)``), else a :class:`MetricError` says so.
+            ``None``: the systems' own format. An unknown value is a :class:`PromptFormatError`.
         cache: ``True`` (process-wide in-memory LRU, the default), ``False``/``None`` (no cache), a
             :class:`BaseCache`, or a directory path (persistent cache there).
         progress: show a tqdm progress bar over the model calls.
@@ -849,6 +879,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
 
     t0 = time.perf_counter()
     truncate = _ctx.check_truncate(truncate)
+    prompt_format = _resolve_format(system, prompt_format)
     cases = _check_cases(cases)
     metric_objs = resolve_metrics(metrics)
     same = base is not None and (base is system)  # before re-posing: one object stays one system

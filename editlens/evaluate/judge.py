@@ -193,9 +193,9 @@ class LocalJudge:
     @property
     def lm(self) -> "LM":
         if isinstance(self._lm, str):
-            import editlens
+            from editlens.lm import load_model
 
-            self._lm = editlens.load_model(self._lm)
+            self._lm = load_model(self._lm)
         return self._lm
 
     def describe(self) -> dict[str, Any]:

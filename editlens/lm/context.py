@@ -168,23 +168,27 @@ def _probe_name(case: "EditCase", prompt: str) -> str:
 
 
 def _request_positions(lm: "LM", req: Any, posed: str) -> tuple[int, int] | None:
-    """``(positions needed, positions the prompt must leave free)`` or ``None`` when it surely fits."""
-    from editlens.evaluate.core import Generate, NextToken, Score
+    """``(positions needed, positions the prompt must leave free)`` or ``None`` when it surely fits.
+
+    A request says what follows its prompt by its class attribute ``context_kind`` (the evaluator's request types
+    declare it, so this module need not import them): ``"next_token"`` (nothing), ``"score"`` (its ``target``),
+    ``"generate"`` (``max_new_tokens`` new tokens); other requests are checked by the model operations they use."""
     from editlens.lm import ops
 
     ctx = context_length(lm)
     assert ctx is not None
+    kind = getattr(type(req), "context_kind", None)
     n_bytes = len(posed.encode("utf-8")) + _SPECIAL_MARGIN
-    if isinstance(req, NextToken):
+    if kind == "next_token":
         if n_bytes <= ctx:
             return None
         return len(ops.encode(lm.tokenizer, posed)), 0
-    if isinstance(req, Score):
+    if kind == "score":
         if n_bytes + len(req.target.encode("utf-8")) + 1 <= ctx:
             return None
         p_ids, t_ids = ops.target_token_ids(lm.tokenizer, posed, req.target)
         return len(p_ids) + len(t_ids) - 1, len(t_ids) - 1
-    if isinstance(req, Generate):
+    if kind == "generate":
         if n_bytes + req.max_new_tokens <= ctx:
             return None
         return len(ops.encode(lm.tokenizer, posed)) + req.max_new_tokens - 1, req.max_new_tokens - 1
