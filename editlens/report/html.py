@@ -7,10 +7,15 @@ writes a single self-contained page (images embedded as base64 ``data:`` URIs, t
 Contents (each only when the data allow it):
 
 * ``methods`` — methods × metrics, mean ± SEM, columns grouped target / GT-based / GT-free.
+* ``paired`` — every other system minus a reference over the same cases: mean difference, 95% bootstrap
+  interval, sign-flip p-value, Holm-adjusted p (:mod:`editlens.report.paired`); rows whose interval excludes 0
+  are marked (``*``, ``**`` when the Holm test agrees) and highlighted in the HTML page. The reference is
+  ``ref=`` (``--ref``), else the spec's ``report.ref``, else the pre-edit baseline when the run has one.
 * ``sensitivity`` — per sweep axis, method and metric: Kendall's τ, coverage, std (Liu et al. Tables 2–3).
 * ``rank_stability`` and ``rank_stability_groups`` — τ of method rankings across datasets (Table 4).
 * figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
-  value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ.
+  value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ. Curves carry 95% bootstrap bands over
+  cases, resampled once per panel for every point (see :func:`editlens.report.plots.plot_lines`).
 
 Runs are never pooled: a store's report shows its latest run by default, another with ``run_id``, or every run
 side by side with ``all_runs``. When one run is shown, its spec's ``[report]`` options (title, ranges, groups,
@@ -21,6 +26,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html as _html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -105,7 +111,7 @@ class Report:
             parts.append(f"<section id='{_e(t.name)}'><h2>{_e(t.title)}</h2>")
             if t.note:
                 parts.append(f"<p class='note'>{_e(t.note)}</p>")
-            parts.append(_table_html(t.df, digits))
+            parts.append(_table_html(t.df, digits, mark_col="mark" if t.name.startswith("paired") else None))
             parts.append("</section>")
         for f in self.figures:
             b64 = base64.b64encode(f.png).decode("ascii")
@@ -123,6 +129,7 @@ table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; border: 1px solid #eee; }} .note, .meta {{ color: #555; font-size: 0.9em; }}
+tr.sig td {{ background: #fff3c4; font-weight: 600; }}
 </style></head>
 <body>
 {body}
@@ -134,11 +141,18 @@ def _e(s: Any) -> str:
     return _html.escape(str(s), quote=True)
 
 
-def _table_html(df: pd.DataFrame, digits: int) -> str:
+def _table_html(df: pd.DataFrame, digits: int, mark_col: str | None = None) -> str:
+    """An HTML table (cells escaped); with ``mark_col``, body rows whose mark is non-empty get ``class="sig"``."""
     shown = df.copy()
     for c in shown.columns:
         shown[c] = [tables._cell(v, digits) for v in shown[c]]
-    return shown.to_html(index=False, escape=True, border=0, na_rep="–")
+    out = shown.to_html(index=False, escape=True, border=0, na_rep="–")
+    if mark_col is None or mark_col not in df.columns:
+        return out
+    flags = iter([bool(str(v).strip()) and str(v) != "nan" for v in df[mark_col]])
+    head, sep, body = out.partition("<tbody>")
+    body = re.sub(r"<tr>", lambda m: "<tr class=\"sig\">" if next(flags, False) else "<tr>", body)
+    return head + sep + body
 
 
 def _source_frames(source: Any, run_id: str | None, all_runs: bool = False
@@ -187,12 +201,17 @@ def _source_frames(source: Any, run_id: str | None, all_runs: bool = False
 def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = False, title: str | None = None,
                  ranges: Mapping[str, Sequence[float]] | None = None,
                  groups: Mapping[str, Sequence[str]] | None = None, reference: str | None = None,
-                 unbounded: str = "nan", delta_k_key: str = "delta_k_mean", plots_enabled: bool = True) -> Report:
+                 unbounded: str = "nan", delta_k_key: str = "delta_k_mean", plots_enabled: bool = True,
+                 ref: str | None = None, resamples: int = 2000, seed: int = 0) -> Report:
     """Compute the report of a Store / store path / results DataFrame (see the module docstring).
 
     Runs are never pooled: a store's report shows its latest run, or ``run_id``, or with ``all_runs`` every run
     side by side (a ``run`` column in the tables, ``label [run]`` in the figures). A DataFrame holding several
     runs is shown side by side.
+
+    ``ref`` names the reference system of the paired table (default: the spec's ``report.ref``, else the pre-edit
+    baseline when the run has one); ``resamples`` and ``seed`` set its bootstrap. Unpaired cases are dropped
+    there (and counted in a note); ``editlens compare`` refuses them.
     """
     df, diags, opts, run_notes = _source_frames(source, run_id, all_runs)
     ranges = ranges if ranges is not None else opts.get("ranges")
@@ -210,6 +229,7 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
     rep.tables.append(ReportTable("methods", "Methods × metrics (mean ± SEM over cases and seeds)",
                                   tables.methods_table(df, groups=groups),
                                   "Last evaluation step of each unit. Columns: probe kind / metric."))
+    _add_paired(rep, df, ref if ref is not None else opts.get("ref"), resamples, seed, all_runs)
     sens = tables.sensitivity_table(df, diagnostics=diags, reference=reference, ranges=ranges,
                                     unbounded=unbounded, delta_k_key=delta_k_key)
     if not sens.empty:
@@ -230,6 +250,37 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
             df = df.assign(method_label=df["method_label"].astype(str) + " [" + df["run_id"].astype(str) + "]")
         _add_figures(rep, df)
     return rep
+
+
+def _add_paired(rep: Report, df: pd.DataFrame, ref: str | None, resamples: int, seed: int, all_runs: bool) -> None:
+    """The paired table vs ``ref`` (or the pre-edit baseline), one run at a time."""
+    from editlens.report import paired
+
+    runs = list(dict.fromkeys(df["run_id"])) if "run_id" in df.columns else [None]
+    for r in runs:
+        d = df if r is None else df[df["run_id"] == r]
+        systems = list(dict.fromkeys(paired.system_ids(d)))
+        if len(systems) < 2 or "case_id" not in d.columns:
+            continue
+        name = ref
+        if name is None:
+            base = [s for s in systems if s.lower() in tables.BASELINE_METHODS]
+            if not base:
+                continue
+            name = base[0]
+        try:
+            t = paired.compare(d, name, resamples=resamples, seed=seed, unpaired="drop")
+        except StoreError as e:
+            if ref is not None and "--ref" in str(e):  # an explicit reference that is not in the run
+                raise
+            rep.notes.append(f"No paired table{f' for run {r}' if len(runs) > 1 else ''}: {e}")
+            continue
+        if t.empty:
+            continue
+        title = f"Paired differences vs {t.attrs['settings']['ref']}" + (f" [run {r}]" if len(runs) > 1 else "")
+        note = " ".join([paired.describe(t), *t.attrs.get("notes", [])])
+        rep.tables.append(ReportTable("paired" if len(runs) == 1 else f"paired_{_slug(str(r))}", title,
+                                      paired.format_table(t), note))
 
 
 def _chunks(items: list, n: int) -> list[list]:

@@ -54,6 +54,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import special as _sp
 from scipy import stats as _st
 
 from editlens.errors import StoreError
@@ -172,7 +173,7 @@ def bca_interval(values: np.ndarray, replicates: np.ndarray, level: float = 0.95
     n = x.shape[-1]
     theta = x.mean(-1)
     share = ((reps < theta[..., None]).sum(-1) + 0.5 * (reps == theta[..., None]).sum(-1)) / reps.shape[-1]
-    z0 = _st.norm.ppf(np.clip(share, 1e-12, 1 - 1e-12))
+    z0 = _sp.ndtri(np.clip(share, 1e-12, 1 - 1e-12))
     jack = (n * theta[..., None] - x) / max(n - 1, 1)
     dev = jack.mean(-1)[..., None] - jack
     num, den = (dev ** 3).sum(-1), (dev ** 2).sum(-1)
@@ -180,8 +181,8 @@ def bca_interval(values: np.ndarray, replicates: np.ndarray, level: float = 0.95
         acc = np.where(den > 0, num / (6.0 * np.power(den, 1.5, where=den > 0, out=np.ones_like(den))), 0.0)
     alpha = 1 - level
     ends = []
-    for z in (_st.norm.ppf(alpha / 2), _st.norm.ppf(1 - alpha / 2)):
-        q = _st.norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
+    for z in (_sp.ndtri(alpha / 2), _sp.ndtri(1 - alpha / 2)):
+        q = _sp.ndtr(z0 + (z0 + z) / (1 - acc * (z0 + z)))
         ends.append(_quantile_rows(reps, q))
     lo, hi = ends
     const = np.ptp(x, axis=-1) == 0
@@ -444,51 +445,60 @@ def compare(source: Any, ref: str, *, metrics: Sequence[str] | None = None,
         notes.append(f"{int(no_case.sum())} rows without a case_id ({', '.join(cols)}) cannot be paired and were left out")
         df = df[~no_case]
     df["case_id"] = df["case_id"].astype(str)
-    keys = ["seed", "case_id"]
     records: list[dict] = []
-    for (dataset, n_edits), g in df.groupby(["dataset", "setting_n"], dropna=False, sort=False):
-        where = f"dataset {dataset}" + ("" if pd.isna(n_edits) else f", {int(n_edits)} edits")
-        rg = g[g["system"] == ref_id]
-        others = [s for s in dict.fromkeys(g["system"]) if s != ref_id and (not systems or s in systems)]
-        if rg.empty:
+    # one pass over the rows: (dataset, n, system, column) -> {(seed, case_id): [values]} (plain dicts: pandas
+    # merges per comparison cost ~50 ms each, which a table of hundreds of comparisons cannot afford)
+    cells: dict[tuple, dict[tuple, list[float]]] = {}
+    for ds_, n_, sy_, co_, se_, ca_, va_ in zip(df["dataset"], df["setting_n"], df["system"], df["column"],
+                                               df["seed"], df["case_id"], df["value"]):
+        n_ = None if pd.isna(n_) else int(n_)
+        cells.setdefault((ds_, n_, sy_, co_), {}).setdefault((int(se_), ca_), []).append(float(va_))
+    settings = list(dict.fromkeys((k[0], k[1]) for k in cells))
+    missing_cols: dict[tuple[str, str], list[str]] = {}
+    for dataset, n_edits in settings:
+        where = f"dataset {dataset}" + ("" if n_edits is None else f", {n_edits} edits")
+        here = [k for k in cells if k[0] == dataset and k[1] == n_edits]
+        others = [s for s in dict.fromkeys(k[2] for k in here) if s != ref_id and (not systems or s in systems)]
+        ref_cols = [k[3] for k in here if k[2] == ref_id]
+        if not ref_cols:
             if others:
                 notes.append(f"{where}: the reference {ref_id} has no results; not compared: {', '.join(others)}")
             continue
-        for col, rc in rg.groupby("column", sort=False):
-            rdup = rc.duplicated(keys, keep=False)
-            if rdup.any():
-                raise StoreError(_dup_message(ref_id, col, where, rc[rdup]))
+        for col in ref_cols:
+            rc = cells[(dataset, n_edits, ref_id, col)]
+            _check_dups(rc, ref_id, col, where)
             for sysid in others:
-                oc = g[(g["system"] == sysid) & (g["column"] == col)]
-                if oc.empty:
-                    notes.append(f"{where}: {sysid} has no {col}")
+                oc = cells.get((dataset, n_edits, sysid, col))
+                if oc is None:
+                    missing_cols.setdefault((where, sysid), []).append(col)
                     continue
-                odup = oc.duplicated(keys, keep=False)
-                if odup.any():
-                    raise StoreError(_dup_message(sysid, col, where, oc[odup]))
-                m = rc[keys + ["value"]].merge(oc[keys + ["value"]], on=keys, how="outer",
-                                               suffixes=("_ref", "_sys"), indicator=True)
-                only_r, only_o = m[m["_merge"] == "left_only"], m[m["_merge"] == "right_only"]
+                _check_dups(oc, sysid, col, where)
+                only_r = sorted(k for k in rc if k not in oc)
+                only_o = sorted(k for k in oc if k not in rc)
                 n_unpaired = len(only_r) + len(only_o)
                 if n_unpaired and unpaired == "error":
                     raise StoreError(_unpaired_message(ref_id, sysid, col, where, only_r, only_o))
-                both = m[m["_merge"] == "both"]
-                nan = both["value_ref"].isna() | both["value_sys"].isna()
-                both = both[~nan].sort_values(keys, kind="stable")
+                both = sorted(k for k in rc if k in oc)
+                good = [k for k in both if not (math.isnan(rc[k][0]) or math.isnan(oc[k][0]))]
                 rec = {"dataset": dataset, "n_edits": n_edits, "ref": ref_id, "system": sysid, "column": col,
-                       "n_nan": int(nan.sum()), "n_unpaired": int(n_unpaired)}
-                if both.empty:
+                       "n_nan": len(both) - len(good), "n_unpaired": n_unpaired}
+                if not good:
                     notes.append(f"{where}: {sysid} vs {ref_id} on {col}: no pair with values on both sides")
                     continue
-                per_seed = [(s, sg) for s, sg in both.groupby("seed", sort=True)]
-                case_sets = {tuple(sg["case_id"]) for _, sg in per_seed}
-                res = paired_stats([sg["value_ref"].to_numpy() for _, sg in per_seed],
-                                   [sg["value_sys"].to_numpy() for _, sg in per_seed],
+                by_seed: dict[int, list[tuple]] = {}
+                for k in good:
+                    by_seed.setdefault(k[0], []).append(k)
+                seed_keys = [by_seed[s] for s in sorted(by_seed)]
+                case_sets = {tuple(k[1] for k in ks) for ks in seed_keys}
+                res = paired_stats([np.array([rc[k][0] for k in ks]) for ks in seed_keys],
+                                   [np.array([oc[k][0] for k in ks]) for ks in seed_keys],
                                    same_cases=len(case_sets) == 1, seeds=seeds, resamples=int(resamples),
                                    level=level, test=test, permutations=permutations,
                                    rng=_key_rng(seed, f"{dataset}|{n_edits}|{ref_id}|{sysid}|{col}"))
                 rec.update(res.__dict__)
                 records.append(rec)
+    for (where, sysid), cols in missing_cols.items():
+        notes.append(f"{where}: {sysid} has no {', '.join(cols)} (not compared)")
     out = pd.DataFrame(records)
     if out.empty:
         out = pd.DataFrame(columns=list(COMPARE_COLUMNS))
@@ -501,6 +511,11 @@ def compare(source: Any, ref: str, *, metrics: Sequence[str] | None = None,
         out = out[list(COMPARE_COLUMNS)]
         if out["n_unpaired"].sum():
             notes.append(f"{int(out['n_unpaired'].sum())} unpaired rows (a case on one side only) were dropped")
+        small = out["seed_mode"].ne("hierarchical") & (pd.to_numeric(out["n_cases"], errors="coerce") < 20)
+        if small.any():
+            notes.append(f"{int(small.sum())} comparison(s) rest on fewer than 20 pairs: bootstrap intervals are too "
+                         "narrow at such n (95% intervals cover ~90% at n = 10, ~92% at n = 20 in simulations), "
+                         "so read the exact sign-flip p-value there")
         if out["n_nan"].sum():
             notes.append(f"{int(out['n_nan'].sum())} pairs with a NaN value on one side were dropped")
     out.attrs["notes"] = notes
@@ -510,13 +525,20 @@ def compare(source: Any, ref: str, *, metrics: Sequence[str] | None = None,
     return out
 
 
-def _examples(frame: pd.DataFrame, k: int = 5) -> str:
-    ex = [f"{c} (seed {s})" for s, c in zip(frame["seed"], frame["case_id"])][:k]
-    return ", ".join(ex) + (f", ... ({len(frame)} in all)" if len(frame) > k else "")
+def _examples(keys: Sequence[tuple], k: int = 5) -> str:
+    ex = [f"{c} (seed {s})" for s, c in keys][:k]
+    return ", ".join(ex) + (f", ... ({len(keys)} in all)" if len(keys) > k else "")
 
 
-def _unpaired_message(ref_id: str, sysid: str, col: str, where: str, only_r: pd.DataFrame,
-                      only_o: pd.DataFrame) -> str:
+def _check_dups(cell: dict[tuple, list[float]], sysid: str, col: str, where: str) -> None:
+    dup = sorted(k for k, v in cell.items() if len(v) > 1)
+    if dup:
+        raise StoreError(f"{where}, {col}: {sysid} has several rows for the same (seed, case_id) ({_examples(dup)}), "
+                         "so pairing is ambiguous (two units with one configuration? give them distinct labels)")
+
+
+def _unpaired_message(ref_id: str, sysid: str, col: str, where: str, only_r: Sequence[tuple],
+                      only_o: Sequence[tuple]) -> str:
     parts = [f"{where}, {col}: {sysid} and the reference {ref_id} were not evaluated on the same cases, so the "
              "comparison cannot be paired:"]
     if len(only_r):
@@ -525,11 +547,6 @@ def _unpaired_message(ref_id: str, sysid: str, col: str, where: str, only_r: pd.
         parts.append(f"{len(only_o)} case(s) only in {sysid}: {_examples(only_o)};")
     parts.append("rerun the missing units, or drop the unpaired cases (--drop-unpaired; unpaired='drop')")
     return " ".join(parts)
-
-
-def _dup_message(sysid: str, col: str, where: str, dup: pd.DataFrame) -> str:
-    return (f"{where}, {col}: {sysid} has {len(dup)} rows for the same (seed, case_id) ({_examples(dup)}), so "
-            "pairing is ambiguous (two units with one configuration? give them distinct labels)")
 
 
 # ============================================================================ rendering helpers
@@ -576,16 +593,19 @@ def bootstrap_band(df: pd.DataFrame, x: str, hue: str | None, *, y: str = "value
     """Per (hue, x) point: the mean and a bootstrap interval of it, resampling cases with the *same* resampled
     case set for every point of the frame (a paired bootstrap: curves that share cases move together).
 
-    Needs ``case_id`` (and uses ``seed`` when several seeds are present: seeds are resampled first, then cases,
-    as in :func:`bootstrap_means`; the points are ratio estimates over the cases each point has). Returns
+    Needs ``case_id`` (a case is ``(dataset, case_id)`` when there is a dataset column) and uses ``seed`` when
+    several seeds are present: seeds are resampled first, then cases, as in :func:`bootstrap_means`; a point is
+    the mean over its seeds of its case means, resampled as a ratio over the cases it has. Returns
     ``hue, x, mean, low, high`` (percentile interval), or None when the frame has no case ids.
     """
     if "case_id" not in df.columns or df["case_id"].isna().all():
         return None
-    d = df[[c for c in dict.fromkeys([x, y, "case_id", "seed", hue]) if c and c in df.columns]].copy()
+    d = df[[c for c in dict.fromkeys([x, y, "case_id", "seed", "dataset", hue]) if c and c in df.columns]].copy()
     d = d[d["case_id"].notna() & d[y].notna()]
     if d.empty:
         return None
+    # a case is (dataset, case_id): ids of two datasets may coincide
+    d["case_id"] = (d["dataset"].astype(str) + "\x1f" if "dataset" in d.columns else "") + d["case_id"].astype(str)
     d["_seed"] = pd.to_numeric(d["seed"], errors="coerce").fillna(0).astype(int) if "seed" in d.columns else 0
     d["_pt"] = list(zip(d[hue].astype(str) if hue else [""] * len(d), d[x]))
     rng = np.random.default_rng(seed)

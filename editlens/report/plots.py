@@ -1,7 +1,8 @@
 """Report plots (matplotlib, Agg canvas, PNG). No pyplot: every figure is a standalone
 :class:`matplotlib.figure.Figure`, so nothing touches global state and no display is needed.
 
-* :func:`plot_lines` — the generic one: mean (± SEM band) of ``y`` against ``x``, one line per ``hue``.
+* :func:`plot_lines` — the generic one: mean of ``y`` against ``x``, one line per ``hue``, with a 95% paired
+  bootstrap band over cases when the rows have case ids (±SEM otherwise).
 * :func:`plot_sequential` — metric vs number of edits per method (the sequential-editing curves of
   Xu et al., "Benchmarking and Rethinking Knowledge Editing", 1/10/100 edits; log x for wide ranges).
 * :func:`plot_sweep` — metric vs regulariser value (log x), per method (Liu et al.'s λ sweeps).
@@ -71,25 +72,44 @@ def _wide_range(x: np.ndarray) -> bool:
 
 def plot_lines(df: pd.DataFrame, x: str, y: str, hue: str | None = None, *, ax: Any = None, logx: bool | None = None,
                title: str | None = None, xlabel: str | None = None, ylabel: str | None = None,
-               band: bool = True) -> Figure:
-    """Mean of ``y`` against ``x`` per ``hue`` value (one line each), with a ±SEM band.
+               band: bool | str = True, resamples: int = 1000, seed: int = 0) -> Figure:
+    """Mean of ``y`` against ``x`` per ``hue`` value (one line each), with a confidence band.
 
-    ``logx=None`` picks a log axis when all x are positive and span ≥ 50×. Non-finite x (e.g. +inf for a
-    pre-edit point) are dropped. Draws into ``ax`` when given, else a new figure.
+    ``band=True`` (or ``"bootstrap"``): when the frame has ``case_id`` s, a 95% bootstrap band of each point's mean
+    from :func:`editlens.report.paired.bootstrap_band` — cases (seeds first, when there are several) are resampled
+    once for the whole panel, so every point and line is recomputed on the same resampled cases (paired: points
+    that share cases, e.g. the checkpoints of one sequential sample or methods on one dataset, move together);
+    ``resamples`` and ``seed`` set the draws. Without case ids, or with ``band="sem"``, ±SEM of the rows.
+    ``band=False``: no band. ``logx=None`` picks a log axis when all x are positive and span ≥ 50×. Non-finite x
+    (e.g. +inf for a pre-edit point) are dropped. Draws into ``ax`` when given, else a new figure.
     """
     _need(df, [x, y] + ([hue] if hue else []), "plot_lines")
+    if band not in (True, False, "bootstrap", "sem"):
+        raise MetricError(f"plot_lines: band must be True, False, 'bootstrap' or 'sem', not {band!r}")
     if ax is None:
         fig, (ax,) = _new_figure(1)
     else:
         fig = ax.figure
-    d = df[[x, y] + ([hue] if hue else [])].copy()
+    extra = [c for c in ("case_id", "seed", "dataset") if c in df.columns and c not in (x, y, hue)]
+    d = df[[x, y] + ([hue] if hue else []) + extra].copy()
     d[x] = pd.to_numeric(d[x], errors="coerce")
     d[y] = pd.to_numeric(d[y], errors="coerce")
     d = d[np.isfinite(d[x]) & d[y].notna()]
+    boot = None
+    if band in (True, "bootstrap") and len(d):
+        from editlens.report.paired import bootstrap_band
+
+        boot = bootstrap_band(d, x, hue, y=y, resamples=resamples, seed=seed)
     groups = d.groupby(hue, sort=True) if hue else [(None, d)]
     for name, g in groups:
         s = g.groupby(x)[y].agg(["mean", "std", "count"]).sort_index()
         xs = s.index.to_numpy(dtype=float)
+        if boot is not None:
+            b = boot[boot["hue"] == ("" if name is None else str(name))].set_index("x").reindex(s.index)
+            ax.plot(xs, b["mean"], marker="o", label=None if name is None else str(name))
+            if (s["count"] > 1).any():
+                ax.fill_between(xs, b["low"], b["high"], alpha=0.2)
+            continue
         ax.plot(xs, s["mean"], marker="o", label=None if name is None else str(name))
         if band and (s["count"] > 1).any():
             sem = (s["std"] / np.sqrt(s["count"])).fillna(0).to_numpy()

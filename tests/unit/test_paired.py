@@ -137,6 +137,7 @@ def test_compare_table_from_store(tmp_path):
     assert (sacc["diff"] == 0).all() and (sacc["p_value"] == 1).all() and (sacc["mark"] == "").all()
     assert t["p_holm"].to_numpy() == pytest.approx(holm(t["p_value"].to_numpy()))
     assert t.attrs["settings"]["m_tests"] == 4
+    assert any("fewer than 20 pairs" in n for n in t.attrs["notes"])  # n = 12: the interval is too narrow
     # reproducible given the seed; another seed moves the interval a little
     with Store(tmp_path / "s.sqlite", readonly=True) as st:
         again = compare(st, "ref", resamples=2000, seed=0)
@@ -206,3 +207,65 @@ def test_cli_compare(tmp_path):
     assert {"diff", "ci_low", "ci_high", "p_value", "p_holm", "n_pairs", "n_seeds"} <= set(df.columns)
     r = CliRunner().invoke(cli, ["compare", str(tmp_path / "s.sqlite"), "--ref", "nope"])
     assert r.exit_code == 2 and "not a method of this run" in r.output
+
+
+def test_wilcoxon_option_and_duplicates_refused(tmp_path):
+    ref = np.array([0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8])
+    other = ref + np.array([0.2, 0.1, 0.3, -0.05, 0.25, 0.15, 0.4])
+    res = paired_stats([ref], [other], test="wilcoxon")
+    assert res.test == "wilcoxon" and res.p_value == pytest.approx(stats.wilcoxon(other - ref).pvalue)
+    with _store(tmp_path / "s.sqlite") as st:  # a second unit with the same configuration: ambiguous pairing
+        st.commit_unit("r", "good-dup", [(1, 12, "c0", "neighborhood", "kl", 0.3)],
+                       meta={"method": "good", "label": "good", "dataset": "d", "seed": 0, "n_edits": 12})
+        with pytest.raises(StoreError, match=r"good has several rows for the same \(seed, case_id\) \(c0 \(seed 0\)\)"):
+            compare(st, "ref", metrics=["kl"])
+
+
+# ----------------------------------------------------------------------------- report and plots
+def test_report_has_paired_table_marks_and_rank_stability(tmp_path):
+    from editlens.report import build_report
+
+    st = _store(tmp_path / "s.sqlite")
+    # a second dataset, so that the report also ranks methods across datasets (Table 4's rank stability)
+    base = np.random.default_rng(1).normal(0.5, 0.3, 12)
+    for label, shift in (("ref", 0.0), ("good", 0.2), ("same", 0.01)):
+        rows = [(1, 12, f"c{i}", "neighborhood", "kl", float(v + shift + 0.01 * (i % 3))) for i, v in enumerate(base)]
+        st.commit_unit("r", f"{label}-zsre", rows, meta={"method": label, "label": label, "dataset": "zsre",
+                                                          "seed": 0, "n_edits": 12, "regime": "batch"})
+    rep = build_report(st, ref="ref", plots_enabled=False)
+    names = [t.name for t in rep.tables]
+    assert "paired" in names and "rank_stability" in names
+    t = rep.table("paired")
+    assert set(t["dataset"]) == {"d", "zsre"} and "diff [95% CI]" in t.columns
+    good = t[(t.system == "good") & (t.column == "neighborhood/kl")]
+    assert len(good) == 2 and (good["mark"] == "**").all()
+    html = rep.to_html()
+    assert html.count('<tr class="sig">') == int((t["mark"] != "").sum()) > 0 and "tr.sig td" in html
+    # no reference given and no pre-edit baseline: no paired table; an unknown --ref is an error
+    assert "paired" not in [x.name for x in build_report(st, plots_enabled=False).tables]
+    with pytest.raises(StoreError, match="not a method of this run"):
+        build_report(st, ref="nope", plots_enabled=False)
+    st.close()
+
+
+def test_plot_band_is_a_paired_case_bootstrap():
+    # two curves on the same 30 cases; curve b = curve a + 0.5 on every case: with the same resampled cases
+    # for every point, b's band is a's band shifted by exactly 0.5 (independent resampling would not give that)
+    rng = np.random.default_rng(0)
+    vals = rng.exponential(1.0, 30)
+    df = pd.concat([pd.DataFrame({"x": 1.0, "hue": h, "case_id": [f"c{i}" for i in range(30)], "value": vals + s})
+                    for h, s in (("a", 0.0), ("b", 0.5))], ignore_index=True)
+    band = paired.bootstrap_band(df, "x", "hue", resamples=4000, seed=0).set_index("hue")
+    assert band.loc["b", "low"] - band.loc["a", "low"] == pytest.approx(0.5)
+    assert band.loc["b", "high"] - band.loc["a", "high"] == pytest.approx(0.5)
+    assert band.loc["a", "mean"] == pytest.approx(vals.mean())
+    # the band is the percentile interval of the case bootstrap of the mean (checked against scipy)
+    ref = stats.bootstrap((vals,), np.mean, n_resamples=40_000, method="percentile", random_state=0).confidence_interval
+    assert band.loc["a", "low"] == pytest.approx(ref.low, abs=0.03) and band.loc["a", "high"] == pytest.approx(ref.high, abs=0.05)
+    # plot_lines draws it (the band polygon spans [low, high]); without case ids it falls back to ±SEM
+    from editlens.report import plots
+
+    fig = plots.plot_lines(df[df.hue == "a"].assign(x=[1.0] * 15 + [2.0] * 15), "x", "value", "hue")
+    assert len(fig.axes[0].collections) == 1
+    fig = plots.plot_lines(df.drop(columns="case_id"), "x", "value", "hue")
+    assert len(fig.axes[0].lines) == 2

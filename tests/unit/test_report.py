@@ -167,7 +167,9 @@ def test_plots_generic_and_specific(tmp_path, store):
 def test_report_dir_and_html(tmp_path, store, built):
     rep = built
     assert rep.title == "Synthetic report"
-    assert [t.name for t in rep.tables] == ["methods", "sensitivity", "rank_stability", "rank_stability_groups"]
+    # the run has a pre-edit baseline: the paired table (every system minus pre-edit) follows the methods table
+    assert [t.name for t in rep.tables] == ["methods", "paired", "sensitivity", "rank_stability",
+                                            "rank_stability_groups"]
     names = [f.name for f in rep.figures]
     assert names == ["edits_curve_0", "sweep_memit_mom2_update_weight_0", "tf_vs_ar", "sigma"]
     paths = rep.write_dir(tmp_path / "out")
