@@ -42,17 +42,34 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--dtype", default=None, help="float32 / bfloat16 / float16.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write tidy rows to .csv / .parquet / .json.")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the edited model to this directory as a standard Hugging Face checkpoint "
+                   "(safetensors, config, tokenizer, editlens.json); weight-editing methods only.")
+@click.option("--force", is_flag=True, help="With --save: replace the checkpoint files of a non-empty directory.")
 def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequential: bool, batch_size: int,
              overrides: tuple[str, ...], metrics: str, prompt_format: str, device: str | None, dtype: str | None,
-             out: Path | None) -> None:
+             out: Path | None, save_dir: Path | None, force: bool) -> None:
     """Edit MODEL with METHOD on the cases of DATA, evaluate the edited system against the base, then undo.
 
-    Prints the summary (mean ± sem per probe kind and metric) and the edit's diagnostics.
+    Prints the summary (mean ± sem per probe kind and metric) and the edit's diagnostics. With --save DIR the
+    edited weights are written to DIR before the undo (read it back with `editlens audit --base MODEL --model DIR`).
     """
     import editlens
-    from editlens.edit import edit, edit_sequential
+    from editlens.edit import edit, edit_sequential, get_method
     from editlens.evaluate import ModelSystem, evaluate
 
+    if save_dir is not None:  # refuse before any work: a wrapper method, a non-empty directory
+        from editlens.errors import MethodError
+        from editlens.lm.checkpoint import check_save_target
+
+        if get_method(method).edits_weights is False:
+            raise MethodError(f"--save: {method} keeps its edit outside the model's weights (a codebook, side "
+                              "memory, retrieved facts or a prompt consulted at call time), so a weights checkpoint "
+                              "would be the unedited model; use a weight-editing method (ft, rome, memit, "
+                              "alphaedit, emmet, rect, prune, pmet)")
+        check_save_target(save_dir, force)
+    if out is not None and out.suffix not in (".csv", ".parquet", ".json"):
+        raise EditlensError(f"--out must end in .csv, .parquet or .json, got {out.name}")
     lm = editlens.load_model(model, device=device, dtype=dtype)
     cases = editlens.load_cases(data_path, limit=limit)
     hp = parse_overrides(overrides)
@@ -64,6 +81,9 @@ def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequen
     else:
         result = edit(lm, cases, method=method, hparams=hp or None, progress=True)
     try:
+        if save_dir is not None:
+            saved = result.save_pretrained(save_dir, force=force)
+            click.echo(f"saved the edited model to {saved}")
         # `base` was created before the edit, so it keeps answering with the unedited weights
         res = evaluate(result.system, cases, base=base, metrics=metric_list, prompt_format=prompt_format)
     finally:

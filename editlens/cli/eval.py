@@ -23,7 +23,11 @@ def _list_metrics() -> str:
 
 
 @click.command("eval")
-@click.option("--model", default="smollm2-135m", show_default=True, help="Model name or path.")
+@click.option("--model", default="smollm2-135m", show_default=True,
+              help="Model name or path (with --base: the edited model evaluated against BASE).")
+@click.option("--base", "base_model", default=None,
+              help="Evaluate MODEL against this base model (a name, .gguf, directory or hub id): GT-free metrics "
+                   "compare BASE's answers with MODEL's. The tokenizers must match.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Dataset file (any supported format; see `editlens data inspect`).")
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N cases.")
@@ -42,15 +46,21 @@ def _list_metrics() -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write tidy rows (system, case_id, probe_kind, metric, value) to .csv / .parquet / .json.")
 @click.option("--list-metrics", is_flag=True, help="List the registered metrics and groups, then exit.")
-def eval_cmd(model: str, data_path: Path | None, limit: int | None, metrics: str, prompt_format: str,
-             methods: tuple[str, ...], batch_tokens: int, cache_dir: Path | None, device: str | None,
-             dtype: str | None, out: Path | None, list_metrics: bool) -> None:
-    """Evaluate MODEL on the probes of DATA with METRICS; print mean ± sem per probe kind and metric."""
+def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: int | None, metrics: str,
+             prompt_format: str, methods: tuple[str, ...], batch_tokens: int, cache_dir: Path | None,
+             device: str | None, dtype: str | None, out: Path | None, list_metrics: bool) -> None:
+    """Evaluate MODEL on the probes of DATA with METRICS; print mean ± sem per probe kind and metric.
+
+    With --base BASE, MODEL is an edited checkpoint made anywhere and is evaluated against BASE (rows of both:
+    system "base" is BASE against itself, system "edited" is MODEL against BASE)."""
     if list_metrics:
         click.echo(_list_metrics())
         return
     if data_path is None:
         raise EditlensError("--data FILE is required (or use --list-metrics)")
+    if base_model is not None and methods:
+        raise EditlensError("--base evaluates MODEL (already edited) against BASE; --method edits a model here: "
+                            "use one or the other")
     import pandas as pd
 
     import editlens
@@ -59,7 +69,20 @@ def eval_cmd(model: str, data_path: Path | None, limit: int | None, metrics: str
     metric_objs = resolve_metrics(metrics)  # fail early on unknown names
     if out is not None and out.suffix.lower() not in (".csv", ".parquet", ".json"):
         raise EditlensError(f"--out must end in .csv, .parquet or .json, got {out.name}")
-    lm = editlens.load_model(model, device=device, dtype=dtype)
+    edited_lm = None
+    if base_model is not None:
+        import warnings
+
+        from editlens.audit import ArchitectureMismatchWarning, load_pair
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ArchitectureMismatchWarning)
+            lm, edited_lm = load_pair(base_model, model, device=device, dtype=dtype, prompt_format=prompt_format)
+        for w in caught:
+            if issubclass(w.category, ArchitectureMismatchWarning):
+                click.echo(f"warning: {w.message}", err=True)
+    else:
+        lm = editlens.load_model(model, device=device, dtype=dtype)
     cases = editlens.load_cases(data_path, limit=limit)
     base = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
     cache = BaseCache(cache_dir)
@@ -72,6 +95,11 @@ def eval_cmd(model: str, data_path: Path | None, limit: int | None, metrics: str
     res = evaluate(base, cases, base=base, metrics=metric_objs, batch_tokens=batch_tokens, cache=cache)
     frames.append(res.to_pandas().assign(system="base"))
     _show("base", res)
+    if edited_lm is not None:
+        edited = ModelSystem(edited_lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
+        r = evaluate(edited, cases, base=base, metrics=metric_objs, batch_tokens=batch_tokens, cache=cache)
+        frames.append(r.to_pandas().assign(system="edited"))
+        _show(f"edited: {edited_lm.name}", r)
     for method in methods:
         from editlens.edit import edit
 

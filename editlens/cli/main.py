@@ -21,6 +21,7 @@ _COMMANDS = [
     ("editlens.cli.data", "data"),
     ("editlens.cli.edit", "edit_cmd"),
     ("editlens.cli.eval", "eval_cmd"),
+    ("editlens.cli.audit", "audit_cmd"),
     ("editlens.cli.stats", "stats"),
     ("editlens.cli.bench", "bench"),
     ("editlens.cli.report", "report"),
@@ -36,6 +37,7 @@ Typical session:
   editlens data inspect facts.json        # detect a dataset format, show one normalised case
   editlens demo                           # edit the embedded SmolLM2 and measure the edit (offline)
   editlens eval --model smollm2-135m --data facts.json --metrics gt,gtfree
+  editlens audit --base smollm2-135m --model ./edited   # what changed in an edited checkpoint
   editlens stats --model smollm2-135m --layers 4,5,6,7,8
   editlens bench examples/locality_sweep.toml   # run a spec into a resumable SQLite store
   editlens report results.sqlite --html report.html
