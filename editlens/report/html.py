@@ -10,7 +10,7 @@ Contents (each only when the data allow it):
 * ``paired`` — every other system minus a reference over the same cases: mean difference, 95% bootstrap
   interval, sign-flip p-value, Holm-adjusted p (:mod:`editlens.report.paired`); rows whose interval excludes 0
   are marked (``*``, ``**`` when the Holm test agrees) and highlighted in the HTML page. The reference is
-  ``ref=`` (``--ref``), else the spec's ``report.ref``, else the pre-edit baseline when the run has one.
+  ``ref=`` (``editlens report --ref``), else the pre-edit baseline when the run has one (else no paired table).
 * ``sensitivity`` — per sweep axis, method and metric: Kendall's τ, coverage, std (Liu et al. Tables 2–3).
 * ``rank_stability`` and ``rank_stability_groups`` — τ of method rankings across datasets (Table 4).
 * figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
@@ -209,8 +209,8 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
     side by side (a ``run`` column in the tables, ``label [run]`` in the figures). A DataFrame holding several
     runs is shown side by side.
 
-    ``ref`` names the reference system of the paired table (default: the spec's ``report.ref``, else the pre-edit
-    baseline when the run has one); ``resamples`` and ``seed`` set its bootstrap. Unpaired cases are dropped
+    ``ref`` names the reference system of the paired table (default: the pre-edit baseline when the run has
+    one); ``resamples`` and ``seed`` set its bootstrap. Unpaired cases are dropped
     there (and counted in a note); ``editlens compare`` refuses them.
     """
     df, diags, opts, run_notes = _source_frames(source, run_id, all_runs)
@@ -229,7 +229,7 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
     rep.tables.append(ReportTable("methods", "Methods × metrics (mean ± SEM over cases and seeds)",
                                   tables.methods_table(df, groups=groups),
                                   "Last evaluation step of each unit. Columns: probe kind / metric."))
-    _add_paired(rep, df, ref if ref is not None else opts.get("ref"), resamples, seed, all_runs)
+    _add_paired(rep, df, ref, resamples, seed, all_runs)
     sens = tables.sensitivity_table(df, diagnostics=diags, reference=reference, ranges=ranges,
                                     unbounded=unbounded, delta_k_key=delta_k_key)
     if not sens.empty:
