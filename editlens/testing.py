@@ -191,7 +191,7 @@ class _EvkProbe:
 def _hparams_roundtrip(name: str, editor: Any, lm: "LM", hp: Any) -> None:
     """``hp`` written into a TOML spec, validated by the runner, planned, stored as JSON and read back is ``hp``."""
     from editlens.edit.base import _resolve_hparams
-    from editlens.runs.runner import check_methods
+    from editlens.runs.spec import check_methods
     from editlens.runs.spec import parse_spec
 
     where = f"check_method({name!r}) hyperparameters round-trip"

@@ -665,6 +665,109 @@ def _as_cache(cache: Any) -> BaseCache | None:
     raise EditlensError(f"cache must be True/False/None, a BaseCache or a directory path, got {type(cache).__name__}")
 
 
+# ================================================================================================ frozen base answers
+def request_set(metrics: str | Sequence[str | Metric], cases: Sequence["EditCase"],
+                roles: Sequence[str] = (BASE,)) -> set[Request]:
+    """The distinct requests ``metrics`` make over ``cases`` for the given roles (default: the base's)."""
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise MetricError(f"unknown role(s) {bad!r}; use {EDITED!r} or {BASE!r}")
+    out: set[Request] = set()
+    for m in resolve_metrics(metrics):
+        for role, req in m.requests(list(cases)):
+            if role in roles:
+                out.add(req)
+    return out
+
+
+def answer_requests(system: "System", requests: Iterable[Request],
+                    on_group: Callable[[list[Request]], None] | None = None) -> dict[Request, Any]:
+    """Answers to ``requests`` on ``system``: one System call per group (request type, ``max_new_tokens``, custom
+    type), the groups and their order sorted, so the batches -- and hence the values -- depend only on the request
+    set, never on what was asked before. ``on_group(group)`` is called before each call (progress)."""
+    out: dict[Request, Any] = {}
+    for group in _groups_of(requests, system):
+        if on_group is not None:
+            on_group(group)
+        out.update(zip(group, _answer(system, group)))
+    return out
+
+
+class FrozenBase:
+    """A :class:`~editlens.system.System` that answers from base answers computed once (:func:`freeze_base`).
+
+    Once frozen, the model the answers came from may be edited freely: a frozen base keeps answering as the
+    unedited model did. A request it was not frozen with raises :class:`MetricError`. :func:`evaluate` freezes its
+    ``base`` this way (cached by :func:`cache_key`); the experiment runner freezes each unit's base request set once
+    per run and passes the frozen base as ``base``.
+
+    Attributes:
+        answers: request → answer (what the evaluator stores and caches).
+        prompt_format: the format the answers were posed in.
+        cache_hit: whether :func:`freeze_base` found the answers in its cache.
+    """
+
+    def __init__(self, answers: Mapping[Request, Any], fingerprint: str, prompt_format: str = "raw", *,
+                 cache_hit: bool = False):
+        self.answers = answers
+        self.prompt_format = prompt_format
+        self.cache_hit = bool(cache_hit)
+        self._fingerprint = str(fingerprint)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def _get(self, req: Request) -> Any:
+        try:
+            return self.answers[req]
+        except KeyError:
+            raise MetricError(f"internal: the frozen base has no precomputed answer for {req!r}") from None
+
+    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self._get(NextToken(p)) for p in prompts])
+
+    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[TeacherForced]:
+        return [self._get(Score(p, t)) for p, t in zip(prompts, targets)]
+
+    def target_logprobs(self, prompts: Sequence[str], targets: Sequence[str]) -> list[torch.Tensor]:
+        return [tf.logprobs for tf in self.teacher_forced(prompts, targets)]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[str]:
+        return [self._get(Generate(p, int(max_new_tokens))) for p in prompts]
+
+    def answer_custom(self, requests: Sequence[Request]) -> list[Any]:
+        """Answers to metric-defined request types (:class:`CustomRequest`)."""
+        return [self._get(r) for r in requests]
+
+    def __repr__(self) -> str:
+        return f"FrozenBase({len(self.answers)} answers, prompt_format={self.prompt_format!r})"
+
+
+def freeze_base(system: "System", requests: Iterable[Request], *, cache: Any = None,
+                on_group: Callable[[list[Request]], None] | None = None) -> FrozenBase:
+    """Answer ``requests`` on ``system`` once (:func:`answer_requests`) and keep them as a :class:`FrozenBase`.
+
+    ``cache`` (as in :func:`evaluate`: ``None``/``False``, ``True``, a :class:`BaseCache` or a directory) is looked
+    up and filled under :func:`cache_key` ``(system.fingerprint, system.prompt_format, requests)`` -- the one key of
+    base answers in editlens. The frozen base's fingerprint is ``"<system fingerprint>:frozen"``.
+    """
+    requests = set(requests)
+    cache_obj = _as_cache(cache)
+    key = cache_key(system.fingerprint, system.prompt_format, requests)
+    answers = cache_obj.get(key, requests) if cache_obj is not None else None
+    hit = answers is not None
+    if answers is None:
+        with torch.no_grad():
+            answers = answer_requests(system, requests, on_group)
+        if cache_obj is not None:
+            cache_obj.put(key, answers)
+    return FrozenBase(answers, f"{system.fingerprint}:frozen", system.prompt_format, cache_hit=hit)
+
+
 # ================================================================================================ results
 @dataclass
 class Results:
@@ -807,16 +910,19 @@ def _progress(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="call", leave=False)
 
 
-def _run(system: "System", requests: Iterable[Request], bar: Any, label: str) -> dict[Request, Any]:
-    out: dict[Request, Any] = {}
-    for group in _groups_of(requests, system):
-        if bar is not None:
-            bar.set_postfix_str(f"{label}: {len(group)} {type(group[0]).__name__}")
-        for r, a in zip(group, _answer(system, group)):
-            out[r] = a
-        if bar is not None:
+def _bar_step(bar: Any, label: str) -> Callable[[list[Request]], None] | None:
+    """``on_group`` for :func:`answer_requests` that advances a progress bar (one step per System call)."""
+    if bar is None:
+        return None
+    started = [False]
+
+    def step(group: list[Request]) -> None:
+        if started[0]:
             bar.update(1)
-    return out
+        started[0] = True
+        bar.set_postfix_str(f"{label}: {len(group)} {type(group[0]).__name__}")
+
+    return step
 
 
 def metric_probe_kinds(metric: Metric) -> tuple[str, ...] | None:
@@ -920,22 +1026,19 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
         with _progress(progress, n_groups, "evaluate") as bar:
             if base_reqs:
                 tb = time.perf_counter()
-                key = cache_key(base.fingerprint, fmt, base_reqs)  # type: ignore[union-attr]
-                cached = cache_obj.get(key, base_reqs) if cache_obj is not None else None
-                cache_hit = cached is not None
-                if cached is None:
-                    cached = _run(base, base_reqs, bar, "base")  # type: ignore[arg-type]
-                    if cache_obj is not None:
-                        cache_obj.put(key, cached)
-                elif bar is not None:
-                    bar.update(len(_groups_of(base_reqs, base)))
-                store[BASE] = cached
+                frozen = freeze_base(base, base_reqs, cache=cache_obj, on_group=_bar_step(bar, "base"))  # type: ignore[arg-type]
+                cache_hit = frozen.cache_hit
+                if bar is not None:
+                    bar.update(len(_groups_of(base_reqs, base)) if cache_hit else 1)
+                store[BASE] = frozen.answers  # type: ignore[assignment]
                 timings["base_s"] = time.perf_counter() - tb
             if same:
                 store[EDITED] = store[BASE]
             else:
                 te = time.perf_counter()
-                store[EDITED] = _run(system, wanted[EDITED], bar, "edited")
+                store[EDITED] = answer_requests(system, wanted[EDITED], _bar_step(bar, "edited"))
+                if bar is not None and wanted[EDITED]:
+                    bar.update(1)
                 timings["edited_s"] = time.perf_counter() - te
 
     # ---- compute

@@ -67,7 +67,7 @@ class LocalExecutor:
         self.lm = lm
 
     def prepare(self, spec: "Spec", options: "RunOptions") -> str:
-        from editlens.runs.runner import check_methods
+        from editlens.runs.spec import check_methods
 
         if self.lm is None:
             self.lm = load_spec_model(spec)
@@ -114,7 +114,7 @@ def _ray_prepare(spec: "Spec", device: str, threads: int | None) -> tuple[str | 
     """Ray task: load the model, check the spec's hyperparameters on it; (fingerprint, error message)."""
     import torch
 
-    from editlens.runs.runner import check_methods
+    from editlens.runs.spec import check_methods
 
     if threads:
         torch.set_num_threads(threads)

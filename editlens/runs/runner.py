@@ -1,7 +1,7 @@
 """Run an experiment spec into a results store: batch and sequential regimes, checkpoints, resume.
 
-:func:`run_spec` loads a spec (:mod:`editlens.runs.spec`), checks its methods and hyperparameters against the
-editing registry (errors name the key and the line), expands it into units (:meth:`Spec.plan`), skips the
+:func:`run_spec` loads a spec and validates it against the registries (:func:`editlens.runs.spec.load_validated_spec`:
+errors name the key and the line), expands it into units (:meth:`Spec.plan`), skips the
 units the store already has, and runs the others with an executor (:mod:`editlens.runs.executors`: ``local``
 in this process, or ``ray``). Only this driver process writes the store.
 
@@ -33,9 +33,10 @@ resumed run ends with exactly the rows of an uninterrupted run because:
   ``edit_sequential``); evaluations run inside their own ``fork_rng`` so skipping one does not change the
   random stream seen by the editing method;
 * base-model answers are computed per unit *request set* (the requests of all metrics over the unit's
-  evaluation cases), on the unedited model, in a fixed order (sorted, the same batches every time), and kept
-  for the whole run in a :class:`FrozenBase` keyed by a hash of that request set — units that evaluate the same
-  cases share them, and which units ran before does not change a value;
+  evaluation cases), on the unedited model, in a fixed order (sorted, the same batches every time), frozen
+  (:func:`editlens.evaluate.core.freeze_base`) and kept for the whole run by :class:`BaseAnswers` under the
+  evaluator's :func:`~editlens.evaluate.core.cache_key` — units that evaluate the same cases share them, and which
+  units ran before does not change a value;
 * the edited system's requests are likewise answered in sorted batches that depend only on the unit.
 * the run records the torch thread count it started with (``versions["torch_threads"]``); a resumed run with the
   local executor computes with that count (CPU reductions are split by thread count, so another count would give
@@ -51,7 +52,6 @@ unit metadata is :meth:`Unit.meta` plus ``eval_cases`` and the model name.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import random
 import sys
 import time
@@ -61,22 +61,23 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from editlens.errors import EditlensError, HParamsError, MethodError, MetricError, SpecError, StoreError
-from editlens.runs.spec import LineLookup, Spec, SpecIssue, Unit, key_str, load_spec, merge_point
+from editlens.errors import EditlensError, SpecError
+# spec validation lives in editlens.runs.spec; these names are re-exported for callers of the runner
+from editlens.runs.spec import (BASELINE_NAMES, Spec, Unit, check_methods, load_validated_spec,  # noqa: F401
+                                validate_spec)
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
+    from editlens.evaluate.core import FrozenBase
     from editlens.lm.load import LM
     from editlens.runs.spec import DatasetSpec
     from editlens.runs.store import Store
 
-#: method names that mean "edit nothing, evaluate the unedited model"
-BASELINE_NAMES = ("none", "pre-edit")
 #: version of the runner's row semantics (recorded with each run)
 RUNNER_VERSION = 1
 
-__all__ = ["RunOptions", "StepResult", "FrozenBase", "run_spec", "prepare_spec", "load_validated_spec",
-           "metric_validator", "check_methods", "load_unit_cases", "dataset_cases", "execute_unit",
+__all__ = ["RunOptions", "StepResult", "BaseAnswers", "run_spec", "prepare_spec", "load_validated_spec",
+           "check_methods", "load_unit_cases", "dataset_cases", "execute_unit",
            "default_store_path", "BASELINE_NAMES", "main"]
 
 
@@ -134,163 +135,12 @@ class StepResult:
     final: bool = False
 
 
-# ============================================================================================ spec validation
-def metric_validator(names: list, look: LineLookup) -> None:
-    """Spec ``metric_validator``: every name must resolve in the metric registry (errors name the line)."""
-    from editlens.evaluate.core import resolve_metrics
-
-    issues = []
-    for i, name in enumerate(names):
-        try:
-            resolve_metrics([name])
-        except MetricError as e:
-            issues.append(SpecIssue(key_str(("metrics", i)), look(name), str(e)))
-    if issues:
-        raise _spec_error("<spec>", issues)
-
-
-def _spec_error(source: str, issues: Sequence[SpecIssue]) -> SpecError:
-    msgs = [f"{source}:{i.line}: {i.key}: {i.message}" if i.line else f"{source}: {i.key}: {i.message}"
-            for i in issues]
-    text = msgs[0] if len(msgs) == 1 else f"{len(msgs)} problems in spec {source}:\n  " + "\n  ".join(msgs)
-    e = SpecError(text)
-    e.issues = list(issues)  # type: ignore[attr-defined]
-    e.key = issues[0].key  # type: ignore[attr-defined]
-    e.line = issues[0].line  # type: ignore[attr-defined]
-    return e
-
-
-def _param_path(spec: Spec, i: int, param: str) -> tuple:
-    label = spec.methods[i].label
-    axis = f"{label}.{param}"
-    if axis in spec.sweep:
-        return ("sweep", axis)
-    return ("methods", i, "hparams", param)
-
-
-def check_methods(spec: Spec, lm: "LM | None" = None) -> None:
-    """Check every method and hyperparameter of ``spec`` against the editing registry.
-
-    Without ``lm``: method names, hyperparameter keys and the values that can be checked without a model
-    (types, ranges). With ``lm``: the model's defaults with the overrides applied, for every sweep point (e.g.
-    a layer beyond the model's depth). Raises :class:`SpecError` naming the key (``methods[0].hparams.foo`` or
-    ``sweep."memit.mom2_update_weight"``) and the line; all problems at once.
-    """
-    from editlens.edit.base import get_method
-
-    issues: list[SpecIssue] = []
-    src = str(spec.source) if spec.source is not None else "<spec>"
-    for i, m in enumerate(spec.methods):
-        if m.name.lower() in BASELINE_NAMES:
-            if m.hparams or any(k.split(".", 1)[0] == m.label for k in spec.sweep) or m.evk_align:
-                issues.append(SpecIssue(key_str(("methods", i)), spec.lines.lookup(("methods", i)),
-                                        f"method {m.name!r} edits nothing: it takes no hparams, evk_align or sweep"))
-            continue
-        try:
-            cls = get_method(m.name)
-        except MethodError as e:
-            issues.append(SpecIssue(key_str(("methods", i, "name")), spec.lines.lookup(("methods", i, "name")),
-                                    str(e)))
-            continue
-        hcls = cls.hparams_class
-        names = set(hcls.field_names())
-        bad_keys = False
-        for point in spec.sweep_points(m):
-            hp, _ = merge_point(m, point)
-            for k in hp:
-                if k not in names:
-                    path = _param_path(spec, i, k)
-                    issue = SpecIssue(key_str(path), spec.lines.lookup(path),
-                                      f"unknown hyperparameter {k!r} for method {m.name!r}; valid keys: "
-                                      f"{', '.join(sorted(names))}")
-                    if issue not in issues:
-                        issues.append(issue)
-                    bad_keys = True
-        if bad_keys:
-            continue
-        for point in spec.sweep_points(m):
-            hp, evk = merge_point(m, point)
-            if evk:
-                msg = _check_evk(evk) if cls.supports_evk_align else (
-                    f"method {m.name!r} does not take evk_align (it has no value optimisation or fine-tuning loss)")
-                if msg is not None:
-                    path = ("methods", i, "evk_align")
-                    issue = SpecIssue(key_str(path), spec.lines.lookup(path), msg)
-                    if issue not in issues:
-                        issues.append(issue)
-            for key, msg in _check_values(hcls, hp, lm):  # every bad override, not only the first
-                path = _param_path(spec, i, key) if key else ("methods", i, "hparams")
-                issue = SpecIssue(key_str(path), spec.lines.lookup(path), f"method {m.name!r}: {msg}")
-                if issue not in issues:
-                    issues.append(issue)
-    if issues:
-        raise _spec_error(src, issues)
-
-
-def _check_evk(evk: Mapping[str, Any]) -> str | None:
-    """The error message of an invalid ``evk_align`` table, else ``None``."""
-    try:
-        from editlens.edit import evk_align as mod
-    except ImportError:  # pragma: no cover - the module is part of editlens
-        return None
-    fn = getattr(mod, "from_config", None)
-    if not callable(fn):  # pragma: no cover
-        return None
-    try:
-        fn(dict(evk))
-    except EditlensError as e:
-        return str(e)
-    except (TypeError, ValueError) as e:
-        return f"invalid evk_align settings: {e}"
-    return None
-
-
-def _check_values(hcls: Any, hp: Mapping[str, Any], lm: "LM | None") -> list[tuple[str | None, str]]:
-    """``(key or None, message)`` of every invalid override (``[]`` when they are valid together)."""
-    def attempt(base_factory: Callable[[], Any], overrides: Mapping[str, Any]) -> str | None:
-        try:
-            base_factory().replace(**dict(overrides))
-        except (HParamsError, MethodError) as e:
-            return str(e)
-        except (TypeError, ValueError) as e:  # a method's validate() tripping over a bad type
-            return f"invalid value: {e}"
-        return None
-
-    factory = (lambda: hcls.for_model(lm)) if lm is not None else hcls
-    try:
-        base_ok = attempt(factory, {}) is None
-    except Exception:  # pragma: no cover - defaults that cannot be built without a model
-        base_ok = False
-    if not base_ok:
-        return []  # the generic defaults are not valid by themselves: values are checked once a model is loaded
-    msg = attempt(factory, hp)
-    if msg is None:
-        return []
-    # the keys responsible (one override at a time), each with its own message and line
-    bad = [(k, m) for k, m in ((k, attempt(factory, {k: v})) for k, v in hp.items()) if m is not None]
-    return bad or [(None, msg)]
-
-
-def load_validated_spec(path: str | Path) -> Spec:
-    """:func:`editlens.runs.spec.load_spec` plus the metric and method/hyperparameter registries and the model's
-    depth (layer indices, read from the model's config: :func:`editlens.runs.spec.check_model_layers`).
-
-    Raises:
-        SpecError: the message names the file, the line and the key of every problem, all at once.
-    """
-    from editlens.runs.spec import check_model_layers
-
-    return load_spec(path, metric_validator=metric_validator, checks=(check_methods, check_model_layers))
-
-
+# ============================================================================================ spec
 def prepare_spec(spec_or_path: Spec | str | Path) -> Spec:
-    """A validated :class:`Spec` from a spec or a path (a given Spec is checked against the registries too)."""
+    """A validated :class:`Spec` from a spec or a path (a given Spec is checked against the registries too:
+    :func:`editlens.runs.spec.validate_spec`)."""
     if isinstance(spec_or_path, Spec):
-        from editlens.runs.spec import check_model_layers
-
-        check_methods(spec_or_path)
-        check_model_layers(spec_or_path)
-        return spec_or_path
+        return validate_spec(spec_or_path)
     return load_validated_spec(spec_or_path)
 
 
@@ -356,109 +206,38 @@ def judge_endpoint_lines(spec: Spec, units: Sequence[Unit], options: RunOptions)
     return remote_endpoints(metrics, evaluations)
 
 
-# ============================================================================================ frozen base
-class FrozenBase:
-    """A :class:`~editlens.system.System` that answers from base-model outputs computed once.
+# ============================================================================================ base answers
+class BaseAnswers:
+    """The run's base answers: for each distinct request set of a unit (the requests of all its metrics over its
+    evaluation cases), the unedited model's answers frozen once (:func:`editlens.evaluate.core.freeze_base`, in the
+    evaluator's sorted batches, so a value never depends on which units ran before) and kept for the whole run in
+    a :class:`~editlens.evaluate.core.BaseCache` without a byte bound, under the evaluator's
+    :func:`~editlens.evaluate.core.cache_key`."""
 
-    Built on the *unedited* model for a fixed set of requests (sorted and batched the same way every time, so
-    that the values do not depend on what ran before); afterwards the model may be edited freely. A request
-    outside the set raises :class:`MetricError` (a bug: the runner gathers every request first).
-    """
+    def __init__(self, prompt_format: str = "raw", batch_tokens: int = 4096):
+        from editlens.evaluate.core import BaseCache
 
-    def __init__(self, lm: "LM", requests: Iterable[Any], prompt_format: str = "raw", batch_tokens: int = 4096):
-        from editlens.evaluate.core import Generate, NextToken, Score, _answer, _groups_of
+        self.prompt_format = prompt_format
+        self.batch_tokens = batch_tokens
+        self._cache = BaseCache(max_bytes=1 << 62)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def get(self, lm: "LM", cases: Sequence["EditCase"], metrics: Sequence[str], *, with_edited: bool) -> "FrozenBase":
+        """The frozen base for these cases and metrics (``with_edited``: also the requests of the evaluated role,
+        for evaluating the unedited model itself). ``lm`` must be unedited."""
+        from editlens.evaluate.core import BASE, EDITED, freeze_base, request_set, resolve_metrics
+        from editlens.lm.context import check_requests, current_truncation
         from editlens.system import ModelSystem
 
         if lm.fingerprint != lm.base_fingerprint:
-            raise EditlensError("internal: FrozenBase must be built on the unedited model")
-        self.prompt_format = prompt_format
-        self.batch_tokens = int(batch_tokens)
-        self._fingerprint = f"{lm.base_fingerprint}:frozen"
-        live = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
-        self._answers: dict[Any, Any] = {}
-        with torch.no_grad():
-            # the evaluator's own grouping (sorted, one System call per request type), so that the batches -- and
-            # hence the values -- depend only on the request set
-            for group in _groups_of(set(requests), live):
-                self._answers.update(zip(group, _answer(live, group)))
-        self._types = (NextToken, Score, Generate)
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def _get(self, req: Any) -> Any:
-        try:
-            return self._answers[req]
-        except KeyError:
-            raise MetricError(f"internal: the frozen base has no precomputed answer for {req!r}") from None
-
-    def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
-        nt = self._types[0]
-        return torch.stack([self._get(nt(p)) for p in prompts])
-
-    def teacher_forced(self, prompts: Sequence[str], targets: Sequence[str]) -> list[Any]:
-        sc = self._types[1]
-        return [self._get(sc(p, t)) for p, t in zip(prompts, targets)]
-
-    def target_logprobs(self, prompts: Sequence[str], targets: Sequence[str]) -> list[torch.Tensor]:
-        return [tf.logprobs for tf in self.teacher_forced(prompts, targets)]
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
-        gen = self._types[2]
-        return [self._get(gen(p, int(max_new_tokens))) for p in prompts]
-
-    def answer_custom(self, requests: Sequence[Any]) -> list[Any]:
-        """Answers to metric-defined request types (:class:`~editlens.evaluate.core.CustomRequest`)."""
-        return [self._get(r) for r in requests]
-
-    def __repr__(self) -> str:
-        return f"FrozenBase({len(self._answers)} answers, prompt_format={self.prompt_format!r})"
-
-
-def _request_set(cases: Sequence["EditCase"], metrics: Sequence[str], with_edited: bool) -> set:
-    from editlens.evaluate.core import BASE, EDITED, resolve_metrics
-
-    out = set()
-    for m in resolve_metrics(list(metrics)):
-        for role, req in m.requests(list(cases)):
-            if role == BASE or (with_edited and role == EDITED):
-                out.add(req)
-    return out
-
-
-def _request_key(reqs: Iterable[Any]) -> str:
-    h = hashlib.sha256()
-    for r in sorted(reqs, key=lambda r: (type(r).__name__, repr(r))):
-        h.update(f"{type(r).__name__}\0{r!r}\n".encode())
-    return h.hexdigest()[:24]
-
-
-class BaseAnswers:
-    """Per-run store of :class:`FrozenBase` objects, one per distinct request set (computed once each)."""
-
-    def __init__(self, prompt_format: str = "raw", batch_tokens: int = 4096):
-        self.prompt_format = prompt_format
-        self.batch_tokens = batch_tokens
-        self._by_key: dict[str, FrozenBase] = {}
-
-    def get(self, lm: "LM", cases: Sequence["EditCase"], metrics: Sequence[str], *, with_edited: bool) -> FrozenBase:
-        """The frozen base for these cases and metrics (``with_edited``: also the requests of the evaluated role,
-        for evaluating the unedited model itself). Must be called while ``lm`` is unedited the first time."""
-        reqs = _request_set(cases, metrics, with_edited)
-        key = _request_key(reqs)
-        fb = self._by_key.get(key)
-        if fb is None:
-            from editlens.evaluate.core import BASE, resolve_metrics
-            from editlens.system import ModelSystem
-            from editlens.lm.context import check_requests, current_truncation
-
-            # prompts longer than the context: ContextLengthError naming the case and probe, before any model call
-            check_requests({BASE: ModelSystem(lm, prompt_format=self.prompt_format)}, {BASE: reqs}, list(cases),
-                           resolve_metrics(list(metrics)), current_truncation())
-            fb = FrozenBase(lm, reqs, self.prompt_format, self.batch_tokens)
-            self._by_key[key] = fb
-        return fb
+            raise EditlensError("internal: the base answers must be computed on the unedited model")
+        reqs = request_set(list(metrics), cases, (BASE, EDITED) if with_edited else (BASE,))
+        live = ModelSystem(lm, prompt_format=self.prompt_format, batch_tokens=self.batch_tokens)
+        # prompts longer than the context: ContextLengthError naming the case and probe, before any model call
+        check_requests({BASE: live}, {BASE: reqs}, list(cases), resolve_metrics(list(metrics)), current_truncation())
+        return freeze_base(live, reqs, cache=self._cache)
 
 
 # ============================================================================================ one unit
@@ -478,7 +257,7 @@ def _plain_diagnostics(diag: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _evaluate(system: Any, cases: Sequence["EditCase"], base: FrozenBase, metrics: Sequence[str],
+def _evaluate(system: Any, cases: Sequence["EditCase"], base: "FrozenBase", metrics: Sequence[str],
               options: RunOptions, fmt: str):
     from editlens.evaluate.core import evaluate
 
@@ -486,21 +265,6 @@ def _evaluate(system: Any, cases: Sequence["EditCase"], base: FrozenBase, metric
         return evaluate(system, list(cases), base=base, metrics=list(metrics), batch_tokens=options.batch_tokens,
                         prompt_format=None if fmt == "raw" else fmt, cache=False, progress=False,
                         truncate=options.truncate)
-
-
-def _evk_object(evk: Mapping[str, Any] | None) -> Any:
-    """The EVK-Align regulariser for a spec's ``evk_align`` table (``None`` when absent)."""
-    if not evk:
-        return None
-    try:
-        from editlens.edit import evk_align as mod  # type: ignore[attr-defined]
-    except ImportError:
-        return dict(evk)
-    for name in ("from_config", "from_dict", "EVKAlign"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn(**dict(evk)) if name == "EVKAlign" else fn(dict(evk))
-    return dict(evk)
 
 
 def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options: RunOptions,
@@ -517,7 +281,11 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
     base_answers = base_answers or BaseAnswers(prompt_format, options.batch_tokens)
     cases = load_unit_cases(unit, all_cases)
     is_none = unit.method.lower() in BASELINE_NAMES
-    evk = _evk_object(unit.evk_align)
+    evk = None
+    if unit.evk_align:
+        from editlens.edit.evk_align import from_config
+
+        evk = from_config(unit.evk_align)
 
     from editlens.lm.context import truncation
 

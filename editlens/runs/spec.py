@@ -1,17 +1,21 @@
-"""Experiment specs: load a TOML or YAML run spec, validate it, and expand it into units of work.
+"""Experiment specs: the schema of a TOML or YAML run spec, its validation, and its expansion into units of work.
 
 A spec says which model, datasets, methods (with hyperparameter overrides), regime (batch sizes or a
 sequential schedule with checkpoints), metrics, sweep axes and seeds to run; see ``docs/experiments.md``
-for the full format. :func:`load_spec` validates everything that does not need the method registry and
-raises :class:`editlens.errors.SpecError` whose message names the key **and the line** of the file
-(``spec.toml:12: regime.checkpoints: ...``); all problems found are reported at once.
+for the full format. Every validation error is a :class:`editlens.errors.SpecError` whose message names the key
+**and the line** of the file (``spec.toml:12: regime.checkpoints: ...``; the line finder is
+:mod:`editlens.runs.spec_lines`); all problems found are reported at once.
 
-Checks that need the method / metric registries are pluggable: pass ``validator(method_name,
-hparams, line_lookup)`` (called once per method and sweep point with the merged hyperparameter
-overrides; ``line_lookup(param) -> int | None`` gives the line where that parameter was set) and
-``metric_validator(metric_names, line_lookup)``. A :class:`SpecError` they raise is collected; any
-other :class:`~editlens.errors.EditlensError` (e.g. ``HParamsError``) is wrapped into a SpecError
-naming the method's key and line.
+Validation lives here, in one place:
+
+* :func:`load_spec` / :func:`parse_spec` — the structure (types, required keys, ranges, sweep axes);
+* :func:`check_metrics` — every metric name resolves in the metric registry;
+* :func:`check_methods` — every method is registered, every hyperparameter key exists, the values are valid
+  (with a model: against the model's defaults, for every sweep point), ``evk_align`` is valid and the method
+  takes it;
+* :func:`check_model_layers` — every layer index fits the model's depth (read from its config, no weights);
+* :func:`load_validated_spec` / :func:`validate_spec` — all of the above, which is what ``editlens bench`` and
+  :func:`editlens.runs.runner.run_spec` use (executors call :func:`check_methods` again with the loaded model).
 
 :meth:`Spec.plan` expands methods × sweep points × datasets × seeds × regime sizes into :class:`Unit`s
 with stable ids (a hash of the unit's content) and the metadata that the results store keeps
@@ -28,17 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from editlens.errors import EditlensError, SpecError
+from editlens.errors import EditlensError, HParamsError, MethodError, MetricError, SpecError
+from editlens.runs.spec_lines import KeyPath, Lines, key_str, toml_lines, yaml_lines  # noqa: F401 (re-exported)
 
 try:  # Python 3.11+
     import tomllib as _toml
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as _toml  # type: ignore[no-redef]
 
-KeyPath = tuple[Any, ...]
-LineLookup = Callable[[str], "int | None"]
-Validator = Callable[[str, dict, LineLookup], None]
-MetricValidator = Callable[[list, LineLookup], None]
 #: a whole-spec check (e.g. the method registry, the model's depth): raises SpecError (with ``issues``) or any
 #: EditlensError; it may see a partial spec (``model``/``regime`` None) when other problems were found
 SpecCheck = Callable[["Spec"], None]
@@ -52,228 +53,6 @@ _MODEL_KEYS = ("name", "device", "dtype", "prompt_format")
 _DATASET_KEYS = ("name", "path", "format", "limit", "sample", "seed")
 _METHOD_KEYS = ("name", "label", "hparams", "evk_align")
 _REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots")
-
-
-# ============================================================================ line lookup
-def key_str(path: Sequence[Any]) -> str:
-    """``("methods", 0, "hparams", "layers")`` -> ``methods[0].hparams.layers`` (dotted keys quoted)."""
-    out = ""
-    for p in path:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            s = f'"{p}"' if ("." in p or " " in p or not p) else p
-            out += ("." if out else "") + s
-    return out
-
-
-class Lines:
-    """Maps key paths of a parsed spec to 1-based line numbers of the source file.
-
-    ``lookup(path)`` returns the line of the deepest known ancestor when the exact path is unknown
-    (e.g. an element of a one-line array gets the line of its key).
-    """
-
-    def __init__(self, table: Mapping[KeyPath, int] | None = None) -> None:
-        self.table: dict[KeyPath, int] = dict(table or {})
-
-    def lookup(self, path: Sequence[Any]) -> int | None:
-        path = tuple(path)
-        while path:
-            if path in self.table:
-                return self.table[path]
-            path = path[:-1]
-        return None
-
-    def exact(self, path: Sequence[Any]) -> int | None:
-        return self.table.get(tuple(path))
-
-
-_BARE = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _split_toml_key(s: str) -> list[str] | None:
-    """Split a (dotted, possibly quoted) TOML key into its parts; None when it is not a key."""
-    parts: list[str] = []
-    i, n = 0, len(s)
-    while True:
-        while i < n and s[i] in " \t":
-            i += 1
-        if i >= n:
-            return None
-        if s[i] in "\"'":
-            q = s[i]
-            j = i + 1
-            buf = ""
-            while j < n and s[j] != q:
-                if q == '"' and s[j] == "\\" and j + 1 < n:
-                    buf += s[j + 1]
-                    j += 2
-                    continue
-                buf += s[j]
-                j += 1
-            if j >= n:
-                return None
-            parts.append(buf)
-            i = j + 1
-        else:
-            m = _BARE.match(s, i)
-            if not m:
-                return None
-            parts.append(m.group(0))
-            i = m.end()
-        while i < n and s[i] in " \t":
-            i += 1
-        if i >= n:
-            return parts
-        if s[i] != ".":
-            return None
-        i += 1
-
-
-def _strip_toml_comment(line: str) -> tuple[str, int]:
-    """Remove a trailing comment; return (code, bracket balance of the code outside strings)."""
-    out, depth, q = [], 0, None
-    i = 0
-    while i < len(line):
-        c = line[i]
-        if q:
-            if q == '"' and c == "\\":
-                out.append(line[i:i + 2])
-                i += 2
-                continue
-            if c == q:
-                q = None
-        elif c in "\"'":
-            q = c
-        elif c == "#":
-            break
-        elif c in "[{":
-            depth += 1
-        elif c in "]}":
-            depth -= 1
-        out.append(c)
-        i += 1
-    return "".join(out), depth
-
-
-def toml_lines(text: str) -> Lines:
-    """Find the line of every key and table header of a TOML document by scanning its text.
-
-    Handles ``[table]``, ``[[array.of.tables]]`` (element indices counted), dotted and quoted keys,
-    keys of one-line inline tables, multi-line arrays and multi-line strings (skipped).
-    """
-    table: dict[KeyPath, int] = {}
-    aot: dict[KeyPath, int] = {}
-    prefix: KeyPath = ()
-    depth = 0
-    ml_delim: str | None = None
-
-    def resolve(parts: Sequence[str]) -> KeyPath:
-        out: list[Any] = []
-        for p in parts:
-            out.append(p)
-            if tuple(out) in aot:
-                out.append(aot[tuple(out)])
-        return tuple(out)
-
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        if ml_delim is not None:
-            if raw.count(ml_delim) % 2 == 1:
-                ml_delim = None
-            continue
-        if depth > 0:
-            _, d = _strip_toml_comment(raw)
-            depth += d
-            continue
-        code, _ = _strip_toml_comment(raw)
-        line = code.strip()
-        if not line:
-            continue
-        if line.startswith("[["):
-            end = line.rfind("]]")
-            parts = _split_toml_key(line[2:end]) if end > 1 else None
-            if not parts:
-                continue
-            arr = resolve(parts[:-1]) + (parts[-1],)
-            aot[arr] = aot.get(arr, -1) + 1
-            prefix = arr + (aot[arr],)
-            table.setdefault(arr, lineno)
-            table[prefix] = lineno
-            continue
-        if line.startswith("["):
-            end = line.rfind("]")
-            parts = _split_toml_key(line[1:end]) if end > 0 else None
-            if not parts:
-                continue
-            prefix = resolve(parts)
-            table.setdefault(prefix, lineno)
-            continue
-        eq = _find_eq(line)
-        if eq < 0:
-            continue
-        parts = _split_toml_key(line[:eq])
-        if not parts:
-            continue
-        full = prefix + tuple(parts)
-        for k in range(len(prefix) + 1, len(full)):
-            table.setdefault(full[:k], lineno)
-        table[full] = lineno
-        value = line[eq + 1:].strip()
-        for delim in ('"""', "'''"):
-            if value.startswith(delim) and value.count(delim) == 1:
-                ml_delim = delim
-        if ml_delim is None:
-            _, depth = _strip_toml_comment(value)
-            depth = max(depth, 0)
-            if value.startswith("{"):
-                for m in re.finditer(r"[{,]\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
-                                     r"(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=", value):
-                    sub = _split_toml_key(m.group(1))
-                    if sub:
-                        table.setdefault(full + tuple(sub), lineno)
-    return Lines(table)
-
-
-def _find_eq(line: str) -> int:
-    q = None
-    for i, c in enumerate(line):
-        if q:
-            if c == q:
-                q = None
-        elif c in "\"'":
-            q = c
-        elif c == "=":
-            return i
-    return -1
-
-
-def yaml_lines(text: str) -> tuple[Lines, list[tuple[KeyPath, int]]]:
-    """Lines of every key / sequence item of a YAML document (via ``yaml.compose``), and duplicate keys."""
-    import yaml
-
-    table: dict[KeyPath, int] = {}
-    dups: list[tuple[KeyPath, int]] = []
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-
-    def walk(node: Any, path: KeyPath) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for k, v in node.value:
-                key = k.value
-                if key in seen:
-                    dups.append((path + (key,), k.start_mark.line + 1))
-                seen.add(key)
-                table[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
-                table[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if root is not None:
-        walk(root, ())
-    return Lines(table), dups
 
 
 # ============================================================================ spec dataclasses
@@ -605,10 +384,10 @@ def _close(word: str, choices: Sequence[str]) -> str:
     return f" (did you mean {m[0]!r}?)" if m else ""
 
 
-def load_spec(path: str | Path, *, validator: Validator | None = None,
-              metric_validator: MetricValidator | None = None, checks: Sequence[SpecCheck] = ()) -> Spec:
-    """Read and validate a spec file (``.toml``, ``.yaml`` or ``.yml``). Raises :class:`SpecError` listing every
-    problem found (structure, ``metric_validator``, ``validator`` and ``checks``), each as ``file:line: key: ...``."""
+def load_spec(path: str | Path, *, checks: Sequence[SpecCheck] = ()) -> Spec:
+    """Read a spec file (``.toml``, ``.yaml`` or ``.yml``) and validate its structure (and ``checks``). Raises
+    :class:`SpecError` listing every problem found, each as ``file:line: key: ...``. The full validation, with the
+    metric and method registries and the model's depth, is :func:`load_validated_spec`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".toml", ".yaml", ".yml"):
@@ -620,17 +399,16 @@ def load_spec(path: str | Path, *, validator: Validator | None = None,
     except UnicodeDecodeError as e:
         raise SpecError(f"spec {path}: not UTF-8 text: {e}") from None
     return parse_spec(text, "toml" if suffix == ".toml" else "yaml", base_dir=path.resolve().parent,
-                      source=path, validator=validator, metric_validator=metric_validator, checks=checks)
+                      source=path, checks=checks)
 
 
 def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", source: str | Path | None = None,
-               validator: Validator | None = None, metric_validator: MetricValidator | None = None,
                checks: Sequence[SpecCheck] = ()) -> Spec:
     """Parse and validate spec text (``fmt`` ``"toml"`` or ``"yaml"``); relative paths use ``base_dir``.
 
-    All problems are collected before raising: the structural ones, then those of ``metric_validator``,
-    ``validator`` and each of ``checks`` (which also run when the structure has problems, on what could be
-    parsed), in one :class:`SpecError` whose ``issues`` lists them (file order).
+    All problems are collected before raising: the structural ones, then those of each of ``checks`` (which also
+    run when the structure has problems, on what could be parsed), in one :class:`SpecError` whose ``issues``
+    lists them (file order).
     """
     src = str(source) if source is not None else f"<{fmt} spec>"
     if fmt == "toml":
@@ -664,7 +442,6 @@ def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", sour
     partial = bool(ck.issues)
     n_structural = len(ck.issues)
     try:
-        _run_plugins(spec, ck, validator, metric_validator)
         for check in checks:
             try:
                 check(spec)
@@ -990,43 +767,6 @@ def _method(d: dict, path: KeyPath, ck: _Checker) -> MethodSpec | None:
     return MethodSpec(name=name, label=label, hparams=dict(hp), evk_align=None if evk is None else dict(evk))
 
 
-def _run_plugins(spec: Spec, ck: _Checker, validator: Validator | None,
-                 metric_validator: MetricValidator | None) -> None:
-    if metric_validator is not None:
-        def mlook(metric: str) -> int | None:
-            return ck.lines.lookup(("metrics", spec.metrics.index(metric))) if metric in spec.metrics else \
-                ck.lines.lookup(("metrics",))
-        try:
-            metric_validator(list(spec.metrics), mlook)
-        except SpecError as e:
-            _absorb(ck, e, ("metrics",))
-        except EditlensError as e:
-            ck.err(("metrics",), str(e))
-    if validator is None:
-        return
-    for i, m in enumerate(spec.methods):
-        mpath = ("methods", i)
-        for point in spec.sweep_points(m):
-            hp, evk = merge_point(m, point)
-
-            def look(param: str, _i: int = i, _m: MethodSpec = m) -> int | None:
-                axis = f"{_m.label}.{param}"
-                if axis in spec.sweep:
-                    return ck.lines.lookup(("sweep", axis))
-                return ck.lines.lookup(("methods", _i, "hparams", param))
-            full = dict(hp)
-            if evk is not None:
-                full["evk_align"] = evk
-            try:
-                validator(m.name, full, look)
-            except SpecError as e:
-                _absorb(ck, e, mpath)
-                break
-            except EditlensError as e:
-                ck.err(mpath + ("hparams",), f"method {m.name!r}: {e}", line=ck.lines.lookup(mpath + ("name",)))
-                break
-
-
 def _absorb(ck: _Checker, e: SpecError, path: KeyPath) -> None:
     issues = getattr(e, "issues", None)
     if issues:
@@ -1086,3 +826,156 @@ def check_model_layers(spec: Spec) -> None:
                 if not any(x.key == key_str(path) and x.message == msg for x in ck.issues):
                     ck.err(path, msg)
     ck.raise_if_any()
+
+
+# ============================================================================ registry checks
+#: method names that mean "edit nothing, evaluate the unedited model"
+BASELINE_NAMES = ("none", "pre-edit")
+
+
+def _source(spec: Spec) -> str:
+    return str(spec.source) if spec.source is not None else "<spec>"
+
+
+def check_metrics(spec: Spec) -> None:
+    """Every metric name of ``spec`` must resolve in the metric registry (errors name the key and the line)."""
+    from editlens.evaluate.core import resolve_metrics
+
+    ck = _Checker(_source(spec), spec.lines)
+    for i, name in enumerate(spec.metrics):
+        try:
+            resolve_metrics([name])
+        except MetricError as e:
+            ck.err(("metrics", i), str(e))
+    ck.raise_if_any()
+
+
+def _param_path(spec: Spec, i: int, param: str) -> KeyPath:
+    axis = f"{spec.methods[i].label}.{param}"
+    if axis in spec.sweep:
+        return ("sweep", axis)
+    return ("methods", i, "hparams", param)
+
+
+def check_methods(spec: Spec, lm: Any = None) -> None:
+    """Check every method and hyperparameter of ``spec`` against the editing registry.
+
+    Without ``lm``: method names, hyperparameter keys, ``evk_align`` and the values that can be checked without a
+    model (types, ranges). With ``lm`` (an :class:`~editlens.lm.LM`): the model's defaults with the overrides
+    applied, for every sweep point (e.g. a layer beyond the model's depth). Raises :class:`SpecError` naming the
+    key (``methods[0].hparams.foo`` or ``sweep."memit.mom2_update_weight"``) and the line; all problems at once.
+    """
+    from editlens.edit.base import get_method
+
+    ck = _Checker(_source(spec), spec.lines)
+
+    def add(path: KeyPath, msg: str) -> None:
+        issue = SpecIssue(key_str(path), spec.lines.lookup(path), msg)
+        if issue not in ck.issues:
+            ck.issues.append(issue)
+
+    for i, m in enumerate(spec.methods):
+        if m.name.lower() in BASELINE_NAMES:
+            if m.hparams or any(k.split(".", 1)[0] == m.label for k in spec.sweep) or m.evk_align:
+                add(("methods", i), f"method {m.name!r} edits nothing: it takes no hparams, evk_align or sweep")
+            continue
+        try:
+            cls = get_method(m.name)
+        except MethodError as e:
+            add(("methods", i, "name"), str(e))
+            continue
+        hcls = cls.hparams_class
+        names = set(hcls.field_names())
+        bad_keys = False
+        for point in spec.sweep_points(m):
+            hp, _ = merge_point(m, point)
+            for k in hp:
+                if k not in names:
+                    add(_param_path(spec, i, k), f"unknown hyperparameter {k!r} for method {m.name!r}; valid keys: "
+                                                 f"{', '.join(sorted(names))}")
+                    bad_keys = True
+        if bad_keys:
+            continue
+        for point in spec.sweep_points(m):
+            hp, evk = merge_point(m, point)
+            if evk:
+                msg = _check_evk(evk) if cls.supports_evk_align else (
+                    f"method {m.name!r} does not take evk_align (it has no value optimisation or fine-tuning loss)")
+                if msg is not None:
+                    add(("methods", i, "evk_align"), msg)
+            for key, msg in _check_values(hcls, hp, lm):  # every bad override, not only the first
+                add(_param_path(spec, i, key) if key else ("methods", i, "hparams"), f"method {m.name!r}: {msg}")
+    ck.raise_if_any()
+
+
+def _check_evk(evk: Mapping[str, Any]) -> str | None:
+    """The error message of an invalid ``evk_align`` table, else ``None``."""
+    from editlens.edit.evk_align import from_config
+
+    try:
+        from_config(dict(evk))
+    except EditlensError as e:
+        return str(e)
+    except (TypeError, ValueError) as e:
+        return f"invalid evk_align settings: {e}"
+    return None
+
+
+def _check_values(hcls: Any, hp: Mapping[str, Any], lm: Any) -> list[tuple[str | None, str]]:
+    """``(key or None, message)`` of every invalid override (``[]`` when they are valid together)."""
+    def attempt(base_factory: Callable[[], Any], overrides: Mapping[str, Any]) -> str | None:
+        try:
+            base_factory().replace(**dict(overrides))
+        except (HParamsError, MethodError) as e:
+            return str(e)
+        except (TypeError, ValueError) as e:  # a method's validate() tripping over a bad type
+            return f"invalid value: {e}"
+        return None
+
+    factory = (lambda: hcls.for_model(lm)) if lm is not None else hcls
+    try:
+        base_ok = attempt(factory, {}) is None
+    except Exception:  # pragma: no cover - defaults that cannot be built without a model
+        base_ok = False
+    if not base_ok:
+        return []  # the generic defaults are not valid by themselves: values are checked once a model is loaded
+    msg = attempt(factory, hp)
+    if msg is None:
+        return []
+    # the keys responsible (one override at a time), each with its own message and line
+    bad = [(k, m) for k, m in ((k, attempt(factory, {k: v})) for k, v in hp.items()) if m is not None]
+    return bad or [(None, msg)]
+
+
+#: the registry checks of a full validation, in the order they run (their issues are reported in file order)
+REGISTRY_CHECKS: tuple[SpecCheck, ...] = (check_metrics, check_methods, check_model_layers)
+
+
+def load_validated_spec(path: str | Path) -> Spec:
+    """:func:`load_spec` plus the metric and method/hyperparameter registries and the model's depth
+    (:data:`REGISTRY_CHECKS`).
+
+    Raises:
+        SpecError: the message names the file, the line and the key of every problem, all at once.
+    """
+    return load_spec(path, checks=REGISTRY_CHECKS)
+
+
+def validate_spec(spec: Spec) -> Spec:
+    """Run the registry checks (:data:`REGISTRY_CHECKS`) on an already built :class:`Spec`; returns it.
+
+    Raises:
+        SpecError: every problem at once, each with its key and line.
+    """
+    ck = _Checker(_source(spec), spec.lines)
+    for check in REGISTRY_CHECKS:
+        try:
+            check(spec)
+        except SpecError as e:
+            _absorb(ck, e, ())
+        except EditlensError as e:
+            ck.err((), str(e))
+    if ck.issues:
+        ck.issues[:] = sorted(dict.fromkeys(ck.issues), key=lambda i: (i.line is None, i.line or 0))
+    ck.raise_if_any()
+    return spec

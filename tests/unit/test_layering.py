@@ -1,11 +1,12 @@
 """The package layering, enforced: every ``import`` in every module of editlens (top-level, inside functions and
 under ``TYPE_CHECKING`` alike, read with :mod:`ast`, nothing is imported) points down the layers
 
-    cli → report → runs → drivers → edit | evaluate → data / lm / system → errors
+    cli → report → runs → drivers → edit | evaluate | localize → data / lm / system → errors
 
 ``edit`` and ``evaluate`` are siblings: a method never knows which metrics run and a metric never knows which
 method made a system, so neither imports the other; what needs both (editing, then evaluating the edited
-system) is a driver above them (:mod:`editlens.drivers`, :mod:`editlens.runs`). See docs/architecture.md.
+system) is a driver above them (:mod:`editlens.drivers`, :mod:`editlens.runs`). A new part of editlens (a
+subpackage or a top-level module) fails the test until it is placed in :data:`ALLOWED`. See docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"errors", "registry", "data", "lm", "system", "edit", "evaluate", "drivers", "runs"},
     "cli": {"errors", "registry", "data", "lm", "system", "edit", "evaluate", "drivers", "runs", "report",
             "testing", "audit"},
+    # causal tracing: an analysis of the unedited model, beside methods and metrics
+    "localize": {"errors", "registry", "data", "lm", "system"},
 }
+for _upper in ("drivers", "audit", "runs", "report", "testing", "cli"):
+    ALLOWED[_upper].add("localize")
 #: the package facade (``editlens/__init__.py``) re-exports the public API of every part
 FACADE = "__init__"
 ALLOWED["testing"].add(FACADE)

@@ -15,7 +15,7 @@ import torch
 
 from editlens.edit.base import Editor, HParams, register_method
 from editlens.errors import EditlensError, HParamsError, SpecError
-from editlens.runs.runner import (FrozenBase, RunOptions, check_methods, load_unit_cases, load_validated_spec,
+from editlens.runs.runner import (BaseAnswers, RunOptions, check_methods, load_unit_cases, load_validated_spec,
                                   run_spec)
 from editlens.runs.spec import load_spec
 from editlens.runs.store import Store
@@ -254,10 +254,10 @@ def test_eval_cases_option_and_changed_options_refused(tmp_path, lm):
 
 def test_frozen_base_answers_do_not_follow_edits(lm):
     from editlens.edit import edit
-    from editlens.evaluate.core import NextToken
-    from editlens.evaluate.system import ModelSystem
+    from editlens.evaluate.core import NextToken, freeze_base
+    from editlens.system import ModelSystem
 
-    fb = FrozenBase(lm, [NextToken("The capital of France is")])
+    fb = freeze_base(ModelSystem(lm), [NextToken("The capital of France is")])
     before = fb.next_token_logprobs(["The capital of France is"]).clone()
     e = edit(lm, [_case()], "toyedit", scale=0.5)
     try:
@@ -266,10 +266,31 @@ def test_frozen_base_answers_do_not_follow_edits(lm):
         assert not torch.allclose(live, before)
         with pytest.raises(EditlensError, match="no precomputed answer"):
             fb.next_token_logprobs(["another prompt"])
-        with pytest.raises(EditlensError, match="unedited"):
-            FrozenBase(lm, [])
+        with pytest.raises(EditlensError, match="unedited"):  # the runner freezes the unedited model only
+            BaseAnswers().get(lm, [_case()], ["kl"], with_edited=False)
     finally:
         e.undo()
+
+
+def test_run_base_answers_use_the_evaluators_key_and_batches(lm):
+    """The runner's base answers are the evaluator's: frozen under the one cache_key, computed once per request
+    set, equal bit for bit to what evaluate() computes for the base."""
+    from editlens.evaluate.core import BASE, cache_key, evaluate, request_set
+    from editlens.system import ModelSystem
+
+    cases = [_case()]
+    ba = BaseAnswers()
+    fb = ba.get(lm, cases, ["kl"], with_edited=False)
+    assert ba.get(lm, cases, ["kl"], with_edited=False).answers is fb.answers and len(ba) == 1
+    reqs = request_set(["kl"], cases, (BASE,))
+    live = ModelSystem(lm)
+    assert ba._cache.get(cache_key(live.fingerprint, "raw", reqs)) is fb.answers
+    res = evaluate(live, cases, base=fb, metrics=["kl"], cache=False, progress=False)
+    assert {r.value for r in res.rows} == {0.0}  # the live unedited model against its frozen answers: KL exactly 0
+    # kl asks the same prompts of both roles: with the evaluated role's requests the set (and the answers) is the same
+    assert ba.get(lm, cases, ["kl"], with_edited=True).answers is fb.answers and len(ba) == 1
+    more = ba.get(lm, cases, ["kl", "s_acc"], with_edited=True)  # s_acc asks only the evaluated role
+    assert len(ba) == 2 and set(fb.answers) < set(more.answers)
 
 
 def _case():

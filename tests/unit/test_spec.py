@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from editlens.errors import HParamsError, SpecError
+from editlens.errors import SpecError
 from editlens.runs.spec import load_spec, parse_spec, toml_lines, yaml_lines
 
 GOOD_TOML = """\
@@ -246,32 +246,30 @@ def test_malformed_yaml(spec_dir, yaml_text, key, line, fragment):
         [(i.key, i.line, i.message) for i in e.issues]
 
 
-def test_pluggable_validators(spec_dir):
-    text = MINIMAL.replace('name = "memit"', 'name = "memit"\nhparams = { layers = [4] }') + \
+def test_registry_checks_live_in_one_place(spec_dir):
+    """Metric, method/hyperparameter and layer checks are editlens.runs.spec's (the runner re-exports them): a
+    loaded spec and a programmatic Spec get the same issues, each with its key and line; the old plugin hooks
+    (``validator=`` / ``metric_validator=``) are gone."""
+    from editlens.runs import runner
+    from editlens.runs import spec as S
+
+    text = MINIMAL.replace('metrics = ["kl"]', 'metrics = ["kl", "no_such_metric"]').replace(
+        'name = "memit"', 'name = "memit"\nhparams = { layers = [1, 99] }') + \
         '[sweep]\n"memit.mom2_update_weight" = [10.0, -1.0]\n'
-    seen = []
-
-    def validator(method, hparams, line_lookup):
-        seen.append((method, dict(hparams)))
-        if hparams.get("mom2_update_weight", 0) < 0:
-            raise SpecError(f"spec:{line_lookup('mom2_update_weight')}: mom2_update_weight must be >= 0")
-
-    e = err(spec_dir, text, validator=validator)
-    assert "spec:13: mom2_update_weight must be >= 0" in str(e)
-    assert seen == [("memit", {"layers": [4], "mom2_update_weight": 10.0}),
-                    ("memit", {"layers": [4], "mom2_update_weight": -1.0})]
-
-    def registry(method, hparams, line_lookup):
-        raise HParamsError(f"unknown hyperparameter 'layerz' for {method} (line {line_lookup('layers')})")
-
-    e = err(spec_dir, text, validator=registry)
-    assert e.issues[0].key == "methods[0].hparams" and e.issues[0].line == 7 and "line 8" in str(e)
-
-    def metrics_check(names, line_lookup):
-        raise SpecError(f"line {line_lookup('kl')}: unknown metric 'kl'")
-
-    e = err(spec_dir, MINIMAL, metric_validator=metrics_check)
-    assert "line 1: unknown metric" in str(e)
+    path = write(spec_dir, text)
+    plain = load_spec(path)  # the structure alone is valid
+    with pytest.raises(SpecError) as loaded:
+        S.load_validated_spec(path)
+    with pytest.raises(SpecError) as built:
+        S.validate_spec(plain)
+    got = [(i.key, i.line) for i in loaded.value.issues]
+    assert got == [(i.key, i.line) for i in built.value.issues]
+    assert ("metrics[1]", 1) in got                                   # unknown metric
+    assert ('sweep."memit.mom2_update_weight"', 13) in got            # λ < 0 at its sweep line
+    assert ("methods[0].hparams.layers", 8) in got                    # layer 99 of a 2-layer model
+    assert runner.check_methods is S.check_methods and runner.load_validated_spec is S.load_validated_spec
+    with pytest.raises(TypeError):
+        load_spec(path, validator=lambda *a: None)  # type: ignore[call-arg]
 
 
 def test_parse_spec_from_string(spec_dir):
