@@ -158,7 +158,10 @@ def check_pair(base: "LM", edited: "LM", *, prompt_format: str = "raw") -> list[
     Raises :class:`TokenizerMismatchError` (naming every difference found, see :func:`compare_tokenizers`) when
     the tokenizers differ or the output vocabularies (embedding rows) have different sizes; warns with
     :class:`ArchitectureMismatchWarning` when the architectures differ and returns those differences."""
-    diffs = compare_tokenizers(base.tokenizer, edited.tokenizer, chat=prompt_format == "chat")
+    from editlens.lm.prompting import resolve_prompt_format
+
+    chat = resolve_prompt_format(prompt_format, base.tokenizer) == "chat"  # 'auto' as everywhere: chat iff a template
+    diffs = compare_tokenizers(base.tokenizer, edited.tokenizer, chat=chat)
     if base.vocab_size != edited.vocab_size:
         diffs.append(f"embedding rows (output vocabulary): base {base.vocab_size}, edited {edited.vocab_size}")
     if diffs:

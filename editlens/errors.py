@@ -53,6 +53,11 @@ class MetricError(EditlensError):
     """Unknown metric, or a metric that cannot run on the given cases or system."""
 
 
+class PromptFormatError(EditlensError):
+    """An unknown prompt format (allowed: ``raw``, ``chat``, ``auto``), or ``chat`` for a model without a chat
+    template (see :mod:`editlens.lm.prompting`)."""
+
+
 class SpecError(EditlensError):
     """An experiment spec is invalid; the message names the key (and line when known)."""
 

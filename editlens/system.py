@@ -51,8 +51,10 @@ class ModelSystem:
 
     Args:
         lm: the loaded model (see :func:`editlens.load_model`).
-        prompt_format: ``"raw"`` (prompt text as is) or ``"chat"`` (chat template, the prompt pre-filled as
-            the start of the assistant's reply; only for models with a chat template).
+        prompt_format: ``"raw"`` (prompt text as is), ``"chat"`` (chat template, the prompt pre-filled as
+            the start of the assistant's reply; only for models with a chat template) or ``"auto"`` (chat when the
+            tokenizer has a chat template, else raw; see :mod:`editlens.lm.prompting`). The system records the
+            resolved name in :attr:`prompt_format`.
         batch_tokens: token budget of one padded batch (rows × padded length).
         fingerprint: override the fingerprint (defaults to the weights' fingerprint at construction).
 

@@ -37,7 +37,9 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Hyperparameter override, repeatable (e.g. --set mom2_update_weight=15000).")
 @click.option("--metrics", default="gt,gtfree", show_default=True, help="Comma-separated metrics or groups.")
-@click.option("--prompt-format", type=click.Choice(["raw", "chat"]), default="raw", show_default=True)
+@click.option("--prompt-format", type=click.Choice(["raw", "chat", "auto"]), default="raw", show_default=True,
+              help="Pose prompts as raw text or inside the model's chat template (auto: chat when the model has "
+                   "one); the edit is made and evaluated in this format.")
 @click.option("--device", default=None, help="cpu / cuda (default: cuda when available).")
 @click.option("--dtype", default=None, help="float32 / bfloat16 / float16.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -77,9 +79,10 @@ def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequen
     metric_list = [m.strip() for m in metrics.split(",") if m.strip()]
     click.echo(f"editing {len(cases)} cases with {method} ...")
     if sequential:
-        result = edit_sequential(lm, cases, method, batch_size=batch_size, hparams=hp or None, progress=True)
+        result = edit_sequential(lm, cases, method, batch_size=batch_size, hparams=hp or None, progress=True,
+                                 prompt_format=prompt_format)
     else:
-        result = edit(lm, cases, method=method, hparams=hp or None, progress=True)
+        result = edit(lm, cases, method=method, hparams=hp or None, progress=True, prompt_format=prompt_format)
     try:
         if save_dir is not None:
             saved = result.save_pretrained(save_dir, force=force)

@@ -33,8 +33,9 @@ def _list_metrics() -> str:
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N cases.")
 @click.option("--metrics", default="gt,gtfree", show_default=True,
               help="Comma-separated metric names or groups (gt, gtfree, generation, all); e.g. kl,topk@5,t_acc.")
-@click.option("--prompt-format", type=click.Choice(["raw", "chat"]), default="raw", show_default=True,
-              help="Pose prompts as raw text or inside the model's chat template (recorded with the results).")
+@click.option("--prompt-format", type=click.Choice(["raw", "chat", "auto"]), default="raw", show_default=True,
+              help="Pose prompts as raw text or inside the model's chat template (auto: chat when the model has one; "
+                   "recorded with the results). Edits made with --method are made in this format.")
 @click.option("--method", "methods", multiple=True,
               help="Also edit the model with this method (repeatable) and evaluate the edited system against the "
                    "base; base outputs are computed once. Without it, the base model is evaluated against itself.")
@@ -87,7 +88,7 @@ def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: 
     base = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
     cache = BaseCache(cache_dir)
     frames = []
-    click.echo(f"evaluating {lm.name} ({prompt_format}) on {len(cases)} cases: {', '.join(m.name for m in metric_objs)}")
+    click.echo(f"evaluating {lm.name} ({base.prompt_format}) on {len(cases)} cases: {', '.join(m.name for m in metric_objs)}")
     from editlens.evaluate.judge import remote_endpoints
 
     for line in remote_endpoints(metric_objs, [(cases, 1 + len(methods))], control_each=False):
@@ -104,7 +105,7 @@ def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: 
         from editlens.edit import edit
 
         click.echo(f"\nediting {len(cases)} cases with {method} ...")
-        result = edit(lm, cases, method=method, progress=True)
+        result = edit(lm, cases, method=method, progress=True, prompt_format=prompt_format)
         try:
             r = evaluate(result.system, cases, base=base, metrics=metric_objs, batch_tokens=batch_tokens, cache=cache)
         finally:

@@ -445,6 +445,11 @@ class Edit:
                 "hparams": self.hparams.to_dict() if hasattr(self.hparams, "to_dict") else repr(self.hparams)}
         return save_checkpoint(lm, directory, force=force, state=system.model_state, metadata=meta, verify=verify)
 
+    @property
+    def prompt_format(self) -> str:
+        """The prompt format the edit was made in and its :attr:`system` poses prompts in (``raw`` / ``chat``)."""
+        return getattr(self.system, "prompt_format", "raw")
+
     def __repr__(self) -> str:
         return f"Edit(method={self.method!r}, cases={len(self.cases)}, undone={self.undone})"
 
@@ -468,6 +473,18 @@ class Editor:
     #: for wrapper methods, so ``editlens edit --save`` refuses them before editing; ``None`` = not declared
     #: (checked on the Edit)
     edits_weights: ClassVar[bool | None] = None
+    #: the prompt format of the edit being made (a resolved :class:`~editlens.lm.prompting.PromptFormat` or
+    #: ``"raw"``), set by :func:`edit` / :func:`edit_sequential` from their ``prompt_format``. A method builds its
+    #: edit's system with :meth:`base_system` and poses its own training / context prompts through
+    #: ``system.format`` (GRACE, WISE, IKE, SCR), so the edit is made in the format it is evaluated in.
+    prompt_format: Any = "raw"
+
+    def base_system(self, lm: "LM") -> "ModelSystem":
+        """A :class:`~editlens.system.ModelSystem` of ``lm`` posing prompts in this edit's :attr:`prompt_format`
+        (what a method's ``Edit.system`` wraps or is)."""
+        from editlens.system import ModelSystem
+
+        return ModelSystem(lm, prompt_format=self.prompt_format)
 
     def default_hparams(self, lm: "LM") -> HParams:
         return self.hparams_class.for_model(lm)
@@ -514,7 +531,6 @@ class Editor:
         edit and raise :class:`MethodError`; an update that changes nothing warns (:class:`NoOpEditWarning`) and
         sets ``diagnostics["zero_delta"]`` (``False`` otherwise).
         """
-        from editlens.system import ModelSystem
         from editlens.lm.arch import add_delta, weight_param
 
         snap = snapshot if snapshot is not None else self.snapshot_for(sequence)
@@ -537,9 +553,10 @@ class Editor:
         tag = f"{self.name}:{h.hexdigest()[:16]}"
         if sequence is not None:
             # edit_sequential pushes the run's state and replaces this system by one pinned to it
-            return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, tag=tag, undoable=False)
+            return Edit(self.base_system(lm), self.name, cases, hparams, diagnostics, lm=lm, tag=tag,
+                        undoable=False)
         lm.push_state(tag, snap)
-        return Edit(ModelSystem(lm), self.name, cases, hparams, diagnostics, lm=lm, snapshot=snap, tag=tag)
+        return Edit(self.base_system(lm), self.name, cases, hparams, diagnostics, lm=lm, snapshot=snap, tag=tag)
 
 
     def _check_written(self, lm: "LM", snap: WeightSnapshot, deltas: Mapping[str, torch.Tensor],
@@ -718,27 +735,60 @@ def _check_cases(cases: Any) -> list["EditCase"]:
     return cases
 
 
+def _set_prompt_format(editor: Editor, lm: "LM", prompt_format: Any) -> Any:
+    """Resolve ``prompt_format`` on ``lm`` (``auto`` -> raw/chat, see :mod:`editlens.lm.prompting`) and give it to
+    ``editor``; :class:`~editlens.errors.PromptFormatError` for an unknown value or ``chat`` without a template."""
+    from editlens.lm.prompting import PromptFormat
+
+    editor.prompt_format = PromptFormat.parse(prompt_format, lm.tokenizer)
+    return editor.prompt_format
+
+
+def _check_system_format(editor: Editor, result: Edit, fmt: Any) -> None:
+    """A method must honour the edit's prompt format (a system in another format would silently evaluate an edit
+    made for other prompts); the edit is undone before the :class:`MethodError`."""
+    got = getattr(result.system, "prompt_format", "raw")
+    if got != fmt.name:
+        with contextlib.suppress(Exception):
+            result.undo()
+        raise MethodError(f"method {editor.name!r} returned a system posing prompts as {got!r} although "
+                          f"prompt_format={fmt.name!r} was asked (the edit was undone); a method builds its system "
+                          "with Editor.base_system(lm), which honours the edit's format")
+
+
 def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memit",
          hparams: HParams | Mapping[str, Any] | None = None, *, evk_align: Any = None, progress: bool = False,
-         **overrides: Any) -> Edit:
+         prompt_format: Any = "raw", **overrides: Any) -> Edit:
     """Apply ``method`` to ``lm`` for all ``cases`` in one batch; returns a reversible :class:`Edit`.
 
     Args:
         hparams: an ``HParams`` instance of the method, a mapping of overrides of the model's defaults, or
             ``None`` for the defaults of ``lm``'s architecture.
         evk_align: optional EVK-Align regulariser passed to the method's value optimisation.
+        prompt_format: ``"raw"`` (default), ``"chat"`` or ``"auto"`` (chat when the tokenizer has a chat template;
+            see :mod:`editlens.lm.prompting`). ``Edit.system`` poses prompts in it, and the wrapper methods build
+            their edit in it (GRACE/WISE train on the prompts as posed, IKE/SCR write their context in the chat
+            turn); weight-editing methods compute their update as their papers do, on the raw rewrite prompts (the
+            weights do not depend on how later prompts are posed). Evaluate a wrapper edit in the format it was
+            made in.
         **overrides: hyperparameter overrides (unknown key -> :class:`HParamsError`).
+
+    Raises:
+        PromptFormatError: an unknown ``prompt_format``, or ``chat`` for a model without a chat template (before
+            any work).
     """
     if not isinstance(method, str):
         raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. edit(lm, cases, 'memit')")
     editor = get_method(method)()
+    fmt = _set_prompt_format(editor, lm, prompt_format)
     _check_evk_support(editor, evk_align)
     cases = _check_cases(cases)
-    check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
+    check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     t0 = time.perf_counter()
     with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
         result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
+        _check_system_format(editor, result, fmt)
     result.diagnostics["wall_time_s"] = time.perf_counter() - t0
     result.diagnostics.setdefault("evk_align", evk_settings(evk_align))
     return result
@@ -747,7 +797,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
 def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch_size: int = 1,
                     hparams: HParams | Mapping[str, Any] | None = None, checkpoints: Iterable[int] = (),
                     callback: Callable[[int, int, Edit], Any] | None = None, evk_align: Any = None,
-                    progress: bool = False, seed: int = 0, **overrides: Any) -> Edit:
+                    progress: bool = False, seed: int = 0, prompt_format: Any = "raw", **overrides: Any) -> Edit:
     """Edit batch after batch (``batch_size`` cases each), in order; returns the run's reversible :class:`Edit`.
 
     ``callback(step, n_edits, edit_so_far)`` is called after the batch at which ``n_edits`` first reaches each
@@ -757,13 +807,17 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
 
     Memory stays flat over long runs: every tensor is cloned once into the run's snapshot, per-step Edits are
     dropped, the fingerprint tag is replaced (not stacked) at each step.
+
+    ``prompt_format`` (``raw`` / ``chat`` / ``auto``) is the run's, as for :func:`edit`: every step is made in it and
+    every ``edit_so_far.system`` poses prompts in it.
     """
     if batch_size < 1:
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
     editor = get_method(method)()
+    fmt = _set_prompt_format(editor, lm, prompt_format)
     _check_evk_support(editor, evk_align)
     cases = _check_cases(cases)
-    check_rewrites(lm, cases)  # every rewrite fits the model's context (ContextLengthError names the case)
+    check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     state = editor.begin_sequence(lm, hp, seed=seed)
     marks = sorted({int(c) for c in checkpoints})
@@ -784,6 +838,11 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
             # callback runs outside it
             with _model_lock(lm):
                 step_edit = editor.apply(lm, batch, hp, evk_align=evk_align, progress=False, sequence=state)
+                if getattr(step_edit.system, "prompt_format", "raw") != fmt.name:  # the run is undone below
+                    raise MethodError(f"method {editor.name!r} returned a system posing prompts as "
+                                      f"{getattr(step_edit.system, 'prompt_format', 'raw')!r} although "
+                                      f"prompt_format={fmt.name!r} was asked (the run was undone); a method builds "
+                                      "its system with Editor.base_system(lm), which honours the edit's format")
                 total += time.perf_counter() - t0
                 state.step += 1
                 state.n_edits += len(batch)

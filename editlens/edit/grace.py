@@ -418,7 +418,7 @@ class GraceEditor(Editor):
             from editlens.lm.arch import in_out_features
 
             d_in, d_out = in_out_features(lm.module(module))
-            return GraceSystem(ModelSystem(lm), GraceAdaptor(module, d_in, d_out))
+            return GraceSystem(self.base_system(lm), GraceAdaptor(module, d_in, d_out))
 
         system: GraceSystem = (make() if sequence is None else
                                sequence.kept("grace_system", make, lambda s: s.adaptor.clear))

@@ -27,6 +27,12 @@ map from every probe prompt of the edited cases to its case; a prompt that belon
 similar edited fact (cosine similarity of statement and prompt) — IKE has no "no fact" route, so unrelated
 prompts are changed too (that is IKE's known locality cost, measured like any other method's).
 
+Prompt formats: in ``raw`` format (the paper's) the model reads the text above with the query last. In ``chat``
+format (``editlens.edit(..., prompt_format="chat")``) the demonstrations, the new fact and ``chat_instruction`` form
+the user turn of the chat template and the query is pre-filled as the start of the assistant's reply
+(``<user turn: demonstrations + "New Fact: <fact>" + instruction><assistant>: <query>``), so the target is still
+scored right after the query. A query is never re-posed in another format than the system's.
+
 Deviations: the paper uses k = 32 demonstrations from a separate training split and GPT-J's 2,048-token
 context; we default to k = 8 (4 on the tiny test models) drawn from the edited cases themselves (plus any
 ``demo_cases`` given to :class:`IKESystem`), keep the similarity order without a fixed copy/update/retain
@@ -59,6 +65,8 @@ class IKEHParams(HParams):
         prompt_prefix: text before a prompt (``"Prompt: "``).
         separator: between demonstrations.
         encoder_device: device of the sentence encoder.
+        chat_instruction: in ``chat`` prompt format, the instruction after the new fact in the user turn (the query
+            is the start of the assistant's reply).
     """
 
     retriever: str = "default"
@@ -67,6 +75,7 @@ class IKEHParams(HParams):
     prompt_prefix: str = "Prompt: "
     separator: str = "\n\n"
     encoder_device: str = "cpu"
+    chat_instruction: str = "Using the new fact, complete the following statement with a short factual answer."
 
     ARCH_DEFAULTS = {"tiny": {"retriever": "hashing", "k": 4}}
 
@@ -169,9 +178,27 @@ class IKESystem(WrappedSystem):
         return rows
 
     def transform_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """The raw-format IKE prompts (demonstrations, the new fact, ``Prompt: <query>``); without facts, unchanged."""
         prompts = list(prompts)
         if not len(self.facts):
             return prompts
+        return [context + f"{self.hparams.prompt_prefix}{p}" for context, p in zip(self._contexts(prompts), prompts)]
+
+    def _inputs(self, prompts: Sequence[str]) -> list[str]:  # type: ignore[override]
+        """The model inputs: raw format as :meth:`transform_prompts`; chat format with the demonstrations, the new fact
+        and ``chat_instruction`` in the user turn and the query as the start of the reply (see the module
+        docstring)."""
+        prompts = list(prompts)
+        if self.format.name != "chat" or not len(self.facts):
+            return super()._inputs(prompts)
+        from editlens.lm.prompting import chat_prefix
+
+        tok, instr = self.lm.tokenizer, self.hparams.chat_instruction
+        return [chat_prefix(tok, f"{context.rstrip()}\n\n{instr}") + p
+                for context, p in zip(self._contexts(prompts), prompts)]
+
+    def _contexts(self, prompts: list[str]) -> list[str]:
+        """Per prompt: its ``k`` demonstrations (least similar first), then ``fact_prefix`` + its fact + a newline."""
         hp = self.hparams
         rows = self.fact_for(prompts)
         keys = [f"{self.facts.texts[r]} {p}" for p, r in zip(prompts, rows)]
@@ -185,13 +212,13 @@ class IKESystem(WrappedSystem):
                 chosen = [int(j) for j in idx[qi].tolist() if self.demo_list[j].case_id != own][: hp.k]
                 demo_rows[qi] = chosen[::-1]  # least similar first, most similar next to the query
         out = []
-        for p, r, dr in zip(prompts, rows, demo_rows):
+        for r, dr in zip(rows, demo_rows):
             parts = []
             for j in dr:
                 d = self.demo_list[j]
                 self.demo_counts[d.kind] += 1
                 parts.append(f"{hp.fact_prefix}{d.fact}\n{hp.prompt_prefix}{d.prompt} {d.answer}{hp.separator}")
-            parts.append(f"{hp.fact_prefix}{self.facts.texts[r]}\n{hp.prompt_prefix}{p}")
+            parts.append(f"{hp.fact_prefix}{self.facts.texts[r]}\n")
             out.append("".join(parts))
         return out
 
@@ -210,7 +237,7 @@ class IKEEditor(Editor):
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         assert isinstance(hparams, IKEHParams)
         def make() -> IKESystem:
-            return IKESystem(ModelSystem(lm), hparams)
+            return IKESystem(self.base_system(lm), hparams)
 
         system = make() if sequence is None else sequence.kept("ike_system", make, lambda s: s.clear)
         system.add_cases(cases)

@@ -47,6 +47,7 @@ from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
 from editlens.errors import HParamsError
 from editlens.system import ModelSystem, WrappedSystem
 from editlens.lm import ops
+from editlens.lm.prompting import PROMPT_FORMATS, chat_prefix as _chat_prefix, resolve_prompt_format
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
@@ -69,7 +70,10 @@ class SCRHParams(HParams):
         confirm_margin: keep a candidate when ``logP(Yes) - logP(No) > confirm_margin``.
         confirm_calibrate: contextual calibration (Zhao et al., 2021) of the Yes/No margin: subtract the margin
             the model gives the same query with the content-free fact ``"N/A"`` (one extra prompt per query).
-        context_format: ``"auto"`` (chat when the model has a chat template), ``"chat"`` or ``"raw"``.
+        context_format: how a query is posed *with* its facts: ``"auto"`` (chat when the model's tokenizer has a
+            chat template, the one meaning of ``auto``, :mod:`editlens.lm.prompting`), ``"chat"`` or ``"raw"``.
+            Queries without facts are posed in the system's ``prompt_format``. In a chat-format system
+            (``prompt_format="chat"``) ``auto`` is chat and ``raw`` is refused.
         fact_template: raw-format prefix of one fact.
         confirm_template: the relevance question (``{fact}``, ``{query}``).
         answer_instruction: the chat-format instruction after the facts.
@@ -103,7 +107,7 @@ class SCRHParams(HParams):
     def validate(self) -> None:
         if self.top_k < 1:
             raise HParamsError(f"hyperparameter 'top_k' of method 'scr' must be >= 1, got {self.top_k}")
-        if self.context_format not in ("auto", "chat", "raw"):
+        if self.context_format not in PROMPT_FORMATS:
             raise HParamsError(f"hyperparameter 'context_format' of method 'scr' must be auto, chat or raw, got "
                                f"{self.context_format!r}")
         for key, tpl, names in (("fact_template", self.fact_template, ("{fact}",)),
@@ -111,16 +115,6 @@ class SCRHParams(HParams):
             missing = [n for n in names if n not in tpl]
             if missing:
                 raise HParamsError(f"hyperparameter {key!r} of method 'scr' must contain {', '.join(missing)}")
-
-
-def _chat_prefix(tokenizer: Any, user_text: str) -> str:
-    """The chat template with one user turn and the generation prompt (BOS removed when the tokenizer adds it)."""
-    prefix = tokenizer.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
-                                           add_generation_prompt=True)
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and prefix.startswith(bos) and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]:
-        prefix = prefix[len(bos):]
-    return prefix
 
 
 def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -145,15 +139,16 @@ class SCRSystem(WrappedSystem):
         self.hparams = hparams
         self.memory = EmbeddingIndex(encoder or make_encoder(hparams.retriever, device=hparams.encoder_device))
         super().__init__(base, state_fingerprint=self._state_key())
-        fmt = hparams.context_format
-        if fmt == "auto":
-            fmt = "chat" if self.lm.has_chat_template else "raw"
-        if self.format.name == "chat":
-            fmt = "chat"  # a chat-format base poses every prompt in the template
-        if fmt == "chat" and not self.lm.has_chat_template:
+        if self.format.name == "chat" and hparams.context_format == "raw":
+            raise HParamsError("hyperparameter 'context_format' of method 'scr' is 'raw' but the system poses prompts "
+                               "in chat format (prompt_format='chat'), where every prompt is in the chat template; "
+                               "use context_format 'chat' or 'auto', or prompt_format='raw'")
+        if hparams.context_format == "chat" and not self.lm.has_chat_template:
             raise HParamsError("hyperparameter 'context_format' of method 'scr' is 'chat' but the model has no chat "
                                "template; use 'raw' or 'auto'")
-        self.context_format = fmt
+        # 'auto' has the one meaning of editlens.lm.prompting (chat when the tokenizer has a chat template)
+        self.context_format = resolve_prompt_format(hparams.context_format, self.lm.tokenizer,
+                                                    "hyperparameter 'context_format' of method 'scr'")
         self._yes = _first_token_ids(self.lm.tokenizer, YES_WORDS)
         self._no = _first_token_ids(self.lm.tokenizer, NO_WORDS)
         #: one dict per confirmation asked (see the module docstring)
@@ -308,7 +303,7 @@ class SCREditor(Editor):
               progress: bool = True, sequence: SequenceState | None = None) -> Edit:
         assert isinstance(hparams, SCRHParams)
         def make() -> SCRSystem:
-            return SCRSystem(ModelSystem(lm), hparams)
+            return SCRSystem(self.base_system(lm), hparams)
 
         system = make() if sequence is None else sequence.kept("scr_system", make, lambda s: s.clear)
         system.add_cases(cases)

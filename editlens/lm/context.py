@@ -255,9 +255,10 @@ def check_requests(systems: Mapping[str, Any], wanted: Mapping[str, Any], cases:
                              f"{_snippet(getattr(r, 'prompt', ''))}; {_hint()}", n_tokens=n, context=ctx)
 
 
-def check_rewrites(lm: "LM", cases: Sequence["EditCase"]) -> None:
+def check_rewrites(lm: "LM", cases: Sequence["EditCase"], fmt: Any = None) -> None:
     """The up-front check of :func:`editlens.edit`: every rewrite's prompt with its new target must fit the context
-    (editing methods read and optimise exactly that sequence; no truncation for edits)."""
+    (editing methods read and optimise exactly that sequence; no truncation for edits). ``fmt``: the edit's
+    :class:`~editlens.lm.prompting.PromptFormat` (the prompt is measured as posed in it; default raw)."""
     from editlens.lm import ops
 
     ctx = context_length(lm)
@@ -265,7 +266,7 @@ def check_rewrites(lm: "LM", cases: Sequence["EditCase"]) -> None:
         return
     for case in cases:
         for i, r in enumerate(case.rewrites):
-            text = r.text
+            text = r.text if fmt is None else fmt.apply(r.text)
             if len(text.encode("utf-8")) + len(r.target_new.encode("utf-8")) + 1 + _SPECIAL_MARGIN <= ctx:
                 continue
             p_ids, t_ids = ops.target_token_ids(lm.tokenizer, text, r.target_new)

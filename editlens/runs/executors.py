@@ -40,10 +40,13 @@ def _dtype_arg(dtype: str) -> str | None:
     return None if dtype in (None, "", "auto") else dtype
 
 
-def prompt_format_of(spec: "Spec") -> str:
-    """The prompt format evaluations use: the spec's ``model.prompt_format`` (``auto`` = ``raw``)."""
-    fmt = spec.model.prompt_format
-    return "raw" if fmt in (None, "", "auto") else fmt
+def prompt_format_of(spec: "Spec", lm: "LM") -> str:
+    """The prompt format the run's edits and evaluations use: the spec's ``model.prompt_format`` resolved on the
+    loaded model (``auto`` = chat when its tokenizer has a chat template, else raw; see
+    :mod:`editlens.lm.prompting`). PromptFormatError for ``chat`` on a model without a chat template."""
+    from editlens.lm.prompting import resolve_prompt_format
+
+    return resolve_prompt_format(spec.model.prompt_format or "raw", lm.tokenizer, "model.prompt_format")
 
 
 def load_spec_model(spec: "Spec", device: str | None = None) -> "LM":
@@ -74,6 +77,7 @@ class LocalExecutor:
         elif self.lm.fingerprint != self.lm.base_fingerprint:
             raise EditlensError("the model given to the runner is currently edited; undo its edits first")
         check_methods(spec, self.lm)
+        prompt_format_of(spec, self.lm)  # 'chat' on a model without a chat template fails before any unit
         return self.lm.base_fingerprint
 
     def run(self, spec: "Spec", units: Sequence["Unit"], options: "RunOptions", sink: Callable[["StepResult"], None],
@@ -81,7 +85,7 @@ class LocalExecutor:
         from editlens.runs.runner import BaseAnswers, dataset_cases, execute_unit
 
         assert self.lm is not None, "prepare() first"
-        fmt = prompt_format_of(spec)
+        fmt = prompt_format_of(spec, self.lm)
         base = BaseAnswers(fmt, options.batch_tokens)
         data: dict[str, list] = {}
         for u in units:
@@ -121,6 +125,7 @@ def _ray_prepare(spec: "Spec", device: str, threads: int | None) -> tuple[str | 
     try:
         lm = load_spec_model(spec, device=device)
         check_methods(spec, lm)
+        prompt_format_of(spec, lm)
     except EditlensError as e:
         return None, f"{type(e).__name__}: {e}"
     return lm.base_fingerprint, None
@@ -139,7 +144,7 @@ def _ray_unit(spec: "Spec", unit: "Unit", options: "RunOptions", done: Sequence[
     out: list = []
     try:
         lm = _load(spec, device=device)
-        fmt = _fmt(spec)
+        fmt = _fmt(spec, lm)
         execute_unit(lm, unit, dataset_cases(unit.dataset), options, out.append, done_steps=done,
                      base_answers=BaseAnswers(fmt, options.batch_tokens), prompt_format=fmt)
     except EditlensError as e:

@@ -299,7 +299,7 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                 sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0),
                                 {"eval_time_s": time.perf_counter() - t0}, final=True))
                 return
-            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk)
+            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk, prompt_format=prompt_format)
             try:
                 diag = _plain_diagnostics(e.diagnostics)
                 t1 = time.perf_counter()
@@ -341,7 +341,8 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
             sink(StepResult(unit.id, step, n_edits, _rows(res, step, n_edits), diag, final=n_edits == last))
 
         run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
-                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed)
+                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
+                              prompt_format=prompt_format)
         run.undo()
 
 

@@ -45,7 +45,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 SpecCheck = Callable[["Spec"], None]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
-PROMPT_FORMATS = ("auto", "raw", "chat")
+#: ``model.prompt_format``: the values of :data:`editlens.lm.prompting.PROMPT_FORMATS` (spelled out here to keep this
+#: module import-light; a test checks they are the same). Default ``raw``; ``auto`` = chat when the model's
+#: tokenizer has a chat template, else raw, resolved when the model is loaded
+PROMPT_FORMATS = ("raw", "chat", "auto")
 REGIME_KINDS = ("batch", "sequential")
 _TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "regime", "metrics", "sweep",
              "seeds", "report")
@@ -63,7 +66,7 @@ class ModelSpec:
     name: str
     device: str = "auto"
     dtype: str = "auto"
-    prompt_format: str = "auto"
+    prompt_format: str = "raw"
 
 
 @dataclass(frozen=True)
@@ -496,7 +499,11 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                 if problem is not None:
                     ck.err(("model", "device"), problem)
             dtype = ck.string(m.get("dtype", "auto"), ("model", "dtype"), DTYPES) or "auto"
-            pfmt = ck.string(m.get("prompt_format", "auto"), ("model", "prompt_format"), PROMPT_FORMATS) or "auto"
+            pfmt = ck.string(m.get("prompt_format", "raw"), ("model", "prompt_format")) or "raw"
+            if pfmt not in PROMPT_FORMATS:
+                ck.err(("model", "prompt_format"), "must be one of " + ", ".join(repr(v) for v in PROMPT_FORMATS)
+                       + f" (auto = chat when the model's tokenizer has a chat template, else raw); got {pfmt!r}")
+                pfmt = "raw"
             if mname:
                 local = base / mname
                 if mname.startswith("~"):
