@@ -55,7 +55,6 @@ from editlens.edit.base import FRACTION, NON_NEGATIVE, POSITIVE
 from editlens.edit.grace import AdaptorSystem, LayerAdaptor, prompt_target_batch, target_nll
 from editlens.data.schema import fill_template
 from editlens.errors import HParamsError
-from editlens.system import ModelSystem
 from editlens.lm import ops
 from editlens.lm.arch import weight_view
 from editlens.lm.hooks import record_io
@@ -397,7 +396,7 @@ class WiseEditor(Editor):
         hp = hparams
         module = lm.arch.mlp_out_at(hp.layer_index(lm))
         def make() -> WiseSystem:
-            return WiseSystem(ModelSystem(lm), WiseAdaptor(module))
+            return WiseSystem(self.base_system(lm), WiseAdaptor(module))
 
         system: WiseSystem = (make() if sequence is None else
                               sequence.kept("wise_system", make, lambda s: s.adaptor.clear))
