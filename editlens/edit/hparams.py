@@ -1,7 +1,8 @@
 """Hyperparameters shared by the locate-then-edit methods (ROME, MEMIT, AlphaEdit, EMMET, and PMET/RECT/PRUNE).
 
 :class:`LocateHParams` holds what :mod:`editlens.edit.locate` and :mod:`editlens.edit.stats` need: the context
-prefixes, the value optimisation (ROME eq. 4 / MEMIT eq. 16) and the second-moment statistics. Defaults are the
+prefixes, the value optimisation (ROME eq. 4 / MEMIT eq. 16; read by
+:meth:`editlens.edit.locate.ValueSettings.from_hparams`) and the second-moment statistics. Defaults are the
 papers' GPT-2-XL / GPT-J values (20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5); methods set the
 clamp factor and layers per architecture.
 """
@@ -77,13 +78,6 @@ class LocateHParams(HParams):
         """Keyword arguments of :func:`editlens.edit.stats.second_moment`."""
         return dict(corpus=self.stats_corpus or None, n_samples=self.stats_n_samples,
                     max_length=self.stats_max_length, cache_dir=self.stats_dir or None, seed=self.seed)
-
-    def value_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`editlens.edit.locate.compute_values`."""
-        return dict(steps=self.v_num_grad_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                    weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-                    early_stop_loss=self.early_stop_loss, kl_template=self.kl_template or None,
-                    batch_tokens=self.batch_tokens)
 
 
 def no_duplicate_layers(method: str, layers: Any) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -152,20 +152,133 @@ def capture_at_subject(lm: "LM", requests: Sequence[Request], module: str, kind:
 
 
 # --------------------------------------------------------------------------------------------- values
+@dataclass(frozen=True)
+class Place:
+    """Where one optimised ``δ`` acts (one entry of the ``places`` of :func:`optimise_values`).
+
+    Attributes:
+        layer: the layer (for messages and :attr:`ValueLossContext.layer`).
+        module: module path whose output receives ``δ`` at the last subject token of every optimised prompt.
+        reference: module path whose output at the last subject token of the unprefixed prompt is ``v₀``: the
+            clamp radius (``clamp_norm_factor · ‖v₀‖``), the decay scale (``‖δ‖²/‖v₀‖²``) and
+            :attr:`ValueResult.init` of this place.
+
+    The usual places: :meth:`mlp` (ROME's ``v*``), :meth:`residual` (MEMIT/AlphaEdit/EMMET's ``z``: ``δ`` added to the
+    MLP output is added to the residual stream after the layer, ``v₀ = h^L``), :meth:`attention` (PMET's MHSA part,
+    optimised jointly with :meth:`mlp`).
+    """
+
+    layer: int
+    module: str
+    reference: str
+
+    @classmethod
+    def mlp(cls, lm: "LM", layer: int) -> "Place":
+        """``δ`` on the MLP output projection's output, ``v₀`` = that output (ROME)."""
+        m = lm.arch.mlp_out_at(layer)
+        return cls(int(layer), m, m)
+
+    @classmethod
+    def residual(cls, lm: "LM", layer: int) -> "Place":
+        """``δ`` on the MLP output (= on the residual stream after the layer), ``v₀`` = that residual (MEMIT's ``h^L``)."""
+        return cls(int(layer), lm.arch.mlp_out_at(layer), lm.arch.block(layer))
+
+    @classmethod
+    def attention(cls, lm: "LM", layer: int) -> "Place":
+        """``δ`` on the attention output projection's output, ``v₀`` = that output (PMET's MHSA component)."""
+        m = lm.arch.attn_out_at(layer)
+        return cls(int(layer), m, m)
+
+
+def _hparam(name: str | None) -> dict[str, Any]:
+    return {"hparam": name}
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """Everything besides the requests and the places that the value optimisation's result depends on.
+
+    Frozen, and its memo key is built from :func:`dataclasses.fields` (:meth:`key`), so a field added here is part
+    of the memo key without any other edit. Each field's ``metadata["hparam"]`` names the
+    :class:`~editlens.edit.hparams.LocateHParams` field it is read from (:meth:`from_hparams`; ``None``: given by
+    the caller). Adding an option of the objective (e.g. a choice of the decay form or of the early-stopping
+    quantity) is one field here with the current behaviour as its default, read in :func:`_compute_values`.
+
+    Attributes:
+        prefixes: context prefixes (:func:`context_prefixes`); the first should be ``""``.
+        steps: maximal number of forward passes (``steps − 1`` Adam updates at most).
+        lr: Adam learning rate.
+        kl_factor: weight of the essence KL term (0 disables it; ``kl_template=None`` too).
+        weight_decay: weight of ``Σ_places ‖δ‖²/‖v₀‖²``.
+        clamp_norm_factor: each ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖`` of its place after each update.
+        early_stop_loss: a request stops updating once its target NLL is below this.
+        kl_template: essence prompt (with ``{}``) read at the last subject token; ``None`` or ``""``: no KL term.
+        batch_tokens: token budget of one forward chunk (gradients are accumulated over chunks).
+    """
+
+    prefixes: tuple[str, ...] = field(default=("",), metadata=_hparam(None))
+    steps: int = field(default=20, metadata=_hparam("v_num_grad_steps"))
+    lr: float = field(default=0.5, metadata=_hparam("v_lr"))
+    kl_factor: float = field(default=0.0625, metadata=_hparam("kl_factor"))
+    weight_decay: float = field(default=0.5, metadata=_hparam("v_weight_decay"))
+    clamp_norm_factor: float = field(default=4.0, metadata=_hparam("clamp_norm_factor"))
+    early_stop_loss: float = field(default=5e-2, metadata=_hparam("early_stop_loss"))
+    kl_template: str | None = field(default="{} is a", metadata=_hparam("kl_template"))
+    batch_tokens: int = field(default=2048, metadata=_hparam("batch_tokens"))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prefixes, str) or not all(isinstance(p, str) for p in self.prefixes):
+            raise MethodError(f"value settings: 'prefixes' must be a sequence of strings, got {self.prefixes!r}")
+        object.__setattr__(self, "prefixes", tuple(self.prefixes))
+        if not self.prefixes:
+            raise MethodError("value settings: 'prefixes' must hold at least one prefix (the first is usually '')")
+        object.__setattr__(self, "kl_template", self.kl_template or None)
+        if self.kl_template is not None and "{}" not in self.kl_template:
+            raise MethodError(f"value settings: 'kl_template' needs a '{{}}' for the subject, got {self.kl_template!r}")
+        for name in ("steps", "batch_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise MethodError(f"value settings: {name!r} must be an integer >= 1, got {v!r}")
+        for name, strict in (("lr", True), ("clamp_norm_factor", True), ("kl_factor", False),
+                             ("weight_decay", False), ("early_stop_loss", False)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or (v <= 0 if strict else v < 0):
+                raise MethodError(f"value settings: {name!r} must be a finite number {'>' if strict else '>='} 0, "
+                                  f"got {v!r}")
+
+    def key(self) -> tuple[tuple[str, Any], ...]:
+        """``((field name, value), ...)`` over every field: this settings' part of the memo key."""
+        return tuple((f.name, getattr(self, f.name)) for f in fields(self))
+
+    @classmethod
+    def from_hparams(cls, hparams: Any, prefixes: Sequence[str]) -> "ValueSettings":
+        """The settings of a method's :class:`~editlens.edit.hparams.LocateHParams` (each field from the
+        hyperparameter its ``metadata["hparam"]`` names) with the given context ``prefixes``."""
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata.get("hparam")
+            if name is not None:
+                kw[f.name] = getattr(hparams, name)
+        return cls(prefixes=tuple(prefixes), **kw)
+
+
 @dataclass
 class ValueLossContext:
-    """What an ``extra_loss`` hook of :func:`compute_values` receives at each optimisation step.
+    """What an ``extra_loss`` hook of :func:`optimise_values` receives at each optimisation step.
 
     Attributes:
         lm: the model (weights frozen).
-        layer: the layer whose MLP output receives ``delta``.
-        module: the module path (``arch.mlp_out_at(layer)``) whose output receives ``delta``.
+        layer: the layer of the first place.
+        module: the module path whose output receives ``delta`` (the first place's).
         requests: the facts being written.
-        delta: ``[n_requests, d_model]`` float32 leaf tensor being optimised (``requires_grad``); the loss returned
-            must be differentiable w.r.t. it (through :meth:`run`).
-        init: ``[n_requests, d_model]`` original value ``v₀`` at the unprefixed prompt.
+        delta: ``[n_requests, d]`` float32 leaf tensor being optimised at the first place (``requires_grad``); the
+            loss returned must be differentiable w.r.t. the optimised leaves (:meth:`leaves`, through :meth:`run`).
+        init: ``[n_requests, d]`` original value ``v₀`` of the first place at the unprefixed prompt.
         prefixes: the context prefixes.
         step: optimisation step (0-based).
+        places: every place of the optimisation (empty: ``delta`` at ``module`` only, as for FT's adapter).
+        deltas: the optimised leaf of each place (``deltas[0] is delta``).
     """
 
     lm: "LM"
@@ -176,6 +289,18 @@ class ValueLossContext:
     init: torch.Tensor
     prefixes: Sequence[str]
     step: int = 0
+    places: Sequence[Place] = ()
+    deltas: Sequence[torch.Tensor] = ()
+
+    def applied(self) -> list[tuple[str, torch.Tensor]]:
+        """``(module path, δ)`` of every place whose ``δ`` the forward passes of :meth:`with_delta` add."""
+        if self.deltas:
+            return [(p.module, d) for p, d in zip(self.places, self.deltas)]
+        return [(self.module, self.delta)]
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The optimised tensors (those of :meth:`applied` that require a gradient)."""
+        return [d for _, d in self.applied() if torch.is_tensor(d) and d.requires_grad]
 
     def subject_positions(self, prompts_templates: Sequence[tuple[str, str]], prefix: str = "") -> list[int]:
         """Last-subject-token index of each ``(template, subject)`` (in ``prefix + filled template`` tokens)."""
@@ -183,14 +308,18 @@ class ValueLossContext:
 
     @contextlib.contextmanager
     def with_delta(self, rows: torch.Tensor, positions: torch.Tensor, request_index: torch.Tensor) -> Iterator[None]:
-        """Within the context, forward passes add ``delta[request_index[i]]`` at ``output[rows[i], positions[i]]``."""
-        with add_to_output(self.lm.model, self.module, self.delta[request_index], rows=rows, positions=positions):
+        """Within the context, forward passes add each place's ``δ[request_index[i]]`` at
+        ``output[rows[i], positions[i]]`` of its module."""
+        with contextlib.ExitStack() as stack:
+            for module, d in self.applied():
+                stack.enter_context(add_to_output(self.lm.model, module, d[request_index], rows=rows,
+                                                  positions=positions))
             yield
 
     def run(self, request_index: torch.Tensor, positions: torch.Tensor, *, input_ids: torch.Tensor | None = None,
             inputs_embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
             position_ids: torch.Tensor | None = None, logits_to_keep: int = 1, use_delta: bool = True) -> torch.Tensor:
-        """Forward a left-padded batch (token ids or embeddings) with ``delta[request_index[r]]`` added at
+        """Forward a left-padded batch (token ids or embeddings) with ``δ[request_index[r]]`` added at
         ``positions[r]`` of row ``r``; returns float32 logits of the last ``logits_to_keep`` positions
         ``[rows, logits_to_keep, vocab]``. ``use_delta=False`` gives the unedited model (for reference outputs)."""
         kw: dict[str, Any] = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
@@ -208,29 +337,45 @@ class ValueLossContext:
         return out.logits[:, -logits_to_keep:, :].float()
 
 
-#: signature of the optional extra loss of :func:`compute_values`
+#: signature of the optional extra loss of :func:`optimise_values`
 ExtraLoss = Callable[[ValueLossContext], torch.Tensor]
 
 
 @dataclass
 class ValueResult:
-    """Result of :func:`compute_values`.
+    """Result of :func:`optimise_values`, one entry per place.
 
     Attributes:
-        delta: ``[n, d_model]`` optimised change (float32, device).
-        init: ``[n, d_model]`` original value ``v₀`` at the unprefixed prompt (MLP output or residual).
-        target: ``init + delta`` (ROME's v* for ``space="mlp"`` up to ``W k*``; MEMIT's ``z``).
-        losses: ``loss/nll_init``, ``loss/nll``, ``loss/kl``, ``loss/extra``, ``loss/steps`` (plain floats, means
-            over requests).
+        places: the places, in the order given.
+        deltas: ``[n, d]`` optimised change of each place (float32, device).
+        inits: ``[n, d]`` original value ``v₀`` of each place at the unprefixed prompt.
+        losses: ``loss/nll_init``, ``loss/nll``, ``loss/kl``, ``loss/wd``, ``loss/extra``, ``loss/steps`` (plain
+            floats, means over requests).
+
+    ``delta``, ``init`` and ``target`` (``init + delta``) are the first place's: ROME's ``v*`` up to ``W k*`` for
+    :meth:`Place.mlp`, MEMIT's ``z`` for :meth:`Place.residual`.
     """
 
-    delta: torch.Tensor
-    init: torch.Tensor
+    places: tuple[Place, ...]
+    deltas: tuple[torch.Tensor, ...]
+    inits: tuple[torch.Tensor, ...]
     losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.deltas[0]
+
+    @property
+    def init(self) -> torch.Tensor:
+        return self.inits[0]
 
     @property
     def target(self) -> torch.Tensor:
         return self.init + self.delta
+
+    def copy(self) -> "ValueResult":
+        return ValueResult(self.places, tuple(d.clone() for d in self.deltas), tuple(i.clone() for i in self.inits),
+                           dict(self.losses))
 
 
 @dataclass
@@ -259,7 +404,30 @@ def _build_rows(lm: "LM", requests: Sequence[Request], prefixes: Sequence[str], 
     return rows
 
 
-#: entries kept by the in-memory value memo (see :func:`compute_values`)
+def _build_batches(lm: "LM", rows: Sequence[_Row], batch_tokens: int) -> list[dict[str, Any]]:
+    """The rows as left-padded chunks of at most ``batch_tokens`` tokens, with the subject position, request index,
+    target gather indices (``-1``: ignored), KL-row mask and target length of each row."""
+    dev = lm.device
+    pad = ops._pad_id(lm)
+    batches = []
+    for g in ops.plan_batches([len(r.ids) for r in rows], batch_tokens):
+        b = ops.pad_left([rows[i].ids for i in g], pad, dev)
+        width = b["input_ids"].shape[1]
+        keep = max([len(rows[i].target) for i in g if rows[i].kind == "nll"] + [1])
+        tgt = torch.full((len(g), keep), -1, dtype=torch.long)
+        for r, i in enumerate(g):
+            if rows[i].kind == "nll":
+                tgt[r, keep - len(rows[i].target):] = torch.tensor(rows[i].target)
+        batches.append(dict(
+            batch=b, keep=keep, tgt=tgt.to(dev),
+            pos=torch.tensor([width - len(rows[i].ids) + rows[i].pos for i in g], device=dev),
+            req=torch.tensor([rows[i].req for i in g], device=dev),
+            is_kl=torch.tensor([rows[i].kind == "kl" for i in g], device=dev),
+            n_tok=torch.tensor([max(1, len(rows[i].target)) for i in g], device=dev, dtype=torch.float32)))
+    return batches
+
+
+#: entries kept by the in-memory value memo (see :func:`optimise_values`)
 VALUE_MEMO_SIZE = 4
 
 
@@ -271,101 +439,100 @@ def weights_checksum(lm: "LM") -> str:
     return norms.cpu().numpy().tobytes().hex()
 
 
-def compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefixes: Sequence[str] = ("",),
-                   space: str = "mlp", steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-                   weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, early_stop_loss: float = 5e-2,
-                   kl_template: str | None = "{} is a", batch_tokens: int = 2048,
-                   extra_loss: ExtraLoss | None = None, progress: bool = False, memo: bool = True) -> ValueResult:
-    """Optimise the residual change ``δ`` that makes the model answer each request's target (memoised).
+def value_memo_key(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings
+                   ) -> tuple:
+    """The memo key of :func:`optimise_values`: the weights (fingerprint and :func:`weights_checksum`), the
+    requests, the places and every field of ``settings`` (:meth:`ValueSettings.key`)."""
+    return (lm.fingerprint, weights_checksum(lm), tuple(requests), tuple(places), settings.key())
 
-    The result depends only on the weights and the arguments, not on the closed-form solve that follows, so a
-    sweep of a solve-only hyperparameter (MEMIT's λ = ``mom2_update_weight``, AlphaEdit's null-space threshold)
-    reuses it: the last :data:`VALUE_MEMO_SIZE` results are kept on ``lm``, keyed by the arguments, the weights'
-    fingerprint and :func:`weights_checksum`. ``memo=False`` or an ``extra_loss`` (a stateful hook) bypasses it.
-    See :func:`_compute_values` for the arguments.
+
+def _check_value_args(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: Any) -> None:
+    if not isinstance(settings, ValueSettings):
+        raise MethodError(f"value optimisation: settings must be a ValueSettings, got {type(settings).__name__}")
+    if not requests:
+        raise MethodError("value optimisation: no requests")
+    bad = [r for r in requests if not isinstance(r, Request)]
+    if bad:
+        raise MethodError(f"value optimisation: requests must be locate.Request objects, got {bad[0]!r}")
+    if not places or any(not isinstance(p, Place) for p in places):
+        raise MethodError(f"value optimisation: places must be a non-empty list of locate.Place, got {places!r}")
+    if len(set(p.module for p in places)) != len(places):
+        raise MethodError(f"value optimisation: two places add their δ to the same module: {list(places)!r}")
+    for p in places:
+        for path in (p.module, p.reference):
+            try:
+                lm.module(path)
+            except EditlensError as e:
+                raise MethodError(f"value optimisation: place {p!r}: {e}") from None
+
+
+def optimise_values(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings, *,
+                    extra_loss: ExtraLoss | None = None, progress: bool = False, memo: bool = True) -> ValueResult:
+    """Optimise, for each request and each place, the change ``δ`` that makes the model answer the request's
+    target: the one value optimisation of the locate-then-edit methods (ROME's ``v*``, MEMIT/AlphaEdit/EMMET/
+    RECT/PRUNE's ``z``, PMET's joint MHSA+FFN values; EVK-Align plugs in as ``extra_loss``). See the module
+    docstring for the objective; all places' ``δ`` are applied together and optimised jointly by one Adam.
+
+    The result depends only on the weights, the requests, the places and ``settings``, not on the closed-form
+    solve that follows, so a sweep of a solve-only hyperparameter (MEMIT's λ, AlphaEdit's null-space threshold)
+    reuses it: the last :data:`VALUE_MEMO_SIZE` results are kept on ``lm``, keyed by :func:`value_memo_key`
+    (every field of the frozen ``settings``). ``memo=False`` or an ``extra_loss`` (a stateful hook) bypasses it.
+
+    Args:
+        requests: facts to write (each gets its own ``δ`` per place).
+        places: where ``δ`` acts and what ``v₀`` is (:class:`Place`); the first place is :attr:`ValueResult.delta`
+            and :attr:`ValueLossContext.delta`.
+        settings: :class:`ValueSettings`.
+        extra_loss: optional hook ``extra_loss(ctx: ValueLossContext) -> Tensor`` (a scalar, differentiable in
+            ``ctx.leaves()``) added to the loss at every step (the EVK-Align regulariser plugs in here). It is
+            called once per step after the chunked forward passes; use ``ctx.run(...)`` to forward any batch (token
+            ids or perturbed ``inputs_embeds``) with every ``δ`` applied at chosen positions, ``use_delta=False``
+            for reference outputs (wrap those in ``torch.no_grad()``).
+        progress: show a tqdm bar over steps.
+        memo: use the in-memory memo.
+
+    Returns:
+        :class:`ValueResult` (``deltas``, ``inits`` per place and mean losses).
     """
+    places = tuple(places)
+    _check_value_args(lm, requests, places, settings)
     if not memo or extra_loss is not None:
-        return _compute_values(lm, requests, layer, prefixes=prefixes, space=space, steps=steps, lr=lr,
-                               kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
-                               early_stop_loss=early_stop_loss, kl_template=kl_template, batch_tokens=batch_tokens,
-                               extra_loss=extra_loss, progress=progress)
-    key = repr((lm.fingerprint, weights_checksum(lm), [tuple(vars(r).items()) for r in requests], layer,
-                tuple(prefixes), space, steps, lr, kl_factor, weight_decay, clamp_norm_factor, early_stop_loss,
-                kl_template, batch_tokens))
+        return _compute_values(lm, requests, places, settings, extra_loss=extra_loss, progress=progress)
+    key = value_memo_key(lm, requests, places, settings)
     cache = lm.__dict__.setdefault("_value_memo", {})
     hit = cache.pop(key, None)
     if hit is None:
-        hit = _compute_values(lm, requests, layer, prefixes=prefixes, space=space, steps=steps, lr=lr,
-                              kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
-                              early_stop_loss=early_stop_loss, kl_template=kl_template, batch_tokens=batch_tokens,
-                              progress=progress)
+        hit = _compute_values(lm, requests, places, settings, progress=progress)
     cache[key] = hit  # most recently used last
     while len(cache) > VALUE_MEMO_SIZE:
         cache.pop(next(iter(cache)))
-    return ValueResult(hit.delta.clone(), hit.init.clone(), dict(hit.losses))
+    return hit.copy()
 
 
-def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefixes: Sequence[str] = ("",),
-                    space: str = "mlp", steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-                    weight_decay: float = 0.5, clamp_norm_factor: float = 4.0, early_stop_loss: float = 5e-2,
-                    kl_template: str | None = "{} is a", batch_tokens: int = 2048,
-                    extra_loss: ExtraLoss | None = None, progress: bool = False) -> ValueResult:
-    """Optimise the residual change ``δ`` that makes the model answer each request's target (see module doc).
-
-    Args:
-        requests: facts to write (each gets its own ``δ``).
-        layer: the layer whose MLP output (``arch.mlp_out_at(layer)``) receives ``δ`` at the last subject token.
-        prefixes: context prefixes (:func:`context_prefixes`); the first should be ``""``.
-        space: ``"mlp"`` — ``v₀`` is the MLP output (ROME); ``"residual"`` — ``v₀`` is the residual stream after
-            the layer (MEMIT's ``h^L``). Only the clamp radius and :attr:`ValueResult.init` depend on it.
-        steps: maximal number of forward passes (``steps − 1`` Adam updates at most).
-        lr: Adam learning rate.
-        kl_factor: weight of the essence KL term (0 disables it; ``kl_template=None`` too).
-        weight_decay: weight of ``‖δ‖²/‖v₀‖²``.
-        clamp_norm_factor: ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖`` after each update.
-        early_stop_loss: a request stops updating once its target NLL is below this.
-        batch_tokens: token budget of one forward chunk (gradients are accumulated over chunks).
-        extra_loss: optional hook ``extra_loss(ctx: ValueLossContext) -> Tensor`` (a scalar, differentiable in
-            ``ctx.delta``) added to the loss at every step (the EVK-Align regulariser plugs in here). It is called
-            once per step after the chunked forward passes; use ``ctx.run(...)`` to forward any batch (token ids or
-            perturbed ``inputs_embeds``) with ``δ`` applied at chosen positions, ``use_delta=False`` for reference
-            outputs (wrap those in ``torch.no_grad()``).
-        progress: show a tqdm bar over steps.
-
-    Returns:
-        :class:`ValueResult` (``delta``, ``init`` and mean losses).
-    """
+def compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, space: str = "mlp",
+                   prefixes: Sequence[str] = ("",), extra_loss: ExtraLoss | None = None, progress: bool = False,
+                   memo: bool = True, **settings: Any) -> ValueResult:
+    """Shorthand of :func:`optimise_values` for one place at ``layer``: ``space="mlp"`` is :meth:`Place.mlp`
+    (ROME), ``"residual"`` :meth:`Place.residual` (MEMIT); ``settings`` are the other :class:`ValueSettings` fields."""
     if space not in ("mlp", "residual"):
         raise MethodError(f"space must be 'mlp' or 'residual', got {space!r}")
-    if not requests:
-        raise MethodError("no requests")
+    place = Place.mlp(lm, layer) if space == "mlp" else Place.residual(lm, layer)
+    return optimise_values(lm, requests, [place], ValueSettings(prefixes=tuple(prefixes), **settings),
+                           extra_loss=extra_loss, progress=progress, memo=memo)
+
+
+def _compute_values(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings, *,
+                    extra_loss: ExtraLoss | None = None, progress: bool = False) -> ValueResult:
+    """The optimisation of :func:`optimise_values` (not memoised, arguments already checked)."""
+    s = settings
     dev = lm.device
-    module = lm.arch.mlp_out_at(layer)
     n = len(requests)
-    n_pref = len(prefixes)
-    # v0 at the unprefixed prompt
-    init_module = module if space == "mlp" else lm.arch.block(layer)
-    init = capture_at_subject(lm, requests, init_module, kind="output")
-    init_norm = init.norm(dim=-1)
-    rows = _build_rows(lm, requests, prefixes, kl_template if kl_factor > 0 else None)
-    groups = ops.plan_batches([len(r.ids) for r in rows], batch_tokens)
-    pad = ops._pad_id(lm)
-    batches = []
-    for g in groups:
-        b = ops.pad_left([rows[i].ids for i in g], pad, dev)
-        width = b["input_ids"].shape[1]
-        keep = max([len(rows[i].target) for i in g if rows[i].kind == "nll"] + [1])
-        pos = torch.tensor([width - len(rows[i].ids) + rows[i].pos for i in g], device=dev)
-        req = torch.tensor([rows[i].req for i in g], device=dev)
-        # target gather indices: for nll rows the last m positions; padded with -1 (ignored)
-        tgt = torch.full((len(g), keep), -1, dtype=torch.long)
-        for r, i in enumerate(g):
-            if rows[i].kind == "nll":
-                m = len(rows[i].target)
-                tgt[r, keep - m:] = torch.tensor(rows[i].target)
-        is_kl = torch.tensor([rows[i].kind == "kl" for i in g], device=dev)
-        n_tok = torch.tensor([max(1, len(rows[i].target)) for i in g], device=dev, dtype=torch.float32)
-        batches.append(dict(batch=b, keep=keep, pos=pos, req=req, tgt=tgt.to(dev), is_kl=is_kl, n_tok=n_tok))
+    n_pref = len(s.prefixes)
+    # v0 of each place at the unprefixed prompt
+    inits = [capture_at_subject(lm, requests, p.reference, kind="output") for p in places]
+    init_norms = [i.norm(dim=-1) for i in inits]
+    rows = _build_rows(lm, requests, s.prefixes, s.kl_template if s.kl_factor > 0 else None)
+    batches = _build_batches(lm, rows, s.batch_tokens)
     # original next-token log-probs of the KL rows
     kl_init: list[torch.Tensor | None] = []
     with torch.no_grad():
@@ -376,25 +543,26 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
             else:
                 kl_init.append(None)
 
-    delta = torch.zeros((n, init.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    max_norm = (clamp_norm_factor * init_norm).unsqueeze(1)
+    deltas = [torch.zeros((n, i.shape[1]), device=dev, dtype=torch.float32, requires_grad=True) for i in inits]
+    opt = torch.optim.Adam(deltas, lr=s.lr)
+    max_norms = [(s.clamp_norm_factor * nrm).unsqueeze(1) for nrm in init_norms]
     active = torch.ones(n, dtype=torch.bool, device=dev)
-    ctx = ValueLossContext(lm=lm, layer=layer, module=module, requests=requests, delta=delta, init=init,
-                           prefixes=list(prefixes))
+    ctx = ValueLossContext(lm=lm, layer=places[0].layer, module=places[0].module, requests=requests,
+                           delta=deltas[0], init=inits[0], prefixes=list(s.prefixes), places=tuple(places),
+                           deltas=tuple(deltas))
     losses: dict[str, float] = {}
     nll_first: torch.Tensor | None = None
-    it_bar = range(max(1, steps))
+    it_bar: Any = range(max(1, s.steps))
     if progress:
         from tqdm.auto import tqdm
 
-        it_bar = tqdm(it_bar, desc=f"values L{layer}", leave=False)
+        it_bar = tqdm(it_bar, desc=f"values L{places[0].layer}", leave=False)
     last_step = 0
     nll_prev = torch.zeros(n, device=dev)
     kl_prev = torch.zeros(n, device=dev)
     for it in it_bar:
         last_step = it
-        update = it < steps - 1
+        update = it < s.steps - 1
         opt.zero_grad(set_to_none=True)
         # rows of requests that stopped (early stop) are not forwarded again: their δ is frozen and each row sees
         # only its own request's δ, so their losses are exactly the last ones computed (kept in nll_prev/kl_prev)
@@ -405,11 +573,9 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
             if bt is None:
                 continue
             with torch.set_grad_enabled(update or extra_loss is not None):
-                d = delta[bt["req"]]
-                with add_to_output(lm.model, module, d, rows=torch.arange(len(bt["req"]), device=dev),
-                                   positions=bt["pos"]):
+                with ctx.with_delta(torch.arange(len(bt["req"]), device=dev), bt["pos"], bt["req"]):
                     logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
-                chunk_loss, chunk_nll, chunk_kl = chunk_losses(logits, bt, kli, n, n_pref, kl_factor)
+                chunk_loss, chunk_nll, chunk_kl = _chunk_losses(logits, bt, kli, n, n_pref, s.kl_factor)
                 if chunk_kl is not None:
                     kl = kl + chunk_kl.detach()
                 nll = nll + chunk_nll.detach()
@@ -418,30 +584,36 @@ def _compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, prefix
         if nll_first is None:
             nll_first = nll.clone()
         nll_prev, kl_prev = nll.clone(), kl.clone()
-        wd = weight_decay * (delta.pow(2).sum(-1) / init_norm.pow(2).clamp(min=1e-12))
-        active, losses = finish_step(ctx, it, extra_loss, nll, kl, wd, active, early_stop_loss, update)
+        decay: torch.Tensor | None = None
+        for d, nrm in zip(deltas, init_norms):
+            term = d.pow(2).sum(-1) / nrm.pow(2).clamp(min=1e-12)
+            decay = term if decay is None else decay + term
+        wd = s.weight_decay * decay
+        active, losses = _finish_step(ctx, it, extra_loss, nll, kl, wd, active, s.early_stop_loss, update)
         if not update or not bool(active.any()):
             break
-        old = delta.detach().clone()
+        olds = [d.detach().clone() for d in deltas]
         opt.step()
         with torch.no_grad():
-            norms = delta.norm(dim=-1, keepdim=True)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            delta.mul_(scale)
-            delta.copy_(torch.where(active.unsqueeze(1), delta, old))
+            for d, max_norm, old in zip(deltas, max_norms, olds):
+                norms = d.norm(dim=-1, keepdim=True)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                d.mul_(scale)
+                d.copy_(torch.where(active.unsqueeze(1), d, old))
     assert nll_first is not None
     losses["loss/nll_init"] = float(nll_first.mean())
     losses["loss/steps"] = float(last_step + 1)
-    return ValueResult(delta=delta.detach(), init=init, losses=losses)
+    return ValueResult(places=tuple(places), deltas=tuple(d.detach() for d in deltas), inits=tuple(inits),
+                       losses=losses)
 
 
-def finish_step(ctx: Any, it: int, extra_loss: Callable[[Any], torch.Tensor] | None, nll: torch.Tensor,
-                kl: torch.Tensor, wd: torch.Tensor, active: torch.Tensor, early_stop_loss: float,
-                update: bool) -> tuple[torch.Tensor, dict[str, float]]:
-    """The end of one value-optimisation step, shared by :func:`compute_values` and PMET: evaluate the optional
-    ``extra_loss(ctx)`` (a scalar, e.g. EVK-Align), mark requests whose NLL fell below ``early_stop_loss`` as
-    done, backpropagate weight decay + extra loss (the chunk losses were backpropagated already) and return
-    the new ``active`` mask with the step's loss figures."""
+def _finish_step(ctx: ValueLossContext, it: int, extra_loss: ExtraLoss | None, nll: torch.Tensor,
+                 kl: torch.Tensor, wd: torch.Tensor, active: torch.Tensor, early_stop_loss: float,
+                 update: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """The end of one value-optimisation step: evaluate the optional ``extra_loss(ctx)`` (a scalar, e.g.
+    EVK-Align), mark requests whose NLL fell below ``early_stop_loss`` as done, backpropagate weight decay + extra
+    loss (the chunk losses were backpropagated already) and return the new ``active`` mask with the step's loss
+    figures."""
     extra = None
     if extra_loss is not None:
         ctx.step = it
@@ -460,8 +632,8 @@ def finish_step(ctx: Any, it: int, extra_loss: Callable[[Any], torch.Tensor] | N
     return active, losses
 
 
-def chunk_losses(logits: torch.Tensor, bt: dict, kli: torch.Tensor | None, n: int, n_pref: int, kl_factor: float
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _chunk_losses(logits: torch.Tensor, bt: dict, kli: torch.Tensor | None, n: int, n_pref: int, kl_factor: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Loss of one prepared chunk of the value optimisation: ``(loss, per-request NLL [n], per-request KL [n])``.
 
     The NLL of each ``nll`` row is the mean over its target tokens, divided by the number of prefixes (so a

@@ -3,8 +3,8 @@
 A batch of facts is written into the MLP output projections of a range of layers ``R = [l₁..l_L]``:
 
 1. target residuals (MEMIT §4.3, eq. 16): for each fact, ``δ`` added to the residual stream at the last subject
-   token after the last layer ``l_L`` is optimised (:func:`editlens.edit.locate.compute_values`,
-   ``space="residual"``); ``z = h^{l_L} + δ``.
+   token after the last layer ``l_L`` is optimised (:func:`editlens.edit.locate.optimise_values` at
+   :meth:`~editlens.edit.locate.Place.residual`); ``z = h^{l_L} + δ``.
 2. for each layer ``l`` in order (Algorithm 1): keys ``K`` (``[d_in, n]``, averaged over context prefixes) are
    recomputed with the already-updated lower layers, the remaining residual ``z − h^{l_L}`` (recomputed) is
    divided over the remaining layers, ``R_l = (z − h^{l_L}) / (L − i)``, and (eq. 14)
@@ -96,7 +96,7 @@ class MEMITHParams(LocateHParams):
 class MultiLayerEditor(Editor):
     """The MEMIT loop (targets at the last layer, residual spread over the layers); :meth:`solve` is the closed form."""
 
-    supports_evk_align = True  # passed to the value optimisation (compute_values' extra_loss)
+    supports_evk_align = True  # passed to the value optimisation (optimise_values' extra_loss)
 
     def solve(self, lm, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hparams: Any,
               sequence: SequenceState | None) -> torch.Tensor:
@@ -118,8 +118,9 @@ class MultiLayerEditor(Editor):
         requests = locate.requests_from_cases(cases)
         cov, prefixes = locate.prepare(lm, hp, layers, sequence, progress)
         last = layers[-1]
-        vals = locate.compute_values(lm, requests, last, prefixes=prefixes, space="residual", extra_loss=evk_align,
-                                     progress=progress, **hp.value_kwargs())
+        vals = locate.optimise_values(lm, requests, [locate.Place.residual(lm, last)],
+                                      locate.ValueSettings.from_hparams(hp, prefixes), extra_loss=evk_align,
+                                      progress=progress)
         z = vals.target.double()  # [n, d]
         snap = self.snapshot_for(sequence)
         deltas: dict[str, torch.Tensor] = {}

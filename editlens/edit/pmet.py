@@ -6,7 +6,7 @@ last edited layer — therefore also contains the attention's contribution, whic
 made to absorb. PMET instead optimises the *transformer-component (TC) hidden states* of both MHSA and FFN at
 the last critical layer ``L`` **simultaneously**, then updates only the FFN weights, with the FFN part:
 
-1. **Values** (:func:`compute_pmet_values`): two vectors ``δ_attn``, ``δ_mlp`` per request are added to the
+1. **Values** (:func:`editlens.edit.locate.optimise_values` at :func:`pmet_places`): two vectors ``δ_attn``, ``δ_mlp`` per request are added to the
    outputs of the attention output projection (``arch.attn_out_at(L)``) and of the MLP output projection
    (``arch.mlp_out_at(L)``) at the last subject token and optimised jointly with Adam to minimise
 
@@ -26,8 +26,10 @@ the last critical layer ``L`` **simultaneously**, then updates only the FFN weig
    root of their number (PMET's spreading; MEMIT divides by the number itself).
 
 Machinery shared with ROME/MEMIT (:mod:`editlens.edit.locate`, :mod:`editlens.edit.stats`): context prefixes,
-keys, statistics, the essence-KL prompt. Deviations (documented): the weight decay is ``‖δ‖²/‖v₀‖²`` as in
-:func:`editlens.edit.locate.compute_values` (the authors' code uses ``‖δ‖/‖v₀‖²``); the essence KL reads the
+keys, statistics, the essence-KL prompt and the value optimisation itself (with two places instead of one, so
+it is memoised and drops early-stopped requests from later passes like ROME's and MEMIT's). Deviations
+(documented): the weight decay is ``‖δ‖²/‖v₀‖²`` as in :func:`editlens.edit.locate.optimise_values` (the authors'
+code uses ``‖δ‖/‖v₀‖²``); the essence KL reads the
 distribution after ``"{subject}"`` (equal by causality to the authors' read at the subject of ``"{} is a"``);
 PMET's dynamic lowering of the NLL weight once the target is the argmax is not reproduced (per-request early
 stopping below ``early_stop_loss`` is used instead, as in the MEMIT implementation here).
@@ -37,10 +39,9 @@ Per-architecture defaults: GPT-J 3–8 (clamp 0.75, lr 0.2, 30 steps, KL 1), LLa
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
@@ -50,8 +51,6 @@ from editlens.edit.hparams import TINY, LocateHParams, no_duplicate_layers
 from editlens.edit.base import POSITIVE
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError, MethodError
-from editlens.lm import ops
-from editlens.lm.hooks import add_to_output
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.lm.load import LM
@@ -82,137 +81,11 @@ def pmet_layer_update(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, n_remai
 
 
 # ------------------------------------------------------------------------------------------------ values
-@dataclass
-class PMETLossContext(locate.ValueLossContext):
-    """:class:`~editlens.edit.locate.ValueLossContext` for PMET's joint optimisation: ``run``/``with_delta``
-    add both ``delta`` (to the MLP output) and ``delta_attn`` (to the attention output)."""
-
-    delta_attn: torch.Tensor | None = None
-    attn_module: str = ""
-
-    @contextlib.contextmanager
-    def with_delta(self, rows: torch.Tensor, positions: torch.Tensor, request_index: torch.Tensor) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(add_to_output(self.lm.model, self.module, self.delta[request_index], rows=rows,
-                                              positions=positions))
-            if self.delta_attn is not None:
-                stack.enter_context(add_to_output(self.lm.model, self.attn_module, self.delta_attn[request_index],
-                                                  rows=rows, positions=positions))
-            yield
-
-
-@dataclass
-class PMETValues:
-    """Result of :func:`compute_pmet_values`: optimised deltas, original outputs and mean losses."""
-
-    delta_mlp: torch.Tensor
-    delta_attn: torch.Tensor
-    init_mlp: torch.Tensor
-    init_attn: torch.Tensor
-    losses: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def target_mlp(self) -> torch.Tensor:
-        return self.init_mlp + self.delta_mlp
-
-    @property
-    def target_attn(self) -> torch.Tensor:
-        return self.init_attn + self.delta_attn
-
-
-def compute_pmet_values(lm: "LM", requests: Sequence[locate.Request], layer: int, *,
-                        prefixes: Sequence[str] = ("",), steps: int = 20, lr: float = 0.5, kl_factor: float = 0.0625,
-                        weight_decay: float = 0.5, clamp_norm_factor: float = 1.0, early_stop_loss: float = 5e-2,
-                        kl_template: str | None = "{} is a", batch_tokens: int = 2048,
-                        extra_loss: Any = None, progress: bool = False) -> PMETValues:
-    """Jointly optimise ``δ_attn`` and ``δ_mlp`` at ``layer`` (see the module docstring, step 1)."""
-    if not requests:
-        raise MethodError("no requests")
-    dev = lm.device
-    mlp_mod = lm.arch.mlp_out_at(layer)
-    attn_mod = lm.arch.attn_out_at(layer)
-    n = len(requests)
-    n_pref = len(prefixes)
-    init_mlp = locate.capture_at_subject(lm, requests, mlp_mod, kind="output")
-    init_attn = locate.capture_at_subject(lm, requests, attn_mod, kind="output")
-    nm = init_mlp.norm(dim=-1).clamp(min=1e-12)
-    na = init_attn.norm(dim=-1).clamp(min=1e-12)
-    rows = locate._build_rows(lm, requests, prefixes, kl_template if kl_factor > 0 else None)
-    pad = ops._pad_id(lm)
-    batches = []
-    for g in ops.plan_batches([len(r.ids) for r in rows], batch_tokens):
-        b = ops.pad_left([rows[i].ids for i in g], pad, dev)
-        width = b["input_ids"].shape[1]
-        keep = max([len(rows[i].target) for i in g if rows[i].kind == "nll"] + [1])
-        tgt = torch.full((len(g), keep), -1, dtype=torch.long)
-        for r, i in enumerate(g):
-            if rows[i].kind == "nll":
-                tgt[r, keep - len(rows[i].target):] = torch.tensor(rows[i].target)
-        batches.append(dict(
-            batch=b, keep=keep, tgt=tgt.to(dev),
-            pos=torch.tensor([width - len(rows[i].ids) + rows[i].pos for i in g], device=dev),
-            req=torch.tensor([rows[i].req for i in g], device=dev),
-            is_kl=torch.tensor([rows[i].kind == "kl" for i in g], device=dev),
-            n_tok=torch.tensor([max(1, len(rows[i].target)) for i in g], device=dev, dtype=torch.float32)))
-    kl_init: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for bt in batches:
-            if bool(bt["is_kl"].any()):
-                lg = lm.model(**bt["batch"], logits_to_keep=1, use_cache=False).logits[:, -1, :].float()
-                kl_init.append(torch.log_softmax(lg, -1)[bt["is_kl"]])
-            else:
-                kl_init.append(None)
-    d_mlp = torch.zeros((n, init_mlp.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
-    d_attn = torch.zeros((n, init_attn.shape[1]), device=dev, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([d_mlp, d_attn], lr=lr)
-    max_m = (clamp_norm_factor * nm).unsqueeze(1)
-    max_a = (clamp_norm_factor * na).unsqueeze(1)
-    ctx = PMETLossContext(lm=lm, layer=layer, module=mlp_mod, requests=requests, delta=d_mlp, init=init_mlp,
-                          prefixes=list(prefixes), delta_attn=d_attn, attn_module=attn_mod)
-    active = torch.ones(n, dtype=torch.bool, device=dev)
-    losses: dict[str, float] = {}
-    nll_first = None
-    last = 0
-    it_range: Any = range(max(1, steps))
-    if progress:
-        from tqdm.auto import tqdm
-
-        it_range = tqdm(it_range, desc=f"PMET values L{layer}", leave=False)
-    for it in it_range:
-        last = it
-        update = it < steps - 1
-        opt.zero_grad(set_to_none=True)
-        nll = torch.zeros(n, device=dev)
-        kl = torch.zeros(n, device=dev)
-        for bt, kli in zip(batches, kl_init):
-            with torch.set_grad_enabled(update):
-                ridx = torch.arange(len(bt["req"]), device=dev)
-                with ctx.with_delta(ridx, bt["pos"], bt["req"]):
-                    logits = lm.model(**bt["batch"], logits_to_keep=bt["keep"], use_cache=False).logits
-                loss, chunk_nll, chunk_kl = locate.chunk_losses(logits, bt, kli, n, n_pref, kl_factor)
-                if chunk_kl is not None:
-                    kl = kl + chunk_kl.detach()
-                nll = nll + chunk_nll.detach()
-                if update:
-                    loss.backward()
-        if nll_first is None:
-            nll_first = nll.clone()
-        wd = weight_decay * (d_mlp.pow(2).sum(-1) / nm.pow(2) + d_attn.pow(2).sum(-1) / na.pow(2))
-        active, losses = locate.finish_step(ctx, it, extra_loss, nll, kl, wd, active, early_stop_loss, update)
-        if not update or not bool(active.any()):
-            break
-        old_m, old_a = d_mlp.detach().clone(), d_attn.detach().clone()
-        opt.step()
-        with torch.no_grad():
-            for d, mx, old in ((d_mlp, max_m, old_m), (d_attn, max_a, old_a)):
-                norms = d.norm(dim=-1, keepdim=True)
-                d.mul_(torch.where(norms > mx, mx / norms.clamp(min=1e-12), torch.ones_like(norms)))
-                d.copy_(torch.where(active.unsqueeze(1), d, old))
-    assert nll_first is not None
-    losses["loss/nll_init"] = float(nll_first.mean())
-    losses["loss/steps"] = float(last + 1)
-    return PMETValues(delta_mlp=d_mlp.detach(), delta_attn=d_attn.detach(), init_mlp=init_mlp,
-                      init_attn=init_attn, losses=losses)
+def pmet_places(lm: "LM", layer: int) -> list[locate.Place]:
+    """PMET's places at the last critical layer ``layer``: the FFN output (first, so that
+    :attr:`~editlens.edit.locate.ValueResult.target` is ``m* = m₀ + δ_mlp``) and the MHSA output, optimised jointly
+    by :func:`editlens.edit.locate.optimise_values`."""
+    return [locate.Place.mlp(lm, layer), locate.Place.attention(lm, layer)]
 
 
 # ------------------------------------------------------------------------------------------------ method
@@ -266,15 +139,15 @@ class PMET(Editor):
         requests = locate.requests_from_cases(cases)
         cov, prefixes = locate.prepare(lm, hp, layers, sequence, progress)
         L = layers[-1]
-        vals = compute_pmet_values(lm, requests, L, prefixes=prefixes, extra_loss=evk_align, progress=progress,
-                                   **hp.value_kwargs())
-        target = vals.target_mlp
+        vals = locate.optimise_values(lm, requests, pmet_places(lm, L), locate.ValueSettings.from_hparams(hp, prefixes),
+                                      extra_loss=evk_align, progress=progress)
+        target = vals.target  # m* = m₀ + δ_mlp (the first place); the MHSA part is discarded
         mlp_L = lm.arch.mlp_out_at(L)
         snap = self.snapshot_for(sequence)
         deltas: dict[str, torch.Tensor] = {}
         diag: dict[str, Any] = dict(vals.losses)
-        diag["pmet/delta_attn_norm"] = float(vals.delta_attn.norm(dim=-1).mean())
-        diag["pmet/delta_mlp_norm"] = float(vals.delta_mlp.norm(dim=-1).mean())
+        diag["pmet/delta_attn_norm"] = float(vals.deltas[1].norm(dim=-1).mean())
+        diag["pmet/delta_mlp_norm"] = float(vals.deltas[0].norm(dim=-1).mean())
         try:
             for i, layer in enumerate(layers):
                 K = locate.compute_keys(lm, layer, requests, prefixes, batch_tokens=hp.batch_tokens)

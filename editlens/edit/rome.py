@@ -4,7 +4,8 @@ One fact at a time is written into the MLP output projection ``W`` of one layer 
 
 1. key ``k*`` — the projection's input at the last subject token, averaged over context-prefixed prompts (eq. 3);
 2. value ``v*`` — ``W k* + δ`` where ``δ`` is the change of the MLP output at the last subject token optimised for
-   the target (NLL over prefixed prompts + essence KL + decay, clamped; see :func:`editlens.edit.locate.compute_values`);
+   the target (NLL over prefixed prompts + essence KL + decay, clamped; :func:`editlens.edit.locate.optimise_values`
+   at :meth:`~editlens.edit.locate.Place.mlp`);
 3. the rank-one closed form (eq. 2) ``ΔW = (v* − W k*) (C⁻¹ k*)ᵀ / ((C⁻¹ k*)ᵀ k*)`` with ``C = E[k kᵀ]`` from
    :mod:`editlens.edit.stats` (:func:`rome_update`), which makes ``(W + ΔW) k* = v*`` exactly while changing
    ``W`` least in the metric of ``C``.
@@ -89,7 +90,7 @@ class ROME(Editor):
     """ROME (rank-one, one fact at a time)."""
 
     hparams_class = ROMEHParams
-    supports_evk_align = True  # passed to the value optimisation (compute_values' extra_loss)
+    supports_evk_align = True  # passed to the value optimisation (optimise_values' extra_loss)
 
     def apply(self, lm, cases, hparams: ROMEHParams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams
@@ -101,6 +102,7 @@ class ROME(Editor):
             C = C + hp.mom2_ridge * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], device=C.device,
                                                                           dtype=C.dtype)
         name = lm.arch.mlp_out_at(hp.layer)
+        places, settings = [locate.Place.mlp(lm, hp.layer)], locate.ValueSettings.from_hparams(hp, prefixes)
         snap = self.snapshot_for(sequence)
         total = None
         diag: dict[str, Any] = {}
@@ -108,8 +110,7 @@ class ROME(Editor):
         try:
             for req in requests:
                 k = locate.compute_keys(lm, hp.layer, [req], prefixes, batch_tokens=hp.batch_tokens)[0]
-                vals = locate.compute_values(lm, [req], hp.layer, prefixes=prefixes, space="mlp",
-                                             extra_loss=evk_align, progress=progress, **hp.value_kwargs())
+                vals = locate.optimise_values(lm, [req], places, settings, extra_loss=evk_align, progress=progress)
                 W = weight_view(lm.module(name)).detach()
                 v_star = W.double() @ k.double() + vals.delta[0].double()
                 delta = rome_update(W, C, k, v_star)
