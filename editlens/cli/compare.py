@@ -38,7 +38,8 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--seeds", "seed_mode", type=click.Choice(["auto", "cases", "case-mean", "hierarchical"]),
               default="auto", show_default=True,
               help="How several seeds of a unit are aggregated (auto: case means when every seed holds the same "
-                   "cases, else seeds then cases are resampled).")
+                   "cases, else hierarchical: seeds then cases resampled; cases: every (seed, case) pair counted "
+                   "as independent, which understates the uncertainty when seeds differ).")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
               help="Level of the Holm-corrected tests (mark **).")
 @click.option("--drop-unpaired", is_flag=True, help="Drop cases present on one side only instead of refusing.")

@@ -16,7 +16,9 @@ works on the differences:
   each case's differences are first averaged over the seeds (``case-mean``), so a case counts once and seed
   noise is within-case noise; several seeds with different cases (a seed chose which cases are edited) —
   **hierarchical** bootstrap: resample seeds with replacement, then cases within each drawn seed; the estimate
-  is the mean over seeds of each seed's mean difference (every seed weighs the same). ``n_seeds``,
+  is the mean over seeds of each seed's mean difference (every seed weighs the same). ``seeds="cases"`` with
+  several seeds pools every (seed, case) pair as one independent unit (``pooled``; understates the uncertainty
+  when seeds matter). ``n_seeds``,
   ``n_cases`` (cases per seed, ``min–max`` when they differ) and ``n_pairs`` say n at each level.
 * **Confidence interval.** A two-sided bootstrap interval (``level`` 0.95) from ``resamples`` (default 2,000)
   resamples of cases, seeded (``seed`` and the comparison's key, so adding a method to a store does not change

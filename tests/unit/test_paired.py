@@ -269,3 +269,57 @@ def test_plot_band_is_a_paired_case_bootstrap():
     assert len(fig.axes[0].collections) == 1
     fig = plots.plot_lines(df.drop(columns="case_id"), "x", "value", "hue")
     assert len(fig.axes[0].lines) == 2
+
+
+def test_sequential_checkpoints_compared_with_all_steps(tmp_path):
+    with Store(tmp_path / "s.sqlite") as st:
+        st.start_run("r", {"name": "seq"}, {}, "fp", [0])
+        for label, slope in (("a", 0.1), ("b", 0.3)):
+            meta = {"method": label, "label": label, "dataset": "d", "regime": "sequential", "n_edits": 4,
+                    "checkpoints": [2, 4], "seed": 0}
+            for step, n in ((0, 0), (1, 2), (2, 4)):
+                st.commit_step("r", label, step, [(step, n, f"c{i}", "neighborhood", "kl", slope * n + 0.01 * i)
+                                                  for i in range(6)], meta=meta)
+            st.commit_unit("r", label, [], meta=meta)
+        last = compare(st, "a")
+        every = compare(st, "a", all_steps=True)
+    assert list(last["n_edits"]) == [4] and last["diff"].iloc[0] == pytest.approx(0.2 * 4)
+    assert sorted(every["n_edits"]) == [0, 2, 4]
+    assert every.set_index("n_edits")["diff"].to_dict() == pytest.approx({0: 0.0, 2: 0.4, 4: 0.8})
+
+
+def test_compare_on_a_store_written_by_the_runner(tmp_path):
+    """Real runner semantics on tiny-llama: the pre-edit unit (step 0, n_edits 0) pairs with the edited units of
+    the same planned size; seed 1 edits another shuffle of the cases, so the seeds hold different cases and are
+    aggregated hierarchically."""
+    from editlens.cli.main import cli
+    from editlens.runs.runner import run_spec
+
+    spec = tmp_path / "p.toml"
+    spec.write_text(textwrap.dedent("""
+        name = "paired"
+        model = "tiny-llama"
+        metrics = ["kl", "t_acc"]
+        seeds = [0, 1]
+        [[datasets]]
+        path = "synthetic:6"
+        [[methods]]
+        name = "none"
+        [[methods]]
+        name = "ft-m"
+        hparams = { steps = 2 }
+        [regime]
+        kind = "batch"
+        sizes = [4]
+        """).lstrip())
+    run_spec(spec, store=tmp_path / "p.sqlite", progress=False)
+    t = compare(tmp_path / "p.sqlite", "none")
+    assert len(t) and set(t["system"]) == {"ft-m"} and (t["n_seeds"] == 2).all()
+    # 4 edited cases per seed (fewer for probe kinds only some synthetic cases have), both seeds counted
+    assert set(t["seed_mode"]) == {"hierarchical"} and t["n_cases"].isin(["1", "2", "3", "4"]).all()
+    assert (t["n_pairs"] == 2 * t["n_cases"].astype(int)).all() and (t["n_cases"] == "4").any()
+    kl = t[t.column.str.endswith("/kl")]
+    assert len(kl) and (kl["mean_ref"] == 0).all() and (kl["diff"] > 0).all()  # the base has KL 0 to itself
+    r = CliRunner().invoke(cli, ["compare", str(tmp_path / "p.sqlite"), "--ref", "none", "--metrics", "kl"])
+    assert r.exit_code == 0, r.output
+    assert "2×4" in r.output and "percentile (seeds, then cases)" in r.output
