@@ -2,7 +2,8 @@
 
 Entry points: :func:`evaluate` (cases × metrics → :class:`Results`), :func:`gtfree_scores` (KL / top-k / JS
 between two systems on any prompts, no cases needed), the metric registry (:func:`register_metric`,
-:func:`resolve_metrics`, :func:`registered_metrics`). See ``docs/metrics.md`` for every metric's definition.
+:func:`resolve_metrics`, :func:`registered_metrics`), frozen base answers (:func:`freeze_base` →
+:class:`FrozenBase`, which :func:`evaluate` and the experiment runner both use, under the one :func:`cache_key`). See ``docs/metrics.md`` for every metric's definition.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from editlens.evaluate.core import (
     EDITED,
     Answers,
     BaseCache,
+    FrozenBase,
     Generate,
     Metric,
     NextToken,
@@ -18,20 +20,24 @@ from editlens.evaluate.core import (
     Results,
     Row,
     Score,
+    answer_requests,
     cache_key,
     evaluate,
     evaluate_naive,
+    freeze_base,
     metric_groups,
     register_metric,
     registered_metrics,
+    request_set,
     resolve_metrics,
 )
 from editlens.system import ModelSystem, System, WrappedSystem
 
 __all__ = [
-    "BASE", "EDITED", "Answers", "BaseCache", "Generate", "Metric", "NextToken", "Request", "Results", "Row",
-    "Score", "cache_key", "evaluate", "evaluate_naive", "metric_groups", "register_metric", "registered_metrics",
-    "resolve_metrics", "ModelSystem", "System", "WrappedSystem", "gtfree_scores",
+    "BASE", "EDITED", "Answers", "BaseCache", "FrozenBase", "Generate", "Metric", "NextToken", "Request", "Results",
+    "Row", "Score", "answer_requests", "cache_key", "evaluate", "evaluate_naive", "freeze_base", "metric_groups",
+    "register_metric", "registered_metrics", "request_set", "resolve_metrics", "ModelSystem", "System",
+    "WrappedSystem", "gtfree_scores",
 ]
 
 
