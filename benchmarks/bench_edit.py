@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 
-from benchmarks.common import peak_memory, print_figures, sync
+from benchmarks.common import peak_memory, print_figures, sync, load_bench_model
 
 
 def _cases(n: int):
@@ -42,7 +42,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     from editlens.edit import edit, edit_sequential
     from editlens.edit.stats import second_moment
 
-    lm = editlens.load_model(model, device=device, dtype=dtype)
+    lm = load_bench_model(model, device=device, dtype=dtype)
     out: dict[str, float] = {}
     tmp = tempfile.mkdtemp(prefix="editlens-bench-")
     os.environ.setdefault("EDITLENS_STATS_DIR", tmp)

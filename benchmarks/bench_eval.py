@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Figures, forward_flops, matmul_flops_per_s, peak_memory, timer
+from benchmarks.common import Figures, forward_flops, matmul_flops_per_s, peak_memory, timer, load_bench_model
 
 METRICS = ["t_acc", "c_acc", "c_mag", "kl", "js", "topk", "nkl", "nkl_code", "cfplus_ns", "cfplus_nm", "cfplus_nkl"]
 
@@ -45,7 +45,7 @@ def _perturbed_copy(name: str, device: str, dtype: Any, seed: int, scale: float 
     """A second copy of the model with Gaussian noise on one MLP output matrix (an 'edited' model)."""
     import editlens
 
-    lm = editlens.load_model(name, device=device, dtype=dtype)
+    lm = load_bench_model(name, device=device, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     mid = lm.n_layers // 2
     with torch.no_grad():
@@ -177,7 +177,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", n_cases: int = 200, qu
         n_naive = n_cases if (device != "cpu" or n_cases <= 40) else 40
     n_naive = min(n_naive, n_cases)
     figs = Figures()
-    lm = editlens.load_model(model, device=device, dtype=dtype)
+    lm = load_bench_model(model, device=device, dtype=dtype)
     base = ModelSystem(lm)
     edited = ModelSystem(_perturbed_copy(model, device, dtype, seed + 1))
     other = ModelSystem(_perturbed_copy(model, device, dtype, seed + 2))

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import Figures, timer
+from benchmarks.common import Figures, timer, load_bench_model
 
 
 def _count_rows(lm):
@@ -39,12 +39,12 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     import editlens
     from editlens.data import synthetic_cases
     from editlens.edit.scr import SCRHParams, SCRSystem
-    from editlens.evaluate.system import ModelSystem
+    from editlens.system import ModelSystem
 
     if quick:
         n_facts, n_queries = min(n_facts, 12), min(n_queries, 12)
     figs = Figures()
-    lm = editlens.load_model(model, device=device, dtype=dtype)
+    lm = load_bench_model(model, device=device, dtype=dtype)
     base = ModelSystem(lm)
     cases = synthetic_cases(n_facts, seed=seed)
     scr = SCRSystem(base, SCRHParams.for_model(lm))

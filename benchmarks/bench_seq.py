@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.common import peak_memory, print_figures, sync
+from benchmarks.common import peak_memory, print_figures, sync, load_bench_model
 
 
 def _cases(n: int):
@@ -60,7 +60,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     n_total = edits or int(os.environ.get("EDITLENS_BENCH_SEQ_EDITS", 0)) or (
         30 if quick else (1000 if torch.device(device).type == "cuda" else 200))
     n_total = max(n_total, 20)
-    lm = editlens.load_model(model, device=device, dtype=dtype)
+    lm = load_bench_model(model, device=device, dtype=dtype)
     os.environ.setdefault("EDITLENS_STATS_DIR", tempfile.mkdtemp(prefix="editlens-bench-"))
     fast = dict(stats_n_samples=32 if quick else 128, stats_max_length=64, v_num_grad_steps=5, n_prefixes=2)
     stamps: list[float] = []

@@ -119,3 +119,74 @@ class Figures:
 
 def threads() -> int:
     return int(os.environ.get("EDITLENS_BENCH_THREADS", torch.get_num_threads()))
+
+
+# --------------------------------------------------------------------------------------------- paper-size configs
+#: Randomly initialised models with the shapes of the papers' models, for speed and memory figures (weights are
+#: random, so only timings and memory mean anything). Shapes from the public model configs.
+CONFIG_MODELS: dict[str, dict] = {
+    "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
+    "gpt-j-6b": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, n_positions=2048,
+                     vocab_size=50400),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       rope_theta=500000.0, rms_norm_eps=1e-5, vocab_size=128256),
+    # SmolLM2-135M's shape: the device-consistency check falls back to it when the GGUF is not on the machine
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
+def config_model_names() -> list[str]:
+    return [f"config:{k}" for k in CONFIG_MODELS]
+
+
+def model_config(name: str):
+    """The transformers config of ``config:<shape>`` (no weights)."""
+    import transformers as tf
+
+    key = name.split(":", 1)[1] if name.startswith("config:") else name
+    if key not in CONFIG_MODELS:
+        raise ValueError(f"unknown benchmark config {name!r}; known: {', '.join(config_model_names())}")
+    kw = dict(CONFIG_MODELS[key])
+    return tf.AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def config_n_params(name: str) -> int:
+    """Parameter count of ``config:<shape>``, counted on the meta device (no memory is allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_bench_model(name: str, device: str = "cpu", dtype: str | None = None, seed: int = 0):
+    """``editlens.load_model`` plus ``config:<shape>`` names: a model of that shape, randomly initialised (seeded)
+    directly on ``device`` (an 8B model is never materialised on the CPU), with the shipped tiny BPE tokenizer
+    (its ids lie inside every config's vocabulary)."""
+    import editlens
+
+    if not name.startswith("config:"):
+        return editlens.load_model(name, device=device, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    from editlens.lm.load import _finish, _resolve_device, _resolve_dtype, _tiny_tokenizer
+
+    dev = _resolve_device(device)
+    dt = _resolve_dtype(dtype, dev)
+    cfg = model_config(name)
+    tok = _tiny_tokenizer()
+    if len(tok) > cfg.vocab_size:  # pragma: no cover - every shipped config is far larger
+        raise ValueError(f"{name}: vocabulary {cfg.vocab_size} < tokenizer size {len(tok)}")
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dt)
+        with dev:
+            model = AutoModelForCausalLM.from_config(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    return _finish(model, tok, name, dev, dt)
