@@ -323,3 +323,14 @@ def test_compare_on_a_store_written_by_the_runner(tmp_path):
     r = CliRunner().invoke(cli, ["compare", str(tmp_path / "p.sqlite"), "--ref", "none", "--metrics", "kl"])
     assert r.exit_code == 0, r.output
     assert "2×4" in r.output and "percentile (seeds, then cases)" in r.output
+
+
+def test_cli_report_ref(tmp_path):
+    from editlens.cli.main import cli
+
+    _store(tmp_path / "s.sqlite").close()
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "s.sqlite"), "--ref", "good", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "## Paired differences vs good" in r.output and "| ref | neighborhood/kl |" in r.output
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "s.sqlite"), "--ref", "nope", "--no-plots"])
+    assert r.exit_code == 2 and "not a method of this run" in r.output
