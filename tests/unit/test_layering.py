@@ -156,3 +156,30 @@ def test_unknown_part_must_be_placed(tmp_path):
     (pkg / "newthing.py").write_text("import editlens.errors\n")
     with pytest.raises(AssertionError, match="newthing"):
         layering_violations(pkg)
+
+
+def private_imports_of(root: Path, module: str) -> list[str]:
+    """``"file:line: name"`` for every ``from <module> import _name`` outside ``module`` itself."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        if _module_name(path, root) == module:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == module:
+                bad += [f"{path.relative_to(root.parent)}:{node.lineno}: {a.name}" for a in node.names
+                        if a.name.startswith("_")]
+    return bad
+
+
+def test_nobody_reaches_into_the_evaluators_private_functions():
+    """The runner once re-implemented the evaluator with its private helpers (issue 14 item 4); what others need
+    is public (``freeze_base``, ``answer_requests``, ``request_set``, ``cache_key``)."""
+    assert private_imports_of(PKG, "editlens.evaluate.core") == []
+
+
+def test_private_import_checker_is_not_vacuous(tmp_path):
+    pkg = tmp_path / "editlens"
+    (pkg / "runs").mkdir(parents=True)
+    (pkg / "runs" / "runner.py").write_text("def f():\n    from editlens.evaluate.core import _answer, evaluate\n")
+    assert private_imports_of(pkg, "editlens.evaluate.core") == ["editlens/runs/runner.py:2: _answer"]
