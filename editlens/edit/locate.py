@@ -722,6 +722,29 @@ def prepare(lm: "LM", hparams: Any, layers: Sequence[int], sequence: Any = None,
     return {l: cov[l] for l in layers}, data[pkey]
 
 
+@dataclass
+class EditSetup:
+    """What every locate-then-edit method starts from (:func:`setup_edit`)."""
+
+    layers: list[int]
+    requests: list[Request]
+    cov: dict[int, torch.Tensor]
+    prefixes: list[str]
+    values: ValueSettings
+
+
+def setup_edit(lm: "LM", cases: Sequence["EditCase"], hparams: Any, layers: Sequence[int], method: str,
+               sequence: Any = None, progress: bool = False) -> EditSetup:
+    """The common start of a locate-then-edit method: ``layers`` validated (:func:`spread_layers`,
+    :func:`check_layers`), the requests of ``cases``, second moments and context prefixes (:func:`prepare`) and the
+    :class:`ValueSettings` of ``hparams``."""
+    layers = spread_layers(layers)
+    check_layers(lm, layers, method)
+    requests = requests_from_cases(cases)
+    cov, prefixes = prepare(lm, hparams, layers, sequence, progress)
+    return EditSetup(layers, requests, cov, list(prefixes), ValueSettings.from_hparams(hparams, prefixes))
+
+
 def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None) -> list[str]:
     """:func:`context_prefixes`, cached as JSON beside the statistics (keyed by ``lm.fingerprint`` and the settings)."""
     import json

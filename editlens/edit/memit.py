@@ -113,14 +113,11 @@ class MultiLayerEditor(Editor):
 
     def apply(self, lm, cases, hparams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams
-        layers = locate.spread_layers(hp.layers)
-        locate.check_layers(lm, layers, self.name)
-        requests = locate.requests_from_cases(cases)
-        cov, prefixes = locate.prepare(lm, hp, layers, sequence, progress)
+        st = locate.setup_edit(lm, cases, hp, hp.layers, self.name, sequence, progress)
+        layers, requests, cov, prefixes = st.layers, st.requests, st.cov, st.prefixes
         last = layers[-1]
-        vals = locate.optimise_values(lm, requests, [locate.Place.residual(lm, last)],
-                                      locate.ValueSettings.from_hparams(hp, prefixes), extra_loss=evk_align,
-                                      progress=progress)
+        vals = locate.optimise_values(lm, requests, [locate.Place.residual(lm, last)], st.values,
+                                      extra_loss=evk_align, progress=progress)
         z = vals.target.double()  # [n, d]
         snap = self.snapshot_for(sequence)
         deltas: dict[str, torch.Tensor] = {}

@@ -134,13 +134,11 @@ class PMET(Editor):
     def apply(self, lm: "LM", cases, hparams: PMETHParams, *, evk_align: Any = None, progress: bool = True,
               sequence: SequenceState | None = None) -> Edit:
         hp = hparams
-        layers = locate.spread_layers(hp.layers)
-        locate.check_layers(lm, layers, self.name)
-        requests = locate.requests_from_cases(cases)
-        cov, prefixes = locate.prepare(lm, hp, layers, sequence, progress)
+        st = locate.setup_edit(lm, cases, hp, hp.layers, self.name, sequence, progress)
+        layers, requests, cov, prefixes = st.layers, st.requests, st.cov, st.prefixes
         L = layers[-1]
-        vals = locate.optimise_values(lm, requests, pmet_places(lm, L), locate.ValueSettings.from_hparams(hp, prefixes),
-                                      extra_loss=evk_align, progress=progress)
+        vals = locate.optimise_values(lm, requests, pmet_places(lm, L), st.values, extra_loss=evk_align,
+                                      progress=progress)
         target = vals.target  # m* = m₀ + δ_mlp (the first place); the MHSA part is discarded
         mlp_L = lm.arch.mlp_out_at(L)
         snap = self.snapshot_for(sequence)

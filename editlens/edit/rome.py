@@ -94,15 +94,14 @@ class ROME(Editor):
 
     def apply(self, lm, cases, hparams: ROMEHParams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams
-        locate.check_layers(lm, [hp.layer], self.name)
-        requests = locate.requests_from_cases(cases)
-        cov, prefixes = locate.prepare(lm, hp, [hp.layer], sequence, progress)
+        st = locate.setup_edit(lm, cases, hp, [hp.layer], self.name, sequence, progress)
+        requests, cov, prefixes = st.requests, st.cov, st.prefixes
         C = hp.mom2_update_weight * cov[hp.layer]
         if hp.mom2_ridge > 0:
             C = C + hp.mom2_ridge * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], device=C.device,
                                                                           dtype=C.dtype)
         name = lm.arch.mlp_out_at(hp.layer)
-        places, settings = [locate.Place.mlp(lm, hp.layer)], locate.ValueSettings.from_hparams(hp, prefixes)
+        places = [locate.Place.mlp(lm, hp.layer)]
         snap = self.snapshot_for(sequence)
         total = None
         diag: dict[str, Any] = {}
@@ -110,7 +109,7 @@ class ROME(Editor):
         try:
             for req in requests:
                 k = locate.compute_keys(lm, hp.layer, [req], prefixes, batch_tokens=hp.batch_tokens)[0]
-                vals = locate.optimise_values(lm, [req], places, settings, extra_loss=evk_align, progress=progress)
+                vals = locate.optimise_values(lm, [req], places, st.values, extra_loss=evk_align, progress=progress)
                 W = weight_view(lm.module(name)).detach()
                 v_star = W.double() @ k.double() + vals.delta[0].double()
                 delta = rome_update(W, C, k, v_star)
