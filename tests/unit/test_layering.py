@@ -183,3 +183,16 @@ def test_private_import_checker_is_not_vacuous(tmp_path):
     (pkg / "runs").mkdir(parents=True)
     (pkg / "runs" / "runner.py").write_text("def f():\n    from editlens.evaluate.core import _answer, evaluate\n")
     assert private_imports_of(pkg, "editlens.evaluate.core") == ["editlens/runs/runner.py:2: _answer"]
+
+
+def test_old_system_path_is_a_thin_reexport():
+    """``editlens.evaluate.system`` stays importable for users and is the same objects as ``editlens.system``;
+    nothing inside editlens imports the old path."""
+    import editlens.evaluate.system as old
+    import editlens.system as new
+
+    assert (old.System, old.ModelSystem, old.WrappedSystem) == (new.System, new.ModelSystem, new.WrappedSystem)
+    users = [f"{p.relative_to(PKG.parent)}:{line}" for p in sorted(PKG.rglob("*.py"))
+             if p != PKG / "evaluate" / "system.py"
+             for line, mod in imports_of(p) if mod == "editlens.evaluate.system"]
+    assert users == []
