@@ -1,7 +1,7 @@
 """``python -m benchmarks all [--quick] --device cpu|cuda [--model NAME] [--json PATH]``
 
 Runs every benchmark, prints one table of flat figures (each with its naive baseline measured in the same run
-and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``.
+and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ SUITES = {
     "edit": "benchmarks.bench_edit",  # ROME s/edit, MEMIT 100 (and 1000) batch, statistics one-pass vs per-layer
     "seq": "benchmarks.bench_seq",  # sequential editing: time per edit at edit 10 vs at edit N (no growth)
     "scr": "benchmarks.bench_scr",  # SCR latency per query vs a weight-edited model
+    "trace": "benchmarks.bench_trace",  # causal tracing: bulk (batched, layer reuse) vs one restoration per forward
 }
 
 

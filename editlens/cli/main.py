@@ -23,6 +23,7 @@ _COMMANDS = [
     ("editlens.cli.eval", "eval_cmd"),
     ("editlens.cli.audit", "audit_cmd"),
     ("editlens.cli.stats", "stats"),
+    ("editlens.cli.trace", "trace"),
     ("editlens.cli.bench", "bench"),
     ("editlens.cli.report", "report"),
     ("editlens.cli.compare", "compare_cmd"),
@@ -39,6 +40,7 @@ Typical session:
   editlens eval --model smollm2-135m --data facts.json --metrics gt,gtfree
   editlens audit --base smollm2-135m --model ./edited   # what changed in an edited checkpoint
   editlens stats --model smollm2-135m --layers 4,5,6,7,8
+  editlens trace --data facts.json --limit 5 --kind mlp --out trace/   # where facts are recalled
   editlens bench examples/locality_sweep.toml   # run a spec into a resumable SQLite store
   editlens report results.sqlite --html report.html
   editlens compare results.sqlite --ref pre-edit  # paired differences, bootstrap CIs, Holm

@@ -15,7 +15,7 @@ EXPECTED = [
     "eval_speedup_vs_naive", "eval_fraction_of_flop_bound", "eval_peak_mib", "edit.stats_one_pass_speedup",
     "edit.rome_s_per_edit", "edit.rome_speedup_vs_naive", "edit.memit_naive_per_case_s",
     "edit.memit_batch", "edit.alphaedit_s_per_seq_edit", "seq.alphaedit_s_per_edit_at_10", "seq.alphaedit_growth",
-    "seq.naive_growth", "scr",
+    "seq.naive_growth", "scr", "trace.speedup_vs_loop", "trace.bulk_s", "trace.loop_s",
 ]
 
 
