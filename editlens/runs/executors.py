@@ -159,13 +159,18 @@ class RayExecutor:
         address: Ray cluster address (``None``: connect to ``RAY_ADDRESS`` or start a local instance).
         num_cpus: CPUs reserved per task (also the torch thread count of the task).
         init_kwargs: extra arguments for ``ray.init`` when this executor starts Ray.
+        max_retries: how often a unit whose worker process died is run again (from its start) before the run fails.
     """
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int = 1, init_kwargs: Mapping[str, Any] | None = None):
+    def __init__(self, address: str | None = None, num_cpus: int = 1, init_kwargs: Mapping[str, Any] | None = None,
+                 max_retries: int = 3):
         self.ray = _import_ray()
         self.address = address
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise EditlensError(f"ray executor: max_retries must be an integer >= 0, got {max_retries!r}")
+        self.max_retries = max_retries
         self.num_cpus = int(num_cpus)
         self.init_kwargs = dict(init_kwargs or {})
         self.num_gpus = 0.0
@@ -207,7 +212,11 @@ class RayExecutor:
     def run(self, spec: "Spec", units: Sequence["Unit"], options: "RunOptions", sink: Callable[["StepResult"], None],
             *, done_steps: Mapping[str, set] | None = None, progress: bool = True) -> None:
         ray = self.ray
-        fn = ray.remote(_ray_unit).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=0)
+        # a task whose worker dies (killed, out of memory, node lost) is run again from the start of its unit, up to
+        # max_retries times: only the driver writes the store and a unit's results come back with its task, so a
+        # retried unit adds nothing twice. Errors raised by editlens inside a task are returned, never retried.
+        fn = ray.remote(_ray_unit).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                           max_retries=self.max_retries, retry_exceptions=False)
         device = _task_device(spec, self.num_gpus)
         pending = {fn.remote(spec, u, options, sorted((done_steps or {}).get(u.id, ())), device, self.num_cpus): u
                    for u in units}

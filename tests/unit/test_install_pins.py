@@ -20,7 +20,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
-INSTALLED_EXTRAS = ("retrieval", "parquet", "test")  # what scripts/install.sh [--test] installs
+INSTALLED_EXTRAS = ("retrieval", "parquet", "test", "ray")  # what scripts/install.sh [--test] installs
 
 
 def _pins() -> tuple[dict[str, Version], str]:
@@ -153,3 +153,12 @@ def test_install_script_latest_and_other_python_skip_the_pins(tmp_path):
     assert any("--upgrade" in c and "-e .[retrieval,parquet]" in c for c in latest)
     with pytest.raises(subprocess.CalledProcessError):
         _run(box, "--bogus")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="bash script")
+def test_install_script_with_tests_installs_ray(tmp_path):
+    """make test installs the test extras *and* Ray, so the Ray executor's tests run against a real local cluster
+    instead of being skipped."""
+    _, made_for = _pins()
+    calls = _run(_sandbox(tmp_path), "--test", py=made_for)
+    assert any("-e .[retrieval,parquet,test,ray]" in c for c in calls), calls

@@ -351,53 +351,7 @@ def test_unknown_executor(tmp_path, lm):
 
 
 # ------------------------------------------------------------------------------------------ Ray executor
-RAY_SPEC = """
-    name = "raysmall"
-    model = "tiny-llama"
-    metrics = ["kl", "t_acc"]
-
-    [[datasets]]
-    path = "synthetic:4"
-
-    [[methods]]
-    name = "ft"
-    hparams = { steps = 2 }
-
-    [[methods]]
-    name = "none"
-
-    [regime]
-    kind = "batch"
-    sizes = [2, 4]
-"""
-
-
-@pytest.mark.slow
-def test_ray_executor_gives_the_rows_of_the_local_executor(tmp_path):
-    """Each unit is one Ray task that loads the model itself; only the driver writes the store. (Uses FT, a
-    registered method, because Ray workers import methods by name; ~1 min: starting Ray dominates.)"""
-    pytest.importorskip("ray", reason="the ray executor is optional: pip install editlens[ray]")
-    pytest.importorskip("editlens.edit.ft")
-    from editlens.runs.executors import RayExecutor
-
-    spec = write(tmp_path, "r.toml", RAY_SPEC)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # like the one-CPU Ray tasks
-    try:
-        rid = run_spec(spec, store=tmp_path / "local.sqlite", progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    ex = RayExecutor(num_cpus=1, init_kwargs={"num_cpus": 2})
-    try:
-        assert run_spec(spec, store=tmp_path / "ray.sqlite", executor=ex, progress=False) == rid
-        # resuming through Ray skips the finished units
-        assert run_spec(spec, store=tmp_path / "ray.sqlite", executor=ex, progress=False) == rid
-    finally:
-        ex.shutdown()
-    a, b = sorted_rows(tmp_path / "local.sqlite", rid), sorted_rows(tmp_path / "ray.sqlite", rid)
-    assert len(a) > 0 and a == b
-    with Store(tmp_path / "ray.sqlite", readonly=True) as st:
-        assert (st.units(rid)["status"] == "done").all() and len(st.units(rid)) == 4
+# The Ray executor against a real local cluster: tests/unit/test_ray_executor.py
 
 
 def test_ray_missing_gives_install_hint(monkeypatch):
