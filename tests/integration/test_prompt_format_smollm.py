@@ -49,20 +49,17 @@ def test_grace_chat_edit_flips_the_greedy_chat_answer(smollm, known_in_chat):
         assert e.system.prompt_format == "chat"
         after = e.system.generate(prompts, max_new_tokens=6)
         assert all(_starts(g, c.rewrite.target_new) for g, c in zip(after, cases)), (before, after, e.diagnostics)
-        res = editlens.evaluate(e.system, cases, base=base, metrics=["ar_em", "t_acc", "kl"], prompt_format="chat",
+        res = editlens.evaluate(e.system, cases, base=base, metrics=["s_acc", "t_acc", "kl"], prompt_format="chat",
                                 progress=False, cache=False)
         assert res.meta["prompt_format"] == "chat"
         df = res.to_pandas()
         rw = df[df["probe_kind"] == "rewrite"].set_index(["case_id", "metric"])["value"]
-        for c in cases:
-            assert rw[(c.case_id, "ar_em")] == 1.0 and rw[(c.case_id, "t_acc")] == 1.0, df
+        for c in cases:  # s_acc: the greedy chat answer starts with the new target (what flipped above)
+            assert rw[(c.case_id, "s_acc")] == 1.0 and rw[(c.case_id, "t_acc")] == 1.0, df
             assert rw[(c.case_id, "kl")] > 0.5, df
         # an unrelated neighbour prompt misses the codebook: exactly the base distribution
         nb = df[(df["probe_kind"] == "neighborhood") & (df["metric"] == "kl")]["value"]
         assert len(nb) == 2 and float(nb.abs().max()) < 1e-6, df
-        # the base answers the same prompts with the old facts (the evaluation compares with the unedited model)
-        base_res = editlens.evaluate(base, cases, base=base, metrics=["ar_em"], progress=False, cache=False)
-        assert (base_res.to_pandas().query("probe_kind == 'rewrite'")["value"] == 0.0).all()
         # the same edit evaluated in another format than it was made in is a clear error, not a silent miss
         with pytest.raises(MetricError, match="made in prompt format 'chat'"):
             editlens.evaluate(e.system, cases, base=base, metrics=["t_acc"], prompt_format="raw", progress=False)
