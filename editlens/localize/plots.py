@@ -87,7 +87,7 @@ def plot_average(avg: "AverageTrace", path: str | Path | None = None, title: str
         ax2.plot(layers, m, label=cat)
         ax2.fill_between(layers, m - s, m + s, alpha=0.25)
     ax2.axhline(0.0, color="grey", lw=0.5)
-    ax2.set_xlabel("layer", fontsize=8)
+    ax2.set_xlabel("layer" if avg.kind == "hidden" else f"center of {avg.window} restored layers", fontsize=8)
     ax2.set_ylabel("average indirect effect (± s.e.m.)", fontsize=8)
     ax2.set_title(f"total effect {avg.total_effect:.3f} (p_clean {avg.p_clean:.3f}, "
                   f"p_corrupt {avg.p_corrupt:.3f})", fontsize=8)

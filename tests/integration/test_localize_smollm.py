@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 from click.testing import CliRunner
 
 from editlens.cli.main import cli
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread avoids barrier stalls on a shared CPU
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.integration
