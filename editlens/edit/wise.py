@@ -19,12 +19,19 @@ Knowledge Memory for Lifelong Model Editing of Large Language Models").
   any that is the same text as an edit prompt — one input cannot be both above and below the threshold) and
   **contrast prompts** (:func:`contrast_prompts`): each edit's own template filled with ``n_contrast`` other
   subjects, the shape of CounterFact's neighbourhood prompts. Without them the router learns the *relation*
-  (the template tokens, shared by every neighbourhood prompt) instead of the fact.
-* **Threshold.** After each edit batch, ``ε`` of the memory is calibrated: the midpoint between the largest
-  negative score and the smallest edit score when they are separated, else the smallest edit score
-  (``diagnostics["router_separated"]``). The negatives include ``n_calibration`` further contrast prompts per
-  edit that the router was *not* trained on, so ``ε`` sits above prompts it has not seen, not only above the
-  ones it was pushed below.
+  (the template tokens, shared by every neighbourhood prompt) instead of the fact. The subjects are the ones of
+  a typed shipped pool (:data:`_CONTRAST_POOL`: countries, cities, people, written works, artworks, organisations,
+  substances, places) *most like the edited subject* as the model sees them (:func:`nearest_contrasts`: each
+  candidate's template prompt ranked by the centred cosine of its mean activation at the router's input): other
+  novels for a novel, other elements for an element. Against contrasts of other kinds the router learns the
+  edited subject's *kind* with the relation, and admits every neighbour of that kind ("Pride and Prejudice was
+  written by" next to a "Romeo and Juliet" edit).
+* **Threshold.** After each edit batch, ``ε`` of the memory is calibrated (:func:`calibrate_threshold`): the
+  midpoint between the smallest edit score and the largest negative score below it. When every negative is
+  below (``diagnostics["router_separated"]``) that is the midpoint between the two groups; when not, ``ε`` still
+  sits just below the smallest edit score so every edit stays routed. The negatives include ``n_calibration``
+  further contrast prompts per edit that the router was *not* trained on (dealt from the same nearest
+  candidates), so ``ε`` sits above prompts it has not seen, not only above the ones it was pushed below.
 * **Knowledge sharding and merging.** The edits of a batch are dealt round-robin to ``n_shards`` shards. Each
   shard trains its own copy of the memory's ``Δ`` under a fixed random gradient mask of density
   ``mask_ratio`` (a random subspace of the weight entries; seeded per shard). The shards' increments
@@ -34,11 +41,14 @@ Knowledge Memory for Lifelong Model Editing of Large Language Models").
   memory (``Δ = 0``) is started; routing picks among all of them. A later batch written into a memory replays up
   to ``n_replay`` of its earlier edits (prompt and target) in the NLL, so they are not overwritten.
 
-Simplifications (documented): the increments are merged relative to the memory before the batch (the paper
-merges shard copies relative to the main memory; the same thing for the first batch); ``Δ_act`` is averaged
-over prompt tokens; the irrelevant prompts are a small fixed set plus template contrasts rather than a sample of
-the pre-training corpus; in long sequential runs the replayed edits and the earlier contrasts are seeded samples
-(at most ``n_replay`` edits, 64 training and 128 calibration contrasts).
+Simplifications and deviations (documented): the increments are merged relative to the memory before the batch
+(the paper merges shard copies relative to the main memory; the same thing for the first batch); ``Δ_act`` is
+averaged over prompt tokens; the irrelevant prompts are a small fixed set plus template contrasts rather than a
+sample of the pre-training corpus, and the contrasts are hard negatives (the pool's subjects nearest the edited
+one; ``contrast_pool`` candidates are ranked, 0 = the whole pool, at the cost of one forward pass up to the
+router's layer per candidate and rewrite); the reference implementation sets the threshold from the edit
+activations alone (its ``act_ratio``), here it is calibrated between edit and held-out negative scores; in long sequential runs the replayed edits and the earlier
+contrasts are seeded samples (at most ``n_replay`` edits, 64 training and 128 calibration contrasts).
 """
 from __future__ import annotations
 
@@ -82,6 +92,7 @@ class WiseHParams(HParams):
     n_contrast: int = 40
     n_calibration: int = 12
     n_replay: int = 16
+    contrast_pool: int = 0
     edits_per_memory: int = 0
     seed: int = 0
 
@@ -98,7 +109,7 @@ class WiseHParams(HParams):
             v = getattr(self, key)
             if not 0 < v <= 1:
                 raise HParamsError(f"hyperparameter {key!r} of method 'wise' must be in (0, 1], got {v}")
-        for key in ("n_irrelevant", "n_contrast", "n_calibration", "n_replay"):
+        for key in ("n_irrelevant", "n_contrast", "n_calibration", "n_replay", "contrast_pool"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise HParamsError(f"hyperparameter {key!r} of method 'wise' must be an integer >= 0, got {v!r}")
@@ -161,12 +172,18 @@ def ties_merge(taus: Sequence[torch.Tensor], density: float = 1.0) -> torch.Tens
 
 
 def calibrate_threshold(edit_scores: Sequence[float], irr_scores: Sequence[float]) -> tuple[float, bool]:
-    """``(ε, separated)``: midpoint between max irrelevant and min edit score when separated, else min edit."""
+    """``(ε, separated)``: the midpoint between the smallest edit score and the largest negative score below it.
+
+    ``separated`` says whether every negative score is below the smallest edit score (then ``ε`` is the midpoint
+    between the two groups). When some negatives score as high as an edit, ``ε`` still sits in the gap just below
+    the smallest edit score, so that every edit of the memory stays routed to it (the router compares
+    ``Δ_act > ε`` strictly: a threshold *at* the smallest edit score would drop that edit); with no negative
+    below it, ``ε`` is half the smallest edit score.
+    """
     lo = min(edit_scores)
-    hi = max(irr_scores) if len(irr_scores) else float("-inf")
-    if lo > hi:
-        return (lo + hi) / 2 if hi > float("-inf") else lo / 2, True
-    return lo, False
+    below = [float(x) for x in irr_scores if x < lo]
+    eps = (lo + max(below)) / 2 if below else lo / 2
+    return eps, len(below) == len(irr_scores)
 
 
 # ============================================================================================ adaptor
@@ -262,22 +279,53 @@ _GENERIC_CLOZE = ("Water boils at a temperature of", "The chemical symbol for go
 
 
 #: subjects that fill an edit's own template to make its *contrast prompts* (same relation, another subject:
-#: the shape of CounterFact's neighbourhood prompts). Types are interleaved so that any window of the tuple mixes
-#: countries, cities, people, works, organisations, substances and places.
-_CONTRAST_SUBJECTS = (
-    "Canada", "Chicago", "Wolfgang Amadeus Mozart", "The Odyssey", "Toyota", "carbon", "Mount Everest",
-    "Mexico", "Cairo", "Napoleon Bonaparte", "War and Peace", "Nokia", "helium", "the Amazon River",
-    "Egypt", "Sydney", "Cleopatra", "Moby-Dick", "the United Nations", "copper", "Stonehenge",
-    "Kenya", "Toronto", "Mahatma Gandhi", "The Divine Comedy", "Coca-Cola", "nitrogen", "the Sahara Desert",
-    "Sweden", "Mumbai", "Nelson Mandela", "Guernica", "Samsung", "silver", "the Golden Gate Bridge",
-    "Argentina", "Istanbul", "Galileo Galilei", "The Night Watch", "Boeing", "uranium", "Lake Victoria",
-    "Vietnam", "Dublin", "Frida Kahlo", "Don Giovanni", "Volkswagen", "calcium", "the Panama Canal",
-    "Norway", "Moscow", "Queen Victoria", "The Iliad", "Nintendo", "zinc", "Mount Kilimanjaro",
-    "Peru", "Barcelona", "Charles Dickens", "Jane Eyre", "Siemens", "lead", "the Louvre",
-    "Poland", "Venice", "Vincent van Gogh", "Frankenstein", "Ford", "mercury", "the Acropolis",
-    "Greece", "Vienna", "Johann Sebastian Bach", "Les Misérables", "IBM", "platinum", "the Kremlin",
-    "Chile", "Amsterdam", "Marco Polo", "The Birth of Venus", "Sony", "neon", "Niagara Falls",
-)
+#: the shape of CounterFact's neighbourhood prompts), by type. The router is trained against the contrasts of the
+#: edited subject's own kind (see :func:`nearest_contrasts`), so every kind CounterFact-style facts are about needs
+#: enough members here. None of them is a subject of tests/integration/test_wise_locality_smollm.py, whose
+#: neighbourhood prompts stay held out.
+_CONTRAST_POOL: dict[str, tuple[str, ...]] = {
+    "country": ("Canada", "Mexico", "Egypt", "Kenya", "Sweden", "Argentina", "Vietnam", "Norway", "Peru", "Poland",
+                "Greece", "Chile", "India", "Australia", "Spain", "Portugal", "Turkey", "Iran", "Nigeria",
+                "Indonesia", "Cuba", "Ireland", "Finland", "Morocco", "Pakistan"),
+    "city": ("Chicago", "Cairo", "Sydney", "Toronto", "Mumbai", "Istanbul", "Dublin", "Moscow", "Barcelona",
+             "Venice", "Vienna", "Amsterdam", "Berlin", "Lisbon", "Prague", "Buenos Aires", "Nairobi", "Shanghai",
+             "Seattle", "Melbourne", "Athens", "Stockholm", "Kyoto", "Havana", "Boston"),
+    "person": ("Wolfgang Amadeus Mozart", "Napoleon Bonaparte", "Cleopatra", "Mahatma Gandhi", "Nelson Mandela",
+               "Galileo Galilei", "Frida Kahlo", "Queen Victoria", "Charles Dickens", "Vincent van Gogh",
+               "Johann Sebastian Bach", "Marco Polo", "Albert Einstein", "Isaac Newton", "Marie Curie",
+               "Abraham Lincoln", "Julius Caesar", "Leo Tolstoy", "Ludwig van Beethoven", "Confucius",
+               "Winston Churchill", "Ernest Hemingway", "Florence Nightingale", "Nikola Tesla", "Joan of Arc"),
+    "written work": ("The Odyssey", "War and Peace", "Moby-Dick", "The Divine Comedy", "Jane Eyre", "Frankenstein",
+                     "Les Misérables", "The Iliad", "Don Quixote", "Macbeth", "Othello", "King Lear",
+                     "Crime and Punishment", "Anna Karenina", "Wuthering Heights", "Great Expectations",
+                     "Oliver Twist", "The Canterbury Tales", "Paradise Lost", "Ulysses", "The Catcher in the Rye",
+                     "To Kill a Mockingbird", "Nineteen Eighty-Four", "Brave New World", "Dracula",
+                     "Madame Bovary", "The Hobbit"),
+    "artwork or music": ("Guernica", "The Night Watch", "The Birth of Venus", "Don Giovanni", "The Creation of Adam",
+                         "The Persistence of Memory", "Girl with a Pearl Earring", "American Gothic", "The Thinker",
+                         "Water Lilies", "The Kiss", "Las Meninas", "The Garden of Earthly Delights",
+                         "The School of Athens", "Swan Lake", "The Magic Flute", "The Four Seasons", "Carmen",
+                         "The Nutcracker", "The Great Wave off Kanagawa", "Sunflowers", "Liberty Leading the People",
+                         "The Raft of the Medusa", "The Arnolfini Portrait", "The Ninth Symphony"),
+    "organisation": ("Toyota", "Nokia", "the United Nations", "Coca-Cola", "Samsung", "Boeing", "Volkswagen",
+                     "Nintendo", "Siemens", "Ford", "IBM", "Sony", "Microsoft", "Nestlé", "IKEA", "Honda",
+                     "Airbus", "Intel", "Netflix", "the Red Cross", "NASA", "the BBC", "Adidas", "Ferrari",
+                     "the World Bank"),
+    "substance": ("carbon", "helium", "copper", "nitrogen", "silver", "uranium", "calcium", "zinc", "lead",
+                  "mercury", "platinum", "neon", "hydrogen", "potassium", "magnesium", "aluminium", "tin",
+                  "chlorine", "sulfur", "nickel", "titanium", "lithium", "cobalt", "argon", "tungsten"),
+    "place or building": ("Mount Everest", "the Amazon River", "Stonehenge", "the Sahara Desert",
+                          "the Golden Gate Bridge", "Lake Victoria", "the Panama Canal", "Mount Kilimanjaro",
+                          "the Louvre", "the Acropolis", "the Kremlin", "Niagara Falls", "the Taj Mahal",
+                          "the Sydney Opera House", "the Parthenon", "Machu Picchu", "the Leaning Tower of Pisa",
+                          "the Brandenburg Gate", "the Sagrada Família", "Buckingham Palace",
+                          "the Empire State Building", "the Burj Khalifa", "Mount Fuji", "the Grand Canyon",
+                          "Angkor Wat", "the Alhambra", "the CN Tower"),
+}
+#: the pool's subjects with the types interleaved, so that any window of the tuple mixes every type
+_CONTRAST_SUBJECTS: tuple[str, ...] = tuple(
+    group[i] for i in range(max(map(len, _CONTRAST_POOL.values()))) for group in _CONTRAST_POOL.values()
+    if i < len(group))
 
 
 def _same_text(a: str, b: str) -> bool:
@@ -327,6 +375,61 @@ def contrast_prompts(template: str, subject: str, n_train: int, n_calibration: i
             continue
         out.append(p)
     return out[:n_train], out[n_train:]
+
+
+def nearest_contrasts(edit_vec: torch.Tensor, cand_vecs: torch.Tensor, n_train: int, n_calibration: int
+                      ) -> tuple[list[int], list[int]]:
+    """The contrast candidates most like the edit prompt, ``(train indices, calibration indices)``.
+
+    ``edit_vec`` and the rows of ``cand_vecs`` are mean prompt activations (the router's input averaged over the
+    prompt tokens). All are centred on the candidates' mean, which removes what every prompt of the template
+    shares, and the candidates are ranked by the cosine of their centred vector with the edit's (highest first;
+    ties: the earlier candidate first). The ``n_train + n_calibration`` nearest are taken: the calibration prompts
+    are evenly spaced ranks among them (so the held-out prompts that set the threshold are as near as the trained
+    ones), the rest train the router. With fewer candidates, training keeps its ``n_train`` and calibration gets
+    the rest.
+    """
+    if len(cand_vecs) == 0:
+        return [], []
+    centre = cand_vecs.double().mean(0)
+    sim = torch.nn.functional.cosine_similarity(cand_vecs.double() - centre, (edit_vec.double() - centre)[None],
+                                                dim=-1).tolist()
+    order = sorted(range(len(sim)), key=lambda i: (-sim[i], i))
+    n = min(len(order), n_train + n_calibration)
+    n_cal = n_calibration if n == n_train + n_calibration else max(0, n - n_train)
+    cal_ranks = {int((k + 0.5) * n / n_cal) for k in range(n_cal)}
+    return ([order[j] for j in range(n) if j not in cal_ranks], [order[j] for j in sorted(cal_ranks)])
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the activation it needs is recorded."""
+
+
+def _mean_acts(lm: "LM", module: str, prompts: Sequence[str], chunk: int = 64) -> torch.Tensor:
+    """The input of ``module`` averaged over each prompt's tokens, ``[n, d_in]`` (the layers above are not run)."""
+    store: list[torch.Tensor] = []
+
+    def hook(_m: Any, args: tuple) -> None:
+        store.append(args[0].detach().float())
+        raise _Stop
+
+    ids = [ops.encode(lm.tokenizer, p) for p in prompts]
+    out = []
+    h = lm.module(module).register_forward_pre_hook(hook)
+    try:
+        for a in range(0, len(ids), chunk):
+            batch = ops.pad_left(ids[a:a + chunk], ops._pad_id(lm), lm.device)
+            store.clear()
+            try:
+                with torch.no_grad():
+                    lm.model(**batch, logits_to_keep=1, use_cache=False)
+            except _Stop:
+                pass
+            m = batch["attention_mask"].to(store[0].dtype)[..., None]
+            out.append(((store[0] * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+    finally:
+        h.remove()
+    return torch.cat(out) if out else torch.zeros((0, 0))
 
 
 def _prompt_acts(lm: "LM", module: str, prompts: Sequence[str], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,12 +527,26 @@ class WiseEditor(Editor):
             return any(_same_text(p, e) for e in mem.prompts) or any(
                 re.search(rf"(?<!\w){re.escape(sj)}(?!\w)", p, flags=re.IGNORECASE) for sj in mem.subjects)
 
+        # contrasts of the edited subject's own kind: the router cannot tell a fact from its relation unless it is
+        # trained against the same relation about *similar* subjects (another novel for a novel's author)
+        need = hp.n_contrast + hp.n_calibration
+        n_pool = len(_CONTRAST_SUBJECTS) if hp.contrast_pool == 0 else max(hp.contrast_pool, need)
+        pools = [[system.format.apply(p) for p in contrast_prompts(r.prompt, r.subject, n_pool, 0,
+                                                                   sorted(mem.subjects), mem.texts)[0]]
+                 for r in rewrites]
+        ranked = need > 0 and any(len(pl) > need for pl in pools)
+        if ranked:
+            vecs = _mean_acts(lm, module, [p for p, _ in items] + [p for pl in pools for p in pl])
+            at = len(items)
         new_con, new_cal = [], []
-        for r in rewrites:
-            tr, ca = contrast_prompts(r.prompt, r.subject, hp.n_contrast, hp.n_calibration, sorted(mem.subjects),
-                                      mem.texts)
-            new_con += [system.format.apply(p) for p in tr]
-            new_cal += [system.format.apply(p) for p in ca]
+        for i, pl in enumerate(pools):
+            if ranked:
+                tr_i, ca_i = nearest_contrasts(vecs[i], vecs[at:at + len(pl)], hp.n_contrast, hp.n_calibration)
+                at += len(pl)
+            else:
+                tr_i, ca_i = list(range(min(len(pl), hp.n_contrast))), list(range(hp.n_contrast, min(len(pl), need)))
+            new_con += [pl[j] for j in tr_i]
+            new_cal += [pl[j] for j in ca_i]
         mem.contrasts = [p for p in mem.contrasts if not clash(p)]
         mem.calibration = [p for p in mem.calibration if not clash(p)]
         generic = [system.format.apply(p) for p in irrelevant_prompts(hp.n_irrelevant, exclude=mem.texts)]

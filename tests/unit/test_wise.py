@@ -39,19 +39,40 @@ def test_ties_merge_by_hand():
 
 def test_calibrate_threshold():
     assert calibrate_threshold([10.0, 12.0], [2.0, 4.0]) == (7.0, True)
-    assert calibrate_threshold([3.0, 12.0], [2.0, 4.0]) == (3.0, False)
+    assert calibrate_threshold([10.0], []) == (5.0, True)
+    # not separated: the threshold stays in the gap just below the smallest edit score, so that edit is still
+    # routed (it used to be the smallest edit score itself, which the strict `score > eps` dropped)
+    assert calibrate_threshold([3.0, 12.0], [2.0, 4.0]) == (2.5, False)
+    assert calibrate_threshold([3.0, 12.0], [5.0, 3.0]) == (1.5, False)
 
 
-def test_router_picks_memory_above_threshold():
+def test_not_separated_threshold_keeps_every_edit_routed():
+    """The router of a memory whose calibration is not separated still sends each of its edits to it."""
+    edit_scores, negatives = [3.0, 12.0], [2.0, 4.0, 13.0]
+    eps, separated = calibrate_threshold(edit_scores, negatives)
+    assert not separated
     ad = WiseAdaptor("m")
-    ad.memories = [SideMemory(torch.tensor([[1.0, 0.0]]), eps=2.0), SideMemory(torch.tensor([[0.0, 1.0]]), eps=2.0)]
-    inp = torch.tensor([[[3.0, 0.0]], [[0.0, 5.0]], [[1.0, 1.0]]])
-    out = torch.zeros(3, 1, 1)
-    start, key = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
-    new, route = ad.on_full(inp, out, start, key)
-    assert route.tolist() == [0, 1, -1]
-    assert new[:, 0, 0].tolist() == [3.0, 5.0, 0.0]  # out + A Δᵀ for routed rows, untouched otherwise
-    assert torch.equal(ad.on_step(inp, out, route)[:, 0, 0], new[:, 0, 0])
+    ad.memories = [SideMemory(torch.tensor([[1.0]]), eps=eps)]
+    inp = torch.tensor(edit_scores + negatives).view(-1, 1, 1)  # score of a row = its one activation
+    route, _ = ad.route(inp, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    assert route.tolist() == [0, 0, -1, 0, 0]
+
+
+def test_nearest_contrasts_by_hand():
+    from editlens.edit.wise import nearest_contrasts
+
+    # the candidates' mean is (1, 1); centred: edit (1, 0); candidates (1, 0), (1, 1), (-1, 0), (0, -1),
+    # (2, 0), (-1, 1), (-2, -1) -> cosines with the edit 1, 0.707, -1, 0, 1, -0.707, -0.894
+    edit_vec = torch.tensor([2.0, 1.0])
+    cands = torch.tensor([[2.0, 1.0], [2.0, 2.0], [0.0, 1.0], [1.0, 0.0], [3.0, 1.0], [0.0, 2.0], [-1.0, 0.0]])
+    # ranks: 0, 4 (tie: earlier first), 1, 3, 5, 6, 2; four nearest, calibration at rank int(0.5 * 4) = 2
+    assert nearest_contrasts(edit_vec, cands, 3, 1) == ([0, 4, 3], [1])
+    assert nearest_contrasts(edit_vec, cands, 2, 2) == ([0, 1], [4, 3])  # calibration ranks 1 and 3
+    # too few (7 of 9): training keeps its 6, calibration gets the one left, at rank int(0.5 * 7) = 3
+    assert nearest_contrasts(edit_vec, cands, 6, 3) == ([0, 4, 1, 5, 6, 2], [3])
+    assert nearest_contrasts(edit_vec, cands[:0], 2, 1) == ([], [])
+    # a shift shared by every prompt (the template's own activation) does not change the ranking
+    assert nearest_contrasts(edit_vec + 100, cands + 100, 3, 1) == ([0, 4, 3], [1])
 
 
 def _cases():
@@ -214,3 +235,21 @@ def test_unrouted_row_of_a_mixed_padded_batch_is_bit_identical_to_the_base(tiny_
     g_b, g_s = base.generate(prompts, max_new_tokens=6), s.generate(prompts, max_new_tokens=6)
     assert g_s[unrouted] == g_b[unrouted]
     assert s.generate([prompts[unrouted]], max_new_tokens=6) == base.generate([prompts[unrouted]], max_new_tokens=6)
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_mean_acts_stop_early_and_equal_the_full_pass(request, model):
+    """The contrast ranking's activations (forward stopped at the router's layer, chunked) equal the masked mean
+    of the full pass's recorded inputs, prompt by prompt, and the model's hooks are left as they were."""
+    from editlens.edit.wise import _mean_acts, _prompt_acts
+
+    lm = request.getfixturevalue(model)
+    module = lm.arch.mlp_out_at(1)
+    prompts = ["Alice Smith lives in the city of", "Hi", "The weather today is rather", "Bob plays the"]
+    acts, mask = _prompt_acts(lm, module, prompts)
+    m = mask.float()[..., None]
+    ref = (acts * m).sum(1) / m.sum(1)
+    got = _mean_acts(lm, module, prompts, chunk=3)  # two chunks of different widths
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert not lm.module(module)._forward_pre_hooks and not lm.module(module)._forward_hooks
