@@ -120,3 +120,79 @@ def hidden_rank(system: "System", layer: int, path: str | None = None) -> float:
     texts = read_heldout(path)
     states = HiddenStates.answer_group(system, [HiddenStates(t, layer) for t in texts])
     return effective_rank(torch.cat(states, dim=0))
+
+
+# ================================================================================================ delta_spectrum
+DELTA_TOP_K = 4
+_MATRICES = {"mlp_out": "mlp_out_at", "mlp_in": "mlp_in_at", "attn_out": "attn_out_at"}
+
+
+@dataclass(frozen=True, order=True)
+class MatrixStack(CustomRequest):
+    """The ``[layers, out, in]`` weights (float32, CPU copies) of one kind of matrix (``mlp_out``, ``mlp_in``,
+    ``attn_out``) of every layer of the system's model, as the system computes with them (pinned weights)."""
+
+    matrix: str
+
+    @classmethod
+    def answer_group(cls, system: "System", requests: Sequence["MatrixStack"]) -> list[torch.Tensor]:
+        from editlens.lm.arch import weight_view
+
+        lm = getattr(system, "lm", None)
+        if lm is None:
+            raise MetricError(f"delta_spectrum needs a system backed by a model; {type(system).__name__} has none")
+        out = []
+        with system.calling():  # type: ignore[attr-defined]
+            for r in requests:
+                at = getattr(lm.arch, _MATRICES[r.matrix])
+                out.append(torch.stack([weight_view(lm.module(at(l))).detach().float().cpu()
+                                        for l in range(lm.n_layers)]))
+        return out
+
+
+@register_metric("delta_spectrum", groups=("collapse",))
+class DeltaSpectrum(Metric):
+    """Top singular values and Frobenius norm of ΔW = W_edited − W_base of every layer's matrix of one kind
+    (``delta_spectrum`` = ``delta_spectrum@mlp_out``: the MLP output projections that ROME/MEMIT edit; also
+    ``@mlp_in``, ``@attn_out``). Rows per layer (``case_id`` = ``"<matrix>:<layer>"``, ``probe_kind =
+    "general"``): ``delta_spectrum`` = ‖ΔW‖_F and ``delta_spectrum_s1`` … ``_s4`` = σ₁ ≥ … ≥ σ₄ of ΔW (float64
+    SVD). Unedited matrices give 0 (the identity). Evaluated at the checkpoints of a sequential run against the
+    unedited base, it follows the accumulated change."""
+
+    direction = "lower"
+    value_range = (0.0, float("inf"))
+    aux_ranges = {f"_s{i}": (0.0, float("inf")) for i in range(1, DELTA_TOP_K + 1)}
+    identity = 0.0
+
+    def __init__(self, matrix: str = "mlp_out"):
+        if matrix not in _MATRICES:
+            raise MetricError(f"delta_spectrum@M: M must be one of {', '.join(_MATRICES)}, got {matrix!r}")
+        super().__init__("delta_spectrum" if matrix == "mlp_out" else f"delta_spectrum@{matrix}", matrix=matrix)
+        self.matrix = matrix
+
+    @classmethod
+    def from_name(cls, name: str, arg: str | None) -> list[Metric]:
+        """``delta_spectrum`` (MLP output projections) or ``delta_spectrum@mlp_in`` / ``@attn_out``."""
+        return [cls(arg or "mlp_out")]
+
+    def case_requests(self, case: "EditCase") -> Iterable[tuple[str, Request]]:  # pragma: no cover
+        return ()
+
+    def requests(self, cases: Sequence["EditCase"]) -> Iterable[tuple[str, Request]]:
+        return [(role, MatrixStack(self.matrix)) for role in (BASE, EDITED)]
+
+    def rows(self, cases: Sequence["EditCase"], answers: Answers) -> Iterable[Row]:
+        wb = answers.get(MatrixStack(self.matrix), on=BASE)
+        we = answers.get(MatrixStack(self.matrix), on=EDITED)
+        if wb.shape != we.shape:
+            raise MetricError(f"delta_spectrum: base and edited {self.matrix} weights differ in shape "
+                              f"({tuple(wb.shape)} vs {tuple(we.shape)})")
+        out = []
+        for l in range(wb.shape[0]):
+            d = we[l].double() - wb[l].double()
+            sv = torch.linalg.svdvals(d)
+            cid = f"{self.matrix}:{l}"
+            out.append(Row(cid, GENERAL_KIND, self.name, float(torch.linalg.norm(d))))
+            for i in range(DELTA_TOP_K):
+                out.append(Row(cid, GENERAL_KIND, f"{self.name}_s{i + 1}", float(sv[i]) if i < len(sv) else 0.0))
+        return out

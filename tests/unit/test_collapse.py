@@ -71,3 +71,38 @@ def test_hidden_rank_values_on_an_edited_model(tiny_llama):
     assert abs(df["hidden_rank@1"] - 1.0) > 1e-4  # the noisy MLPs change the spectrum
     with pytest.raises(MetricError, match="hidden_rank@9: the model has layers 0..3"):
         editlens.evaluate(base, cases, base=base, metrics=["hidden_rank@9"])
+
+
+def test_delta_spectrum_of_a_known_rank_one_change(tiny_llama):
+    from editlens.evaluate import ModelSystem
+    from editlens.testing import check_metric
+
+    check_metric("delta_spectrum")
+    base = ModelSystem(tiny_llama)
+    w = tiny_llama.module(tiny_llama.arch.mlp_out_at(1)).weight
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(w.shape[0], generator=g), torch.randn(w.shape[1], generator=g)
+    orig = w.detach().clone()
+    with torch.no_grad():
+        w.add_(0.1 * torch.outer(u, v))
+    class _Snap:  # what lm.state_view needs to show the base weights to the base system
+        def pairs(self):
+            return [(w, orig)]
+
+    tiny_llama.push_state("rank-one", _Snap())
+    try:
+        edited = ModelSystem(tiny_llama)
+        res = editlens.evaluate(edited, editlens.synthetic_cases(1, seed=0), base=base, metrics=["delta_spectrum"])
+        df = res.to_pandas()
+        val = {(r.case_id, r.metric): r.value for r in df.itertuples()}
+        want = 0.1 * float(u.norm() * v.norm())
+        assert val[("mlp_out:1", "delta_spectrum")] == pytest.approx(want, rel=1e-4)
+        assert val[("mlp_out:1", "delta_spectrum_s1")] == pytest.approx(want, rel=1e-4)
+        assert val[("mlp_out:1", "delta_spectrum_s2")] < 1e-6 * want  # rank one (float32 rounding only)
+        assert all(val[(f"mlp_out:{l}", "delta_spectrum")] == 0.0 for l in (0, 2, 3))
+    finally:
+        with torch.no_grad():
+            w.copy_(orig)
+        tiny_llama.pop_state("rank-one")
+    with pytest.raises(MetricError, match="must be one of"):
+        editlens.evaluate(base, [], base=base, metrics=["delta_spectrum@qkv"])
