@@ -1,4 +1,4 @@
-"""Diagnostics of collapse after (sequential) editing: ``hidden_rank@L``.
+"""Diagnostics of collapse after (sequential) editing: ``hidden_rank@L`` and ``delta_spectrum`` (below).
 
 The benchmarking paper (arXiv 2505.18690) blames the failure of sequential parameter editing partly on a
 "dimensional collapse" of hidden states. ``hidden_rank@L`` measures it as the **effective rank** (Roy & Vetterli,
