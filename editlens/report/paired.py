@@ -564,9 +564,16 @@ def format_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
         rows.append({"dataset": r.dataset, "n_edits": "–" if pd.isna(r.n_edits) else int(r.n_edits),
                      "system": r.system, "column": r.column, "n": n,
                      "mean ref": f"{r.mean_ref:.{digits}f}", "mean system": f"{r.mean_system:.{digits}f}",
-                     f"diff [{lvl:.0%} CI]": f"{r.diff:+.{digits}f} [{r.ci_low:+.{digits}f}, {r.ci_high:+.{digits}f}]",
+                     f"diff [{lvl:.0%} CI]": f"{_num(r.diff, digits)} [{_num(r.ci_low, digits)}, {_num(r.ci_high, digits)}]",
                      "p": _pfmt(r.p_value), "p (Holm)": _pfmt(r.p_holm), "mark": r.mark})
     return pd.DataFrame(rows)
+
+
+def _num(v: float, digits: int) -> str:
+    """Signed, ``digits`` decimals; values too small to show that way (but not 0) in scientific notation."""
+    if v != 0 and abs(v) < 0.5 * 10 ** -digits:
+        return f"{v:+.1e}"
+    return f"{v:+.{digits}f}"
 
 
 def _pfmt(p: float) -> str:
