@@ -466,6 +466,10 @@ class AuditReport:
                 L.append(f"| {label} | {s['n']} | {s['kl_mean']:.3g} | {s['kl_max']:.3g} | {s['js_mean']:.3g} | "
                          f"{s.get('topk@1_mean', math.nan):.3g} | {s.get('topk@5_mean', math.nan):.3g} | "
                          f"{s.get('topk@10_mean', math.nan):.3g} | {s.get('argmax_changed', 0)} of {s['n']} |")
+            for label, pp in self.drift.get("per_prompt", {}).items():
+                if pp:
+                    prompt, kl = max(pp, key=lambda t: t[1])
+                    L.append(f"- most moved {label} prompt: {json.dumps(prompt, ensure_ascii=False)} (KL {kl:.3g})")
             if self.drift.get("general"):
                 L += ["", "| general ability | base | edited | edited − base |", "|---|---|---|---|"]
                 for name, v in self.drift["general"].items():
@@ -489,7 +493,7 @@ class AuditReport:
 
 def audit(base: "LM | str", edited: "LM | str", cases: Sequence["EditCase"] | None = None, *,
           metrics: Any = ("gt", "gtfree"), data_label: str | None = None, prompt_format: str = "raw",
-          weights: bool = True, rank: bool = True, drift_audit: bool = True,
+          weights: bool = True, rank: bool = True, drift_audit: bool = True, general: bool = True,
           prompt_sets: Mapping[str, Sequence[str]] | None = None, batch_tokens: int = 4096,
           device: str | None = None, dtype: str | None = "float32") -> AuditReport:
     """Audit ``edited`` against ``base`` (two :class:`~editlens.lm.LM` or two names/paths loaded with
@@ -497,8 +501,8 @@ def audit(base: "LM | str", edited: "LM | str", cases: Sequence["EditCase"] | No
 
     * pair check (:func:`check_pair`): tokenizers must match, architecture differences are reported;
     * ``weights``: :func:`weight_diff` (changed tensors, ‖ΔW‖_F, relative, rank with its tolerance);
-    * ``drift_audit``: :func:`drift` on the shipped neutral prompts and factual-QA probes plus perplexity and
-      downstream accuracy of both models;
+    * ``drift_audit``: :func:`drift` on the shipped neutral prompts and factual-QA probes plus (``general``)
+      perplexity and downstream accuracy of both models;
     * ``cases``: the probe-kind × metric table of ``metrics`` for the edited model against the base
       (:func:`evaluate_pair`) beside the base model evaluated against itself.
     """
@@ -534,7 +538,7 @@ def audit(base: "LM | str", edited: "LM | str", cases: Sequence["EditCase"] | No
     e = ModelSystem(edited, prompt_format=prompt_format, batch_tokens=batch_tokens)
     if drift_audit:
         t = time.perf_counter()
-        report.drift = drift(b.with_format("raw"), e.with_format("raw"), prompt_sets)
+        report.drift = drift(b.with_format("raw"), e.with_format("raw"), prompt_sets, general=general)
         timings["drift_s"] = time.perf_counter() - t
     if cases is not None:
         import pandas as pd

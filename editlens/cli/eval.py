@@ -88,10 +88,11 @@ def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: 
     base = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
     cache = BaseCache(cache_dir)
     frames = []
-    click.echo(f"evaluating {lm.name} ({base.prompt_format}) on {len(cases)} cases: {', '.join(m.name for m in metric_objs)}")
+    who = lm.name if edited_lm is None else f"{edited_lm.name} against {lm.name}"
+    click.echo(f"evaluating {who} ({base.prompt_format}) on {len(cases)} cases: {', '.join(m.name for m in metric_objs)}")
     from editlens.evaluate.judge import remote_endpoints
 
-    for line in remote_endpoints(metric_objs, [(cases, 1 + len(methods))], control_each=False):
+    for line in remote_endpoints(metric_objs, [(cases, 1 + len(methods) + (edited_lm is not None))], control_each=False):
         click.echo(f"judge endpoint: {line}", err=True)
     res = evaluate(base, cases, base=base, metrics=metric_objs, batch_tokens=batch_tokens, cache=cache)
     frames.append(res.to_pandas().assign(system="base"))
