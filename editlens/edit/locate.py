@@ -8,20 +8,23 @@ its output. This module computes both:
   short texts sampled from the model itself (seeded), each followed by ``". "``. Keys are averaged and the
   target loss is summed over the prefixed prompts so the edit generalises over contexts.
 * :func:`compute_keys` — ``k* = mean_j k(x_j + prompt)`` at the last subject token (ROME eq. 3; MEMIT's ``k_i^l``).
-* :func:`compute_values` — the residual change ``δ`` added at the last subject token of a layer's MLP output,
-  optimised with Adam to minimise (ROME eq. 4, MEMIT eq. 16)::
+* :func:`optimise_values` — the one value optimisation of every locate-then-edit method: the change ``δ`` added,
+  for each :class:`Place`, to a module's output at the last subject token (ROME/MEMIT: the MLP output; PMET: the
+  MLP and the attention outputs, jointly), optimised with Adam to minimise (ROME eq. 4, MEMIT eq. 16)::
 
       L(δ) = mean_j −log P(target | x_j + prompt; h += δ) / |target tokens|        (target NLL)
              + kl_factor · KL(P_edited(· | "{subject}") ‖ P_orig(· | "{subject}"))  (essence drift, "{} is a" prompt
                                                                                      read at the last subject token)
-             + weight_decay · ‖δ‖² / ‖v₀‖²                                           (decay)
+             + weight_decay · Σ_places ‖δ‖² / ‖v₀‖²                                  (decay)
              + extra_loss(ctx)                                                      (optional, e.g. EVK-Align)
 
-  with ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖`` after each step, where ``v₀`` is the original MLP output (``space="mlp"``,
-  ROME) or the original residual stream after the layer (``space="residual"``, MEMIT's ``h^L``) at the last
-  subject token of the unprefixed prompt. Adding ``δ`` to the MLP output at the last subject token is the same
-  as adding it to the residual stream after that layer, so ROME's ``v* = W k* + δ`` and MEMIT's
-  ``z = h^L + δ`` both come from here.
+  with ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖`` after each step, where ``v₀`` is the place's reference output at the last
+  subject token of the unprefixed prompt: the original MLP output (:meth:`Place.mlp`, ROME) or the original
+  residual stream after the layer (:meth:`Place.residual`, MEMIT's ``h^L``). Adding ``δ`` to the MLP output at
+  the last subject token is the same as adding it to the residual stream after that layer, so ROME's
+  ``v* = W k* + δ`` and MEMIT's ``z = h^L + δ`` both come from here. The settings are one frozen
+  :class:`ValueSettings`, which is also the memo key (every field); :func:`compute_values` is a one-place
+  shorthand.
 
 Deviations from the papers (documented): the essence KL reads the next-token distribution at the last subject
 token of ``"{subject} is a"``, which by causality equals the distribution after ``"{subject}"``, so the prompt is
