@@ -186,26 +186,75 @@ def scaled_probability(lm: "LM", prompts: Sequence[str], layer: int, vectors: to
     return p.detach(), (g.detach() if g is not None else None)
 
 
+def _cache_kw(lm: "LM") -> str:
+    """The forward keyword of the KV cache: ``cache`` from transformers 5.24, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+
+
+def _prefix_cache(lm: "LM", ids: list[int]) -> Any:
+    """The KV cache of ``ids[:-1]`` (one row, no gradient)."""
+    with torch.no_grad():
+        out = lm.model(input_ids=torch.tensor([ids[:-1]], device=lm.device), use_cache=True)
+    cache = out.get("cache", None)
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def _last_token_grads(lm: "LM", ids: list[int], cache: Any, layer: int, vectors: torch.Tensor, target: int
+                      ) -> torch.Tensor:
+    """``∂P(target)/∂vectors[r]`` for every row ``r``: one batch of ``len(vectors)`` rows that share the prompt's
+    cached prefix and differ only in the FFN activations of ``layer`` at the last token. Earlier positions never
+    attend to the last one, so reusing their cache is exact."""
+    import copy
+
+    m = vectors.shape[0]
+    c = copy.deepcopy(cache)
+    c.batch_repeat_interleave(m)
+    hook = _ScaleHook()
+    x = vectors.detach().float().clone().requires_grad_(True)
+    hook.scaled = x
+    h = lm.module(lm.arch.mlp_out_at(layer)).register_forward_pre_hook(hook)
+    try:
+        with torch.enable_grad():
+            last = torch.full((m, 1), int(ids[-1]), dtype=torch.long, device=lm.device)
+            logits = lm.model(input_ids=last, use_cache=True, logits_to_keep=1, **{_cache_kw(lm): c}).logits
+            p = torch.softmax(logits[:, -1, :].float(), -1)[:, int(target)]
+            (g,) = torch.autograd.grad(p.sum(), x)
+    finally:
+        h.remove()
+    return g.detach()
+
+
 def integrated_gradients(lm: "LM", prompts: Sequence[str], targets: Sequence[int], layer: int, steps: int, *,
-                         batch_rows: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                         batch_rows: int = 200, caches: Sequence[Any] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """KN attribution of every FFN neuron of ``layer`` for each prompt (paper eq. 3, right Riemann sum).
 
     Returns ``(attr [n_prompts, d_ff], w̄ [n_prompts, d_ff])``. The ``steps`` interpolation points ``α = k/m`` of a
-    prompt are rows of one batch (several prompts share a batch up to ``batch_rows`` rows)."""
+    prompt are rows of one batched forward/backward (in chunks of ``batch_rows`` rows when ``steps`` is larger).
+    Each prompt's prefix (all tokens but the last) is run once and its KV cache shared by the rows (``caches``:
+    the caches of the prompts, reused across layers), so a row costs one token's forward/backward."""
     wbar = layer_activations(lm, prompts, layer)
     m = int(steps)
     alphas = torch.arange(1, m + 1, dtype=torch.float32, device=wbar.device) / m
-    per_chunk = max(1, int(batch_rows) // m)
-    grads = []
-    for s in range(0, len(prompts), per_chunk):
-        idx = list(range(s, min(len(prompts), s + per_chunk)))
-        rows_p = [prompts[i] for i in idx for _ in range(m)]
-        rows_t = [targets[i] for i in idx for _ in range(m)]
-        vec = torch.cat([alphas[:, None] * wbar[i][None, :] for i in idx])
-        _, g = scaled_probability(lm, rows_p, layer, vec, rows_t, grad=True)
-        assert g is not None
-        grads.append(g.view(len(idx), m, -1).mean(1))
-    return wbar * torch.cat(grads), wbar
+    attrs = []
+    for i, prompt in enumerate(prompts):
+        ids = ops.encode(lm.tokenizer, prompt)
+        vec = alphas[:, None] * wbar[i][None, :]
+        total = torch.zeros_like(wbar[i])
+        if len(ids) < 2:  # nothing to cache: the full prompt per row
+            for s in range(0, m, int(batch_rows)):
+                _, g = scaled_probability(lm, [prompt] * len(vec[s:s + batch_rows]), layer, vec[s:s + batch_rows],
+                                          [targets[i]] * len(vec[s:s + batch_rows]), grad=True)
+                assert g is not None
+                total += g.sum(0)
+        else:
+            cache = caches[i] if caches is not None else _prefix_cache(lm, ids)
+            for s in range(0, m, int(batch_rows)):
+                total += _last_token_grads(lm, ids, cache, layer, vec[s:s + int(batch_rows)], targets[i]).sum(0)
+        attrs.append(wbar[i] * total / m)
+    return torch.stack(attrs), wbar
 
 
 # ------------------------------------------------------------------------------------------------ refining
@@ -268,8 +317,10 @@ def locate_neurons(lm: "LM", case: "EditCase", hp: KNHParams, prefixes: list[str
             top = int(_run(lm, _encode(lm, [rw.text])).argmax(-1)[0])
         answers = [top] * len(prompts)
     layers = hp.layer_list(lm)
-    per_layer = [integrated_gradients(lm, prompts, answers, l, hp.steps, batch_rows=hp.batch_rows)[0]
-                 for l in layers]
+    caches = [_prefix_cache(lm, ops.encode(lm.tokenizer, p)) if len(ops.encode(lm.tokenizer, p)) > 1 else None
+              for p in prompts]
+    per_layer = [integrated_gradients(lm, prompts, answers, l, hp.steps, batch_rows=hp.batch_rows,
+                                      caches=caches)[0] for l in layers]
     d_ff = per_layer[0].shape[1]
     attrs = torch.cat(per_layer, dim=1)  # [n_prompts, n_layers * d_ff]
     flat, p = refine(attrs, hp.threshold, hp.share, hp.min_neurons, hp.max_neurons)

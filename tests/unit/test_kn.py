@@ -15,7 +15,7 @@ from editlens.testing import check_method, edit_cases
 
 PROMPT = "Alice Smith lives in the city of"
 LAYER = 1
-M_REF = 2000
+M_REF = 1000
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _prob_with(lm, t: int, replace):
 
 @pytest.fixture(scope="module")
 def reference(lm):
-    """A plain loop: the right Riemann sum of w̄ ∫ ∂P(αw̄)/∂w dα with 2000 steps, one forward/backward each."""
+    """A plain loop: the right Riemann sum of w̄ ∫ ∂P(αw̄)/∂w dα with 1000 steps, one forward/backward each."""
     t = _answer(lm)
     with torch.no_grad():
         f1, wbar = _prob_with(lm, t, lambda x: x)
