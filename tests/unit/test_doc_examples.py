@@ -173,8 +173,13 @@ PY_DOCS = sorted({b.doc for b in BLOCKS if b.lang == "python" and b.skip_reason 
 def _registries():
     """Unregister what a doc example registers (methods, metrics, request types)."""
     from editlens.edit import base as edit_base
-    from editlens.evaluate import core
+    from editlens.edit import registered_methods
+    from editlens.evaluate import core, registered_metrics
 
+    # discover first: a copy taken before discovery would be empty, and restoring it would leave the registries
+    # empty for the next page (discovery does not run twice)
+    registered_methods()
+    registered_metrics()
     saved = [(d, dict(d)) for d in (edit_base._METHODS, core._REGISTRY, core._REQUEST_TYPES)]
     yield
     for d, old in saved:
