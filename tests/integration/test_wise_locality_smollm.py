@@ -8,6 +8,8 @@ word for word one of WISE's built-in irrelevant prompts.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from editlens.data.schema import Rewrite, make_case
@@ -49,11 +51,14 @@ def base_neighbours(smollm):
 
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_wise_flips_edits_and_keeps_the_neighbourhood(smollm, cases, base_neighbours, mode):
-    """Hard floor (fails on the router before the fix: 4 of 18 neighbourhood answers kept, 5 of 6 edits flipped):
-    at least 5 of 6 edits flip and 16 of 18 neighbourhood answers stay. The issue's target — every edit flipped
-    and >= 90% of the neighbourhood kept — is checked last and reported as an expected failure while unmet
-    (measured: batch 6/6 flipped, 16/18 kept; sequential 5/6, 17/18; the router still admits "Pride and
-    Prejudice was written by" next to the "Romeo and Juliet" edit)."""
+    """The issue's target: every edit flips and >= 90% of the neighbourhood answers stay (at most 1 of 18
+    changes), in one batch and one edit at a time.
+
+    Before the fix: batch 6/6 flipped, 16/18 kept (the router admitted "Pride and Prejudice" and "The Great
+    Gatsby was written by" next to the "Romeo and Juliet" edit: its contrasts were a type-mixed window with few
+    works, so it learnt "a work's author" rather than the fact); sequential 5/6 flipped (the uncalibratable
+    threshold was set *at* the "gold" edit's score, and routing is strict), 17/18 kept. Measured after: 6/6 and
+    18/18 in both modes (docs/methods-preserving-incontext.md, WISE)."""
     fp = smollm.weights_fingerprint()
     e = edit(smollm, cases, "wise") if mode == "batch" else edit_sequential(smollm, cases, "wise", batch_size=1)
     try:
@@ -63,14 +68,15 @@ def test_wise_flips_edits_and_keeps_the_neighbourhood(smollm, cases, base_neighb
         after = s.generate(NEIGHBOURS, max_new_tokens=MAX_NEW)
         changed = [(p, a, b) for p, a, b in zip(NEIGHBOURS, base_neighbours, after) if a != b]
         d = e.diagnostics
-        assert sum(flipped) >= 5, (mode, gens, d)
-        assert len(changed) <= 2, (mode, changed, d)
+        assert all(flipped), (mode, gens, d)
+        assert len(changed) <= 0.1 * len(NEIGHBOURS), (mode, changed, d)
         if mode == "batch":
             assert d["router_separated"], d
+        # the contrasts the router was trained and calibrated on never name a held-out neighbour subject
+        negatives = [p for m in s.adaptor.memories for p in m.contrasts + m.calibration]
+        held_out = re.compile("|".join(rf"\b{re.escape(n)}\b" for *_, ns in FACTS for n in ns), re.IGNORECASE)
+        assert len(negatives) >= 40 * len(cases) and not [p for p in negatives if held_out.search(p)]
     finally:
         e.undo()
     assert smollm.weights_fingerprint() == fp
     assert not smollm.model._forward_hooks
-    if not all(flipped) or len(changed) > 0.1 * len(NEIGHBOURS):
-        pytest.xfail(f"issue target unmet ({mode}): flipped {sum(flipped)}/{len(cases)}, neighbourhood changed "
-                     f"{len(changed)}/{len(NEIGHBOURS)}: {changed}")
