@@ -48,26 +48,9 @@ BATCH_SPEC = """
     sizes = [1, 2]
 """
 
-SEQ_SPEC = """
-    name = "ray-seq"
-    model = "tiny-llama"
-    metrics = ["kl", "t_acc"]
-
-    [[datasets]]
-    path = "synthetic:4"
-
-    [[methods]]
-    name = "ft"
-    hparams = { steps = 2 }
-
-    [[methods]]
-    name = "rome"
-    hparams = { n_prefixes = 1, prefix_length = 4, v_num_grad_steps = 4, stats_n_samples = 8, stats_max_length = 16 }
-
-    [regime]
-    kind = "sequential"
-    checkpoints = [1, 2, 4]
-"""
+SEQ_SPEC = BATCH_SPEC.replace('"ray-batch"', '"ray-seq"').replace('kind = "batch"\n    sizes = [1, 2]',
+                                                                   'kind = "sequential"\n    checkpoints = [1, 2, 4]')
+assert "checkpoints" in SEQ_SPEC
 
 
 def _write(tmp: Path, name: str, text: str, stats: Path) -> Path:
