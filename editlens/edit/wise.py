@@ -100,7 +100,7 @@ class WiseHParams(HParams):
               "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "gamma": NON_NEGATIVE}
     ARCH_DEFAULTS = {"tiny": {"layer": 2, "alpha": 0.05, "beta": 0.5, "gamma": 0.3, "lr": 0.05, "n_iter": 30,
                               "n_irrelevant": 6, "n_contrast": 4, "n_calibration": 2},
-                     "smollm2-135m": {"layer": 26, "lr": 0.02, "n_iter": 25}}
+                     "smollm2-135m": {"layer": 26, "lr": 0.02, "n_iter": 60}}
 
     def validate(self) -> None:
         if self.n_shards < 1:
