@@ -445,13 +445,7 @@ def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", sour
     partial = bool(ck.issues)
     n_structural = len(ck.issues)
     try:
-        for check in checks:
-            try:
-                check(spec)
-            except SpecError as e:
-                _absorb(ck, e, ())
-            except EditlensError as e:
-                ck.err((), str(e))
+        _run_checks(ck, spec, checks)
     except Exception:
         if not partial:
             raise
@@ -774,6 +768,17 @@ def _method(d: dict, path: KeyPath, ck: _Checker) -> MethodSpec | None:
     return MethodSpec(name=name, label=label, hparams=dict(hp), evk_align=None if evk is None else dict(evk))
 
 
+def _run_checks(ck: "_Checker", spec: "Spec", checks) -> None:
+    """Run each check on ``spec``; a SpecError's issues and any other EditlensError are recorded on ``ck``."""
+    for check in checks:
+        try:
+            check(spec)
+        except SpecError as e:
+            _absorb(ck, e, ())
+        except EditlensError as e:
+            ck.err((), str(e))
+
+
 def _absorb(ck: _Checker, e: SpecError, path: KeyPath) -> None:
     issues = getattr(e, "issues", None)
     if issues:
@@ -975,13 +980,7 @@ def validate_spec(spec: Spec) -> Spec:
         SpecError: every problem at once, each with its key and line.
     """
     ck = _Checker(_source(spec), spec.lines)
-    for check in REGISTRY_CHECKS:
-        try:
-            check(spec)
-        except SpecError as e:
-            _absorb(ck, e, ())
-        except EditlensError as e:
-            ck.err((), str(e))
+    _run_checks(ck, spec, REGISTRY_CHECKS)
     if ck.issues:
         ck.issues[:] = sorted(dict.fromkeys(ck.issues), key=lambda i: (i.line is None, i.line or 0))
     ck.raise_if_any()
