@@ -13,6 +13,9 @@ Contents (each only when the data allow it):
   ``ref=`` (``editlens report --ref``), else the pre-edit baseline when the run has one (else no paired table).
 * ``sensitivity`` — per sweep axis, method and metric: Kendall's τ, coverage, std (Liu et al. Tables 2–3).
 * ``rank_stability`` and ``rank_stability_groups`` — τ of method rankings across datasets (Table 4).
+* ``cases`` — the per-case view (:mod:`editlens.report.cases`): for each unit every case with its prompt, subject,
+  targets, per probe kind the base and edited greedy answers (when the run recorded them) and the metric values;
+  filters (flipped, probe kind, metric below a threshold), search and sortable columns in the HTML page.
 * figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
   value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ. Curves carry 95% bootstrap bands over
   cases, resampled once per panel for every point (see :func:`editlens.report.plots.plot_lines`).
@@ -63,6 +66,7 @@ class Report:
     tables: list[ReportTable] = field(default_factory=list)
     figures: list[ReportFigure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cases: list = field(default_factory=list)  #: per-case tables (:class:`editlens.report.cases.CaseUnit`)
 
     def table(self, name: str) -> pd.DataFrame:
         """A table by name (KeyError if absent)."""
@@ -106,6 +110,7 @@ class Report:
             parts.append("<nav><ul>" + "".join(f"<li><a href='#{_e(t.name)}'>{_e(t.title)}</a></li>"
                                                for t in self.tables)
                          + "".join(f"<li><a href='#fig-{_e(f.name)}'>{_e(f.title)}</a></li>" for f in self.figures)
+                         + ("<li><a href='#cases'>Cases</a></li>" if self.cases else "")
                          + "</ul></nav>")
         for t in self.tables:
             parts.append(f"<section id='{_e(t.name)}'><h2>{_e(t.title)}</h2>")
@@ -118,7 +123,10 @@ class Report:
             parts.append(f"<section id='fig-{_e(f.name)}'><h2>{_e(f.title)}</h2>"
                          + (f"<p class='note'>{_e(f.note)}</p>" if f.note else "")
                          + f"<img alt='{_e(f.title)}' src='data:image/png;base64,{b64}'></section>")
-        return _PAGE.format(title=_e(self.title), body="\n".join(parts))
+        from editlens.report.cases import CASES_CSS, PAGE_JS, cases_html
+
+        parts.append(cases_html(self.cases, digits=digits))
+        return _PAGE.format(title=_e(self.title), body="\n".join(parts), css=CASES_CSS, js=PAGE_JS)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -130,9 +138,11 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 img {{ max-width: 100%; border: 1px solid #eee; }} .note, .meta {{ color: #555; font-size: 0.9em; }}
 tr.sig td {{ background: #fff3c4; font-weight: 600; }}
+{css}
 </style></head>
 <body>
 {body}
+<script>{js}</script>
 </body></html>
 """
 
@@ -146,7 +156,10 @@ def _table_html(df: pd.DataFrame, digits: int, mark_col: str | None = None) -> s
     shown = df.copy()
     for c in shown.columns:
         shown[c] = [tables._cell(v, digits) for v in shown[c]]
-    out = shown.to_html(index=False, escape=True, border=0, na_rep="–")
+    # one header row: sortable by a click (a two-level header would misalign the column index)
+    classes = None if isinstance(shown.columns, pd.MultiIndex) else "sortable"
+    out = "<div class='scroll'>" + shown.to_html(index=False, escape=True, border=0, na_rep="–",
+                                                 classes=classes) + "</div>"
     if mark_col is None or mark_col not in df.columns:
         return out
     flags = iter([bool(str(v).strip()) and str(v) != "nan" for v in df[mark_col]])
@@ -202,21 +215,24 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
                  ranges: Mapping[str, Sequence[float]] | None = None,
                  groups: Mapping[str, Sequence[str]] | None = None, reference: str | None = None,
                  unbounded: str = "nan", delta_k_key: str = "delta_k_mean", plots_enabled: bool = True,
-                 ref: str | None = None, resamples: int = 2000, seed: int = 0) -> Report:
+                 ref: str | None = None, resamples: int = 2000, seed: int = 0, cases: bool = True,
+                 cases_max_rows: int | None = None) -> Report:
     """Compute the report of a Store / store path / results DataFrame (see the module docstring).
 
     Runs are never pooled: a store's report shows its latest run, or ``run_id``, or with ``all_runs`` every run
     side by side (a ``run`` column in the tables, ``label [run]`` in the figures). A DataFrame holding several
     runs is shown side by side.
 
-    ``ref`` names the reference system of the paired table (default: the pre-edit baseline when the run has
-    one); ``resamples`` and ``seed`` set its bootstrap. Unpaired cases are dropped
+    ``ref`` names the reference system of the paired table (default: the spec's ``report.ref``, else the
+    pre-edit baseline when the run has one); ``resamples`` and ``seed`` set its bootstrap. ``cases`` adds the
+    per-case view (:mod:`editlens.report.cases`; ``cases_max_rows`` bounds its rows per unit). Unpaired cases are dropped
     there (and counted in a note); ``editlens compare`` refuses them.
     """
     df, diags, opts, run_notes = _source_frames(source, run_id, all_runs)
     ranges = ranges if ranges is not None else opts.get("ranges")
     groups = groups if groups is not None else opts.get("groups")
     reference = reference or opts.get("reference") or "auto"
+    ref = ref if ref is not None else opts.get("ref")
     rep = Report(title=title or opts.get("title") or "editlens report")
     rep.notes += run_notes
     if df.empty:
@@ -245,6 +261,11 @@ def build_report(source: Any, *, run_id: str | None = None, all_runs: bool = Fal
                                       rs, "τ-b between method scores on each pair of datasets, averaged."))
         rep.tables.append(ReportTable("rank_stability_groups", "Rank stability, averaged per metric group", rg))
 
+    if cases:
+        from editlens.report.cases import build_case_units
+
+        rep.cases, case_notes = build_case_units(df, diags, max_rows=cases_max_rows)
+        rep.notes += case_notes
     if plots_enabled:
         if "run_id" in df.columns and df["run_id"].nunique() > 1:  # one curve per method and run
             df = df.assign(method_label=df["method_label"].astype(str) + " [" + df["run_id"].astype(str) + "]")

@@ -55,7 +55,7 @@ _TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "re
 _MODEL_KEYS = ("name", "device", "dtype", "prompt_format")
 _DATASET_KEYS = ("name", "path", "format", "limit", "sample", "seed")
 _METHOD_KEYS = ("name", "label", "hparams", "evk_align")
-_REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots")
+_REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots", "ref")
 
 
 # ============================================================================ spec dataclasses
@@ -664,7 +664,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
     report: dict[str, Any] = {}
     if "report" in d and ck.table(d, ("report",), _REPORT_KEYS):
         r = d["report"]
-        for k in ("title", "html", "out"):
+        for k in ("title", "html", "out", "ref"):  # ref: the paired table's reference system (a method label)
             if k in r:
                 ck.string(r[k], ("report", k))
         if "reference" in r:
