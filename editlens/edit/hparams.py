@@ -3,8 +3,9 @@
 :class:`LocateHParams` holds what :mod:`editlens.edit.locate` and :mod:`editlens.edit.stats` need: the context
 prefixes, the value optimisation (ROME eq. 4 / MEMIT eq. 16; read by
 :meth:`editlens.edit.locate.ValueSettings.from_hparams`) and the second-moment statistics. Defaults are the
-papers' GPT-2-XL / GPT-J values (20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5); methods set the
-clamp factor and layers per architecture.
+papers' GPT-2-XL / GPT-J values (20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5, in the reference
+code's form ``‖δ‖/‖v₀‖²``, stopping once the total loss is below 0.05); methods set the clamp factor and layers per
+architecture.
 """
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ class LocateHParams(HParams):
         clamp_norm_factor: ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖``.
         kl_factor: weight of the essence KL term.
         kl_template: prompt whose last-subject-token distribution must not drift (``""`` disables).
-        early_stop_loss: per-request target NLL below which optimisation of that request stops.
+        early_stop_loss: a request's optimisation stops once its ``early_stop_on`` loss is below this.
+        v_decay: decay form, ``"reference"`` (``‖δ‖/‖v₀‖²``, the public ROME/MEMIT code) or ``"squared"``
+            (``‖δ‖²/‖v₀‖²``, editlens before issue 16); see :class:`editlens.edit.locate.ValueSettings`.
+        early_stop_on: ``"total"`` (NLL + KL term + decay, the reference code) or ``"nll"`` (target NLL alone).
         stats_corpus: corpus of the second moments (``""``: text sampled from the model; or a .txt/.jsonl path).
         stats_n_samples: documents of the statistics corpus.
         stats_max_length: tokens per document.
@@ -46,6 +50,8 @@ class LocateHParams(HParams):
     kl_factor: float = 0.0625
     kl_template: str = "{} is a"
     early_stop_loss: float = 0.05
+    v_decay: str = "reference"
+    early_stop_on: str = "total"
     stats_corpus: str = ""
     stats_n_samples: int = 256
     stats_max_length: int = 128
@@ -71,6 +77,10 @@ class LocateHParams(HParams):
         for key in ("v_weight_decay", "kl_factor", "early_stop_loss"):
             if getattr(self, key) < 0:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be >= 0")
+        for key, allowed in (("v_decay", ("reference", "squared")), ("early_stop_on", ("total", "nll"))):
+            if getattr(self, key) not in allowed:
+                raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be one of "
+                                   f"{', '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
         if self.kl_template and "{}" not in self.kl_template:
             raise HParamsError(f"hyperparameter 'kl_template' of method {self.method!r} needs a '{{}}'")
 

@@ -15,7 +15,7 @@ its output. This module computes both:
       L(δ) = mean_j −log P(target | x_j + prompt; h += δ) / |target tokens|        (target NLL)
              + kl_factor · KL(P_edited(· | "{subject}") ‖ P_orig(· | "{subject}"))  (essence drift, "{} is a" prompt
                                                                                      read at the last subject token)
-             + weight_decay · Σ_places ‖δ‖² / ‖v₀‖²                                  (decay)
+             + weight_decay · Σ_places ‖δ‖ / ‖v₀‖²                                   (decay, as the reference code)
              + extra_loss(ctx)                                                      (optional, e.g. EVK-Align)
 
   with ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖`` after each step, where ``v₀`` is the place's reference output at the last
@@ -26,12 +26,17 @@ its output. This module computes both:
   :class:`ValueSettings`, which is also the memo key (every field); :func:`compute_values` is a one-place
   shorthand.
 
+By default the objective is the one the public ROME/MEMIT code computes (issue 16): the decay is
+``‖δ‖/‖v₀‖²`` (not squared) and a request stops once its *total* loss (NLL + KL term + decay) is below
+``early_stop_loss`` (0.05). editlens's earlier choices stay available as named options of
+:class:`ValueSettings`: ``decay="squared"`` (``‖δ‖²/‖v₀‖²``) and ``early_stop_on="nll"`` (stop on the target NLL
+alone); with both, the result is bit for bit that of the pre-issue-16 loop (``tests/unit/frozen_values_v1.py``).
+
 Deviations from the papers (documented): the essence KL reads the next-token distribution at the last subject
 token of ``"{subject} is a"``, which by causality equals the distribution after ``"{subject}"``, so the prompt is
-cut after the subject (fewer logits); the weight decay is ``‖δ‖²/‖v₀‖²``; requests of a batch are optimised
-jointly (their losses are independent, so this equals separate optimisation) with per-request early stopping
-once the target NLL is below ``early_stop_loss``; forward passes are chunked by a token budget with gradient
-accumulation (exact).
+cut after the subject (fewer logits); requests of a batch are optimised jointly (their losses are independent,
+so this equals separate optimisation, early stopping per request); forward passes are chunked by a token budget
+with gradient accumulation (exact).
 """
 from __future__ import annotations
 
@@ -197,6 +202,26 @@ def _hparam(name: str | None) -> dict[str, Any]:
     return {"hparam": name}
 
 
+#: values of :attr:`ValueSettings.decay` (the first is the default: the reference code's form)
+DECAY_FORMS = ("reference", "squared")
+#: values of :attr:`ValueSettings.early_stop_on` (the first is the default: the reference code's rule)
+EARLY_STOP_ON = ("total", "nll")
+
+
+def decay_term(delta: torch.Tensor, init_norm: torch.Tensor, form: str) -> torch.Tensor:
+    """The decay of one place per request (before ``weight_decay``): ``‖δ‖/‖v₀‖²`` (``form="reference"``, the
+    public ROME/MEMIT code) or ``‖δ‖²/‖v₀‖²`` (``"squared"``). ``delta [n, d]``, ``init_norm [n]`` → ``[n]``.
+
+    At ``δ = 0`` the reference form's gradient is taken as 0 (PyTorch's subgradient of the norm, as in the
+    reference code, whose first step starts at ``δ = 0``)."""
+    den = init_norm.pow(2).clamp(min=1e-12)
+    if form == "reference":
+        return delta.norm(dim=-1) / den
+    if form == "squared":
+        return delta.pow(2).sum(-1) / den
+    raise MethodError(f"value settings: 'decay' must be one of {', '.join(map(repr, DECAY_FORMS))}, got {form!r}")
+
+
 @dataclass(frozen=True)
 class ValueSettings:
     """Everything besides the requests and the places that the value optimisation's result depends on.
@@ -214,9 +239,17 @@ class ValueSettings:
         kl_factor: weight of the essence KL term (0 disables it; ``kl_template=None`` too).
         weight_decay: weight of ``Σ_places ‖δ‖²/‖v₀‖²``.
         clamp_norm_factor: each ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖`` of its place after each update.
-        early_stop_loss: a request stops updating once its target NLL is below this.
+        early_stop_loss: a request stops updating once its stopping quantity (``early_stop_on``) is below this.
         kl_template: essence prompt (with ``{}``) read at the last subject token; ``None`` or ``""``: no KL term.
         batch_tokens: token budget of one forward chunk (gradients are accumulated over chunks).
+        decay: form of the decay term of each place: ``"reference"`` (default) ``weight_decay · ‖δ‖ / ‖v₀‖²``, as
+            the public ROME/MEMIT code computes it (``compute_v`` / ``compute_z``); ``"squared"``
+            ``weight_decay · ‖δ‖² / ‖v₀‖²`` (editlens's objective before issue 16: a smooth penalty, stronger
+            than the reference's once ``‖δ‖ > 1/2``, weaker below).
+        early_stop_on: what is compared with ``early_stop_loss``: ``"total"`` (default, the reference code's
+            rule) a request's whole loss ``NLL + kl_factor · KL + decay``; ``"nll"`` its target NLL alone
+            (editlens's rule before issue 16, which stops earlier: the total is never below the NLL). An
+            ``extra_loss`` (one scalar for the whole batch) is not part of either.
     """
 
     prefixes: tuple[str, ...] = field(default=("",), metadata=_hparam(None))
@@ -228,6 +261,8 @@ class ValueSettings:
     early_stop_loss: float = field(default=5e-2, metadata=_hparam("early_stop_loss"))
     kl_template: str | None = field(default="{} is a", metadata=_hparam("kl_template"))
     batch_tokens: int = field(default=2048, metadata=_hparam("batch_tokens"))
+    decay: str = field(default="reference", metadata=_hparam("v_decay"))
+    early_stop_on: str = field(default="total", metadata=_hparam("early_stop_on"))
 
     def __post_init__(self) -> None:
         if isinstance(self.prefixes, str) or not all(isinstance(p, str) for p in self.prefixes):
@@ -238,6 +273,10 @@ class ValueSettings:
         object.__setattr__(self, "kl_template", self.kl_template or None)
         if self.kl_template is not None and "{}" not in self.kl_template:
             raise MethodError(f"value settings: 'kl_template' needs a '{{}}' for the subject, got {self.kl_template!r}")
+        for name, allowed in (("decay", DECAY_FORMS), ("early_stop_on", EARLY_STOP_ON)):
+            if getattr(self, name) not in allowed:
+                raise MethodError(f"value settings: {name!r} must be one of {', '.join(map(repr, allowed))}, "
+                                  f"got {getattr(self, name)!r}")
         for name in ("steps", "batch_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -589,10 +628,12 @@ def _compute_values(lm: "LM", requests: Sequence[Request], places: Sequence[Plac
         nll_prev, kl_prev = nll.clone(), kl.clone()
         decay: torch.Tensor | None = None
         for d, nrm in zip(deltas, init_norms):
-            term = d.pow(2).sum(-1) / nrm.pow(2).clamp(min=1e-12)
+            term = decay_term(d, nrm, s.decay)
             decay = term if decay is None else decay + term
         wd = s.weight_decay * decay
-        active, losses = _finish_step(ctx, it, extra_loss, nll, kl, wd, active, s.early_stop_loss, update)
+        stop_on = None if s.early_stop_on == "nll" else nll + s.kl_factor * kl + wd.detach()
+        active, losses = _finish_step(ctx, it, extra_loss, nll, kl, wd, active, s.early_stop_loss, update,
+                                      stop_on=stop_on)
         if not update or not bool(active.any()):
             break
         olds = [d.detach().clone() for d in deltas]
@@ -612,11 +653,11 @@ def _compute_values(lm: "LM", requests: Sequence[Request], places: Sequence[Plac
 
 def _finish_step(ctx: ValueLossContext, it: int, extra_loss: ExtraLoss | None, nll: torch.Tensor,
                  kl: torch.Tensor, wd: torch.Tensor, active: torch.Tensor, early_stop_loss: float,
-                 update: bool) -> tuple[torch.Tensor, dict[str, float]]:
+                 update: bool, stop_on: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The end of one value-optimisation step: evaluate the optional ``extra_loss(ctx)`` (a scalar, e.g.
-    EVK-Align), mark requests whose NLL fell below ``early_stop_loss`` as done, backpropagate weight decay + extra
-    loss (the chunk losses were backpropagated already) and return the new ``active`` mask with the step's loss
-    figures."""
+    EVK-Align), mark requests whose stopping quantity ``stop_on`` (per request; default: the NLL) fell below
+    ``early_stop_loss`` as done, backpropagate weight decay + extra loss (the chunk losses were backpropagated
+    already) and return the new ``active`` mask with the step's loss figures."""
     extra = None
     if extra_loss is not None:
         ctx.step = it
@@ -624,7 +665,8 @@ def _finish_step(ctx: ValueLossContext, it: int, extra_loss: ExtraLoss | None, n
             extra = extra_loss(ctx)
         if not (torch.is_tensor(extra) and extra.dim() == 0):
             raise EditlensError("extra_loss must return a scalar tensor")
-    active = active & (nll > early_stop_loss)
+    # "nll" (editlens's old rule) goes on while NLL > threshold; "total" (the reference) while not total < threshold
+    active = active & (nll > early_stop_loss if stop_on is None else stop_on >= early_stop_loss)
     if update:
         total = wd.sum() + (extra if extra is not None else 0.0)
         if torch.is_tensor(total) and total.requires_grad:

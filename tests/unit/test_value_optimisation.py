@@ -2,8 +2,10 @@
 
 * its memo key covers every field of the frozen :class:`ValueSettings` (walked with ``dataclasses.fields``, so a
   field added later is covered without touching this file), the places and the requests;
-* ROME's v* / MEMIT's z are bit for bit those of the pre-refactor loop (``frozen_values_v1.py``), with prefixes,
-  the essence KL, several chunks, partial early stopping and an EVK-Align extra loss;
+* ROME's v* / MEMIT's z with editlens's earlier objective, reached through the named options
+  ``decay="squared"``, ``early_stop_on="nll"`` (issue 16 made the reference code's objective the default; see
+  ``test_rome_reference.py``), are bit for bit those of the pre-refactor loop (``frozen_values_v1.py``), with
+  prefixes, the essence KL, several chunks, partial early stopping and an EVK-Align extra loss;
 * PMET's value step is the shared function at PMET's places, and equals the pre-refactor PMET copy;
 * the two-place objective against an independent reference (one Adam step = −lr·sign of a gradient computed
   request by request, prompt by prompt);
@@ -44,8 +46,16 @@ def _requests(n=3):
     return locate.requests_from_cases(_cases(n))
 
 
+#: fields with a fixed set of values: a different valid value of each
+CHOICES = {"reference": "squared", "squared": "reference", "total": "nll", "nll": "total"}
+#: editlens's objective before issue 16, as named options (the frozen oracle computes this one)
+OLD = dict(decay="squared", early_stop_on="nll")
+
+
 def _other(value):
     """A different valid value of a settings field (for the real memo miss); by the value's type."""
+    if isinstance(value, str) and value in CHOICES:
+        return CHOICES[value]
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -146,19 +156,22 @@ def test_rome_memit_values_bit_identical_to_the_pre_refactor_loop(model, config)
     space = kw.pop("space")
     old = v1._compute_values(lm, reqs, 1, prefixes=prefixes, space=space, extra_loss=extra(), **kw)
     place = Place.mlp(lm, 1) if space == "mlp" else Place.residual(lm, 1)
-    new = optimise_values(lm, reqs, [place], ValueSettings(prefixes=tuple(prefixes), **kw), extra_loss=extra(),
-                          memo=False)
+    new = optimise_values(lm, reqs, [place], ValueSettings(prefixes=tuple(prefixes), **kw, **OLD),
+                          extra_loss=extra(), memo=False)
     assert torch.equal(new.delta, old.delta) and torch.equal(new.init, old.init)
     assert new.losses == old.losses
     assert old.delta.abs().sum() > 0  # not vacuous: something was optimised
     if config == "memit_partial_stop":  # some requests stopped early, but not all of them
         assert old.losses["loss/steps"] == kw["steps"]
         never = optimise_values(lm, reqs, [place], ValueSettings(prefixes=tuple(prefixes), **{
-            **kw, "early_stop_loss": 0.0}), memo=False)
+            **kw, **OLD, "early_stop_loss": 0.0}), memo=False)
         assert not torch.allclose(never.delta, old.delta)
     if config == "rome":  # the shorthand, through the memo, gives the same
-        short = locate.compute_values(lm, reqs, 1, prefixes=prefixes, space=space, **kw)
+        short = locate.compute_values(lm, reqs, 1, prefixes=prefixes, space=space, **kw, **OLD)
         assert torch.equal(short.delta, old.delta)
+        # the default (reference) objective is another one: not what the frozen loop computes
+        ref = locate.compute_values(lm, reqs, 1, prefixes=prefixes, space=space, **kw)
+        assert not torch.equal(ref.delta, old.delta)
 
 
 # ------------------------------------------------------------------------------------------------ (b) PMET
@@ -174,7 +187,7 @@ def test_pmet_value_step_is_the_shared_function(monkeypatch):
 
     monkeypatch.setattr(locate, "_compute_values", spy)
     lm.__dict__.pop("_value_memo", None)
-    e = edit(lm, _cases(2), "pmet", layers=[1, 2], progress=False)
+    e = edit(lm, _cases(2), "pmet", layers=[1, 2], progress=False, v_decay="squared", early_stop_on="nll")
     hp = e.hparams
     assert len(seen) == 1
     places, settings, got = seen[0]
@@ -190,8 +203,10 @@ def test_pmet_value_step_is_the_shared_function(monkeypatch):
     for a, b in zip(fresh.deltas + fresh.inits, got.deltas + got.inits):
         assert torch.equal(a, b)
     # and the pre-refactor PMET loop gives those bits too
+    assert (settings.decay, settings.early_stop_on) == ("squared", "nll")
     old = v1.compute_pmet_values(lm, _requests(2), 2, **{f.name: getattr(settings, f.name)
-                                                          for f in dataclasses.fields(settings)})
+                                                          for f in dataclasses.fields(settings)
+                                                          if f.name not in OLD})
     assert torch.equal(old.delta_mlp, fresh.deltas[0]) and torch.equal(old.delta_attn, fresh.deltas[1])
     assert torch.equal(old.init_attn, fresh.inits[1]) and old.losses == fresh.losses
 
@@ -237,6 +252,7 @@ def test_two_places_one_adam_step_against_a_reference_gradient():
     (dict(weight_decay=-1), "weight_decay"), (dict(early_stop_loss=-1e-3), "early_stop_loss"),
     (dict(batch_tokens=0), "batch_tokens"), (dict(kl_template="is a"), "kl_template"),
     (dict(prefixes=()), "prefixes"), (dict(prefixes="The"), "prefixes"),
+    (dict(decay="l1"), "decay"), (dict(early_stop_on="kl"), "early_stop_on"),
 ])
 def test_bad_settings_name_the_field(kw, field):
     with pytest.raises(MethodError, match=f"'{field}'"):
