@@ -16,8 +16,9 @@ target and the base model's did not (both compared after stripping whitespace an
 
 The page (:func:`cases_html`) has filters — flipped / not flipped, probe kind, "metric below a threshold" — and a
 free-text search, all applied by a small inline script (no network, no library); every column header sorts. The
-filter state lives in the URL hash (``#cases:kind=neighborhood&flip=yes&metric=s_acc&below=0.5&q=paris``) so a
-filtered view can be linked, and a test can open it. Every string from the store is HTML-escaped; the script
+filter state lives in the URL hash (``#cases:kind=neighborhood&flip=yes&metric=s_acc&below=0.5&q=paris``, and
+``sort=<column>`` / ``sort=-<column>`` for a descending sort of the per-case tables) so a filtered view can be
+linked, and a test can open it. Every string from the store is HTML-escaped; the script
 only reads ``textContent`` and data attributes written by this module (numbers and escaped names).
 """
 from __future__ import annotations
@@ -324,7 +325,8 @@ def cases_html(units: Sequence[CaseUnit], *, digits: int = 3) -> str:
 #: CSS of the per-case view and the scrolling/sortable tables (added to the page's style)
 CASES_CSS = """
 .scroll { overflow-x: auto; max-width: 100%; }
-table.cases td { text-align: left; vertical-align: top; max-width: 22em; overflow-wrap: anywhere; }
+table.cases td, table.cases th { text-align: left; vertical-align: top; max-width: 22em; overflow-wrap: anywhere; }
+table.cases td:nth-child(-n+3), table.cases th { white-space: nowrap; }
 table.cases td.num { text-align: right; white-space: nowrap; }
 table.cases .ans { font-family: ui-monospace, monospace; white-space: pre-wrap; }
 table.sortable th { cursor: pointer; user-select: none; }
@@ -345,9 +347,9 @@ PAGE_JS = r"""
     var x = parseFloat(s);
     return (s !== "" && isFinite(x) && /^[-+]?[0-9.]/.test(s)) ? [0, x] : [1, s.toLowerCase()];
   }
-  function sortBy(th) {
+  function sortBy(th, asc) {
     var table = th.closest("table"), idx = Array.prototype.indexOf.call(th.parentNode.children, th);
-    var asc = !th.classList.contains("asc");
+    if (asc === undefined) asc = !th.classList.contains("asc");
     Array.prototype.forEach.call(th.parentNode.children, function (h) { h.classList.remove("asc", "desc"); });
     th.classList.add(asc ? "asc" : "desc");
     Array.prototype.forEach.call(table.tBodies, function (tb) {
@@ -356,7 +358,7 @@ PAGE_JS = r"""
         var ka = key(a.cells[idx]), kb = key(b.cells[idx]);
         if (ka[0] !== kb[0]) return ka[0] - kb[0];          // numbers first, blanks and text after
         var c = ka[1] < kb[1] ? -1 : ka[1] > kb[1] ? 1 : 0;
-        return asc ? c : -c;
+        return asc ? c : -c;                                 // Array.sort is stable: ties keep their order
       });
       rows.forEach(function (r) { tb.appendChild(r); });
     });
@@ -367,6 +369,7 @@ PAGE_JS = r"""
   var form = document.getElementById("case-filters");
   if (!form) return;
   var F = { flip: "f-flip", kind: "f-kind", metric: "f-metric", below: "f-below", q: "f-q" };
+  var sortKey = "";   // "<header>" ascending, "-<header>" descending: from the hash, or the last header clicked
   function el(k) { return document.getElementById(F[k]); }
   function state() {
     var s = {};
@@ -395,6 +398,7 @@ PAGE_JS = r"""
     Object.keys(F).forEach(function (k) {
       if (s[k] !== "") parts.push(k + "=" + encodeURIComponent(k === "metric" ? metricName(s[k]) : s[k]));
     });
+    if (sortKey) parts.push("sort=" + encodeURIComponent(sortKey));
     var h = parts.length ? "#cases:" + parts.join("&") : "";
     if (location.hash !== h && (h || location.hash.indexOf("#cases:") === 0) && history.replaceState)
       history.replaceState(null, "", h || location.pathname + location.search);
@@ -409,6 +413,7 @@ PAGE_JS = r"""
     h.slice(7).split("&").forEach(function (p) {
       var i = p.indexOf("="), k = p.slice(0, i), v;
       try { v = decodeURIComponent(p.slice(i + 1)); } catch (e) { return; }
+      if (k === "sort" && i > 0) { sortKey = v; return; }
       if (!F[k] || i < 0) return;
       if (k === "metric") {
         var opts = el("metric").options;
@@ -417,15 +422,27 @@ PAGE_JS = r"""
         el(k).value = v;
       }
     });
-    var sec = document.getElementById("cases");
-    if (sec && sec.scrollIntoView) sec.scrollIntoView();
   }
+  function applySort() {   // sort every per-case table by the header named in sortKey
+    if (!sortKey) return;
+    var desc = sortKey.charAt(0) === "-", name = desc ? sortKey.slice(1) : sortKey;
+    document.querySelectorAll("table.cases thead th").forEach(function (th) {
+      if (th.textContent.replace(/ [\u25b2\u25bc]$/, "") === name) sortBy(th, !desc);
+    });
+  }
+  document.querySelectorAll("table.cases thead th").forEach(function (th) {
+    th.addEventListener("click", function () {
+      sortKey = (th.classList.contains("asc") ? "" : "-") + th.textContent;
+      apply();
+    });
+  });
   load();
+  applySort();
   apply();
   Object.keys(F).forEach(function (k) {
     el(k).addEventListener(k === "q" || k === "below" ? "input" : "change", apply);
   });
-  window.addEventListener("hashchange", function () { load(); apply(); });
+  window.addEventListener("hashchange", function () { load(); applySort(); apply(); });
 })();
 """
 

@@ -27,9 +27,10 @@ def _case(prompt, subject, new, old, probes):
                        for k, (n, p, t, b, e) in probes.items()}}
 
 
-def make_store(path: Path) -> Path:
-    """Two units (rome, memit) over cases c1, c2, c10; rome flips c1 and c10, memit flips c2 only; a hostile
-    string in the subject, answers and method label."""
+def make_store(path: Path, odd: str = HOSTILE) -> Path:
+    """Two units (rome, memit) over cases c1, c2, c10; rome flips c1 and c10, memit flips c2 only; the string
+    ``odd`` (default: a hostile one) is case c2's subject, part of its prompts and answers, and of rome's label."""
+    HOSTILE = odd  # noqa: N806 - the module constant's role, under the caller's value
     ans = {
         "rome": _answers({
             "c1": _case("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris",
@@ -58,7 +59,7 @@ def make_store(path: Path) -> Path:
             rows += [(1, 3, "c1", "neighborhood", "kl", kl[m]["c1"])]
             rows += [(1, 3, c, "rewrite", "kl", v) for c, v in kl[m].items() if c != "c1"]
             rows += [(1, 3, None, None, "perplexity", 12.5)]  # a general metric: no case, not in the per-case view
-            label = m if m == "memit" else f"rome {HOSTILE}"
+            label = m if m == "memit" or odd != globals()["HOSTILE"] else f"rome {HOSTILE}"
             st.commit_unit("r1", f"{m}-u", rows, diagnostics={ANSWERS_KEY: ans[m], "wall_time_s": 1.0},
                            meta={"method": m, "label": label, "dataset": "mcf", "n_edits": 3, "seed": 0})
     return path
