@@ -7,7 +7,7 @@ from editlens.lm import LM, Arch, load_model
 __version__ = "0.1.0"
 
 __all__ = ["EditlensError", "LM", "Arch", "load_model", "load_cases", "save_cases", "synthetic_cases", "ModelSystem",
-           "System", "edit", "evaluate", "__version__"]
+           "System", "edit", "evaluate", "train", "TrainedEditor", "__version__"]
 
 
 def __getattr__(name: str):  # lazy re-exports keep `import editlens` light
@@ -23,6 +23,10 @@ def __getattr__(name: str):  # lazy re-exports keep `import editlens` light
         import editlens.data as data
 
         return getattr(data, name)
+    if name in ("train", "TrainedEditor"):
+        from editlens.edit import trained
+
+        return getattr(trained, name)
     if name in ("edit", "evaluate"):
         # the subpackages are callable: editlens.edit(...) is editlens.edit.edit(...), same for evaluate
         import importlib

@@ -49,6 +49,11 @@ class MethodError(EditlensError):
     """Unknown editing method, or a method used in a way it does not support."""
 
 
+class TrainingError(EditlensError):
+    """Training a trained editor (MEND, MALMEN, KE, SERAC) failed: a case lacks a probe the method trains on (the
+    message names the case and the probe kind), or a loss became NaN/inf (the message names the step)."""
+
+
 class MetricError(EditlensError):
     """Unknown metric, or a metric that cannot run on the given cases or system."""
 

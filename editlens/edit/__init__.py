@@ -6,9 +6,11 @@ scanning this package and the ``editlens.methods`` entry points of installed pac
 """
 from editlens.edit.base import (Edit, Editor, HParams, SequenceState, WeightSnapshot, edit, edit_sequential,
                                 get_method, method_import_errors, model_keys, register_method, registered_methods)
+from editlens.edit.trained import TrainableEditor, TrainedEditor, train, trainable_methods
 
 __all__ = ["Edit", "Editor", "HParams", "SequenceState", "WeightSnapshot", "edit", "edit_sequential", "get_method",
-           "method_import_errors", "model_keys", "register_method", "registered_methods"]
+           "method_import_errors", "model_keys", "register_method", "registered_methods", "TrainableEditor",
+           "TrainedEditor", "train", "trainable_methods"]
 
 
 def _make_callable() -> None:

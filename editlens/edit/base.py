@@ -714,6 +714,13 @@ def _resolve_hparams(editor: Editor, lm: "LM", hparams: HParams | Mapping[str, A
     return hp
 
 
+def _set_trained(editor: Editor, lm: "LM", trained: Any) -> None:
+    """Give a trained method its editor (checked against the method and the model); refuse ``trained`` elsewhere."""
+    from editlens.edit.trained import resolve_trained
+
+    resolve_trained(editor, lm, trained)
+
+
 def _check_evk_support(editor: Editor, evk_align: Any) -> None:
     if evk_align is not None and not editor.supports_evk_align:
         raise MethodError(f"method {editor.name!r} does not take evk_align: EVK-Align regularises a value "
@@ -758,13 +765,16 @@ def _check_system_format(editor: Editor, result: Edit, fmt: Any) -> None:
 
 def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memit",
          hparams: HParams | Mapping[str, Any] | None = None, *, evk_align: Any = None, progress: bool = False,
-         prompt_format: Any = "raw", **overrides: Any) -> Edit:
+         prompt_format: Any = "raw", trained: Any = None, **overrides: Any) -> Edit:
     """Apply ``method`` to ``lm`` for all ``cases`` in one batch; returns a reversible :class:`Edit`.
 
     Args:
         hparams: an ``HParams`` instance of the method, a mapping of overrides of the model's defaults, or
             ``None`` for the defaults of ``lm``'s architecture.
         evk_align: optional EVK-Align regulariser passed to the method's value optimisation.
+        trained: for the trained methods (MEND, MALMEN, KE, SERAC; see :mod:`editlens.edit.trained`): the trained
+            editor, a :class:`~editlens.edit.trained.TrainedEditor` or the directory it was saved in; it must have
+            been trained for this model. Other methods refuse it.
         prompt_format: ``"raw"`` (default), ``"chat"`` or ``"auto"`` (chat when the tokenizer has a chat template;
             see :mod:`editlens.lm.prompting`). ``Edit.system`` poses prompts in it, and the wrapper methods build
             their edit in it (GRACE/WISE train on the prompts as posed, IKE/SCR write their context in the chat
@@ -785,6 +795,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
     cases = _check_cases(cases)
     check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
+    _set_trained(editor, lm, trained)
     t0 = time.perf_counter()
     with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
         result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
@@ -797,7 +808,8 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
 def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch_size: int = 1,
                     hparams: HParams | Mapping[str, Any] | None = None, checkpoints: Iterable[int] = (),
                     callback: Callable[[int, int, Edit], Any] | None = None, evk_align: Any = None,
-                    progress: bool = False, seed: int = 0, prompt_format: Any = "raw", **overrides: Any) -> Edit:
+                    progress: bool = False, seed: int = 0, prompt_format: Any = "raw", trained: Any = None,
+                    **overrides: Any) -> Edit:
     """Edit batch after batch (``batch_size`` cases each), in order; returns the run's reversible :class:`Edit`.
 
     ``callback(step, n_edits, edit_so_far)`` is called after the batch at which ``n_edits`` first reaches each
@@ -809,7 +821,8 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     dropped, the fingerprint tag is replaced (not stacked) at each step.
 
     ``prompt_format`` (``raw`` / ``chat`` / ``auto``) is the run's, as for :func:`edit`: every step is made in it and
-    every ``edit_so_far.system`` poses prompts in it.
+    every ``edit_so_far.system`` poses prompts in it. ``trained`` is the trained editor of a trained method, as for
+    :func:`edit`.
     """
     if batch_size < 1:
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
@@ -819,6 +832,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     cases = _check_cases(cases)
     check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
+    _set_trained(editor, lm, trained)
     state = editor.begin_sequence(lm, hp, seed=seed)
     marks = sorted({int(c) for c in checkpoints})
     run_id = uuid.uuid4().hex[:8]
