@@ -256,6 +256,12 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     6. ``evk_align`` is either applied (called during the edit) and recorded in ``diagnostics["evk_align"]``, or
        refused with a :class:`MethodError` before any work.
 
+    A trained method (:class:`~editlens.edit.trained.TrainableEditor`: MEND, MALMEN, KE, SERAC) is first trained on
+    the check's cases with its ``contract_train_overrides()`` (a few seconds on the tiny model), and every edit
+    above gets ``trained=``. It is further checked that: an edit without ``trained=`` is a :class:`MethodError`;
+    training left the weights untouched; the editor saved and loaded back has the same tensors bit for bit and
+    makes the same edit bit for bit; an editor recorded for other weights is refused.
+
     Returns a report ``{"method", "model", "checks": [...], "evk_align": "applied" | "refused", "seconds"}``.
 
     Raises:
@@ -282,6 +288,15 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     prompts = [c.rewrite.text for c in cases[:2]]
     base_out = _answers(ModelSystem(lm), prompts)
 
+    # 0. trained methods: train a small editor first (every edit below is made with it)
+    kw: dict[str, Any] = {}
+    from editlens.edit.trained import TrainableEditor
+
+    if isinstance(editor, TrainableEditor):
+        kw["trained"] = _check_trained(name, editor, lm, cases, before, fp, hooks)
+        checks.append("trained: needs trained=, training leaves weights, save/load bit for bit, same edit, "
+                      "other model refused")
+
     # 1. hyperparameters
     with _Stage(f"check_method({name!r}): default hyperparameters for {lm.name}"):
         hp = editor.default_hparams(lm)
@@ -293,7 +308,7 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     checks.append("hparams round-trip through a spec")
     bogus = "no_such_hyperparameter_for_the_contract"
     try:
-        e = edit(lm, cases[:1], name, **{bogus: 1})
+        e = edit(lm, cases[:1], name, **kw, **{bogus: 1})
     except HParamsError as err:
         if bogus not in str(err):
             raise ContractError(f"check_method({name!r}): the HParamsError for an unknown hyperparameter does not "
@@ -313,7 +328,7 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     for n in (1, 2):
         what = f"edit of {n} case(s)"
         with _Stage(f"check_method({name!r}): {what}"):
-            e = edit(lm, cases[:n], name)
+            e = edit(lm, cases[:n], name, **kw)
         if not isinstance(e, Edit) or e.method != name or len(e.cases) != n:
             raise ContractError(f"check_method({name!r}): {what} returned {e!r}; expected an Edit of method {name!r} "
                                 f"with {n} case(s)")
@@ -342,7 +357,7 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
         diags.append(dict(ed.diagnostics))
 
     with _Stage(f"check_method({name!r}): edit_sequential of 3 cases, 1 per step"):
-        run = edit_sequential(lm, cases[:3], name, batch_size=1, callback=cb)
+        run = edit_sequential(lm, cases[:3], name, batch_size=1, callback=cb, **kw)
     if steps != [(1, 1), (2, 2), (3, 3)]:
         raise ContractError(f"check_method({name!r}): edit_sequential called back with (step, n_edits) {steps}, "
                             "expected [(1, 1), (2, 2), (3, 3)]")
@@ -357,7 +372,7 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     # 6. evk_align
     probe = _EvkProbe()
     try:
-        e = edit(lm, cases[:1], name, evk_align=probe)
+        e = edit(lm, cases[:1], name, evk_align=probe, **kw)
     except MethodError as err:
         if probe.calls:
             raise ContractError(f"check_method({name!r}): evk_align was refused ({err}) after the method had already "
@@ -382,6 +397,65 @@ def check_method(name: str, lm: "LM | None" = None, *, cases: Sequence["EditCase
     checks.append(f"evk_align {evk}")
     return {"method": name, "model": lm.name, "checks": checks, "evk_align": evk,
             "seconds": time.perf_counter() - t0}
+
+
+def _check_trained(name: str, editor: Any, lm: "LM", cases: Sequence["EditCase"], before: Mapping[str, torch.Tensor],
+                   fp: str, hooks: int) -> Any:
+    """The trained-method part of :func:`check_method`; returns the trained editor the other checks edit with."""
+    import tempfile
+
+    from editlens.edit.base import edit
+    from editlens.edit.trained import TrainedEditor, train
+
+    try:
+        edit(lm, cases[:1], name)
+    except MethodError as err:
+        if "trained" not in str(err):
+            raise ContractError(f"check_method({name!r}): editing without trained= raised a MethodError that does "
+                                f"not say a trained editor is needed: {err}") from None
+    except Exception as err:  # noqa: BLE001
+        raise ContractError(f"check_method({name!r}): editing without trained= raised {type(err).__name__} "
+                            f"({err}), not MethodError") from err
+    else:
+        raise ContractError(f"check_method({name!r}): a trained method edited without trained=")
+    _check_undo(name, "an edit refused for lack of a trained editor", lm, before, fp, hooks)
+    with _Stage(f"check_method({name!r}): training with contract_train_overrides()"):
+        te = train(name, lm, list(cases), progress=False, **editor.contract_train_overrides())
+    _check_undo(name, "training", lm, before, fp, hooks)
+    if not isinstance(te, TrainedEditor) or te.method != name or not te.tensors:
+        raise ContractError(f"check_method({name!r}): train() returned {te!r}; expected a TrainedEditor of {name!r} "
+                            "with its learned tensors")
+    with tempfile.TemporaryDirectory() as tmp, _Stage(f"check_method({name!r}): save and load the editor"):
+        back = TrainedEditor.load(te.save(Path(tmp) / "editor"))
+    if set(back.tensors) != set(te.tensors) or any(
+            back.tensors[k].dtype != te.tensors[k].dtype or not torch.equal(_bits(back.tensors[k]),
+                                                                            _bits(te.tensors[k].cpu()))
+            for k in te.tensors):
+        raise ContractError(f"check_method({name!r}): the editor loaded back differs from the one saved")
+    if back.hparams != json.loads(json.dumps(te.hparams)) or back.base_fingerprint != te.base_fingerprint:
+        raise ContractError(f"check_method({name!r}): hyperparameters or fingerprint changed through save/load")
+    outs = []
+    for which in (te, back):
+        with _Stage(f"check_method({name!r}): edit with the {'trained' if which is te else 'loaded'} editor"):
+            e = edit(lm, cases[:1], name, trained=which)
+            outs.append((_copy(lm), _answers(e.system, [cases[0].rewrite.text])))
+            e.undo()
+        _check_undo(name, "undo() of an edit with a trained editor", lm, before, fp, hooks)
+    (w1, o1), (w2, o2) = outs
+    if any(not torch.equal(_bits(w1[k]), _bits(w2[k])) for k in w1) or not torch.equal(o1, o2):
+        raise ContractError(f"check_method({name!r}): the editor loaded back makes a different edit than the one "
+                            "trained (weights or answers differ)")
+    alien = dataclasses.replace(te, base_fingerprint="0" * 16, model_name="another-model")
+    try:
+        edit(lm, cases[:1], name, trained=alien)
+    except EditlensError as err:
+        if "trained for model 'another-model'" not in str(err):
+            raise ContractError(f"check_method({name!r}): an editor of other weights was refused without naming "
+                                f"the model: {err}") from None
+    else:
+        raise ContractError(f"check_method({name!r}): an editor trained for other weights was accepted")
+    _check_undo(name, "a refused editor of another model", lm, before, fp, hooks)
+    return te
 
 
 # =========================================================================================== metrics

@@ -221,3 +221,26 @@ def test_saved_editor_loads_in_a_new_process(toy, lm, tmp_path):
     method, model, total = out.split()
     assert (method, model) == (toy, "tiny-llama")
     assert float(total) == float(te.tensors["direction"].double().sum())
+
+
+def test_contract_check_covers_trained_methods(toy):
+    from editlens.testing import check_method
+
+    report = check_method(toy)
+    assert any(c.startswith("trained:") for c in report["checks"])
+    assert report["evk_align"] == "refused"
+
+
+def test_contract_check_catches_an_editor_that_does_not_round_trip(toy, monkeypatch):
+    from editlens.testing import ContractError, check_method
+
+    real_load = TrainedEditor.load.__func__
+
+    def lossy(cls, directory):
+        te = real_load(cls, directory)
+        te.tensors = {k: v + 1 for k, v in te.tensors.items()}
+        return te
+
+    monkeypatch.setattr(TrainedEditor, "load", classmethod(lossy))
+    with pytest.raises(ContractError, match="loaded back differs"):
+        check_method(toy)
