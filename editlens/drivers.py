@@ -8,6 +8,10 @@ edited system, undo, apply another — live here and hand the edited systems to 
   apply ``e1, e2`` sequentially (θ''), measure ``k_n``, ``k_o`` (and the tied fact ``k_t``); undo.
 * :func:`round_edit_scores` — RoundEdit: measure the true objects on the unedited model (θ), apply ``e1`` (θ'),
   measure ``o*`` and ``o``; undo; apply ``e1, e2`` (θ*), measure every object and ``o*``; undo.
+* :func:`evaluate_staged` — the same two-stage protocol for *registered* metrics (the pitfalls metrics of
+  :mod:`editlens.evaluate.pitfalls`, and any other): per ConflictEdit/RoundEdit record, apply ``e1`` (θ′) and
+  freeze the answers to the metrics' :class:`~editlens.evaluate.pitfalls.AfterFirstEdit` requests; undo; apply
+  ``e1`` then ``e2`` (θ″) and evaluate every metric on it; undo. ``editlens eval --method`` uses it for such data.
 * :func:`sequential_edit_fn` — the ``edit_fn`` both take, from a method name
   (:func:`editlens.edit.edit_sequential` with one edit per step).
 
@@ -34,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``.system`` (the edited system) and ``.undo()`` (an :class:`~editlens.edit.base.Edit` is one)
 EditFn = Callable[["LM", Sequence["EditCase"]], Any]
 
-__all__ = ["EditFn", "sequential_edit_fn", "conflict_scores", "round_edit_scores"]
+__all__ = ["EditFn", "sequential_edit_fn", "conflict_scores", "round_edit_scores", "evaluate_staged"]
 
 
 def sequential_edit_fn(method: str, **overrides: Any) -> EditFn:
@@ -114,3 +118,82 @@ def round_edit_scores(lm: "LM", edit_fn: EditFn, round_cases: Sequence[P.RoundCa
         records.append((c, P.round_values(p_before, p_mid_inter, p_mid_orig, after[:-1], after[-1],
                                           code_compat=code_compat)))
     return P.round_results(records, code_compat=code_compat)
+
+
+def evaluate_staged(lm: "LM", cases: Sequence["EditCase"], method: str, metrics: Any = ("pitfalls",), *,
+                    base: "System | None" = None, hparams: Any = None, evk_align: Any = None,
+                    prompt_format: str = "raw", seed: int = 0, batch_tokens: int | None = 4096,
+                    cache: Any = True, progress: bool = False, trained: Any = None) -> "Results":
+    """Evaluate ``metrics`` on ``cases`` with each case edited **alone** by ``method`` (Li et al.'s protocol).
+
+    A ConflictEdit / RoundEdit case (:func:`editlens.data.formats.pitfalls.is_staged`) is edited in two stages:
+    ``e1`` alone (θ′), where the answers to the metrics' :class:`~editlens.evaluate.pitfalls.AfterFirstEdit`
+    requests are taken (only when a metric asks for them); undo; then ``e1`` and ``e2`` one after the other
+    (:func:`editlens.edit.edit_sequential`, one edit per step: θ″), where every metric is evaluated through a
+    :class:`~editlens.evaluate.pitfalls.StagedSystem`; undo. Any other case is edited alone with
+    :func:`editlens.edit.edit` and evaluated. ``base`` (default: the unedited ``lm``) answers the base requests.
+
+    Returns one :class:`~editlens.evaluate.core.Results` with the rows of every case; ``meta`` is the first
+    evaluation's plus ``protocol = "staged"``, the number of edits applied and the edit time.
+    """
+    import time
+
+    from editlens.data.formats.pitfalls import is_staged, stage_cases
+    from editlens.edit import edit, edit_sequential
+    from editlens.evaluate.core import Results, evaluate, resolve_metrics
+    from editlens.evaluate.pitfalls import StagedSystem, after_first_requests, answer_after_first
+
+    metric_objs = resolve_metrics(metrics)
+    kw: dict[str, Any] = {"hparams": hparams, "evk_align": evk_align, "prompt_format": prompt_format}
+    if trained is not None:
+        kw["trained"] = trained
+    if base is None:
+        from editlens.system import ModelSystem
+
+        base = ModelSystem(lm, prompt_format=prompt_format)
+    rows: list = []
+    meta: dict[str, Any] = {}
+    n_edits, t_edit = 0, 0.0
+    import warnings
+
+    for i, case in enumerate(cases):
+        if progress:  # pragma: no cover - console output
+            print(f"[evaluate_staged] {method}: case {i + 1}/{len(cases)} ({case.case_id})", flush=True)
+        if not is_staged(case):
+            t0 = time.perf_counter()
+            with _edited(lambda m, cs: edit(m, cs, method, **kw), lm, [case], case.case_id) as system:
+                t_edit += time.perf_counter() - t0
+                with warnings.catch_warnings():  # a metric without rows on this one case is said once, below
+                    warnings.filterwarnings("ignore", message=r".*produced no rows")
+                    res = evaluate(system, [case], base=base, metrics=metric_objs, batch_tokens=batch_tokens,
+                                   cache=cache, progress=False)
+            n_edits += len(case.rewrites)
+        else:
+            stages = stage_cases(case)
+            first: dict = {}
+            reqs = after_first_requests(metric_objs, [case])
+            if reqs:
+                t0 = time.perf_counter()
+                with _edited(lambda m, cs: edit(m, cs, method, **kw), lm, stages[:1], case.case_id) as mid:
+                    t_edit += time.perf_counter() - t0
+                    first = answer_after_first(mid, reqs)
+                n_edits += 1
+            t0 = time.perf_counter()
+            with _edited(lambda m, cs: edit_sequential(m, cs, method, batch_size=1, seed=seed, **kw), lm, stages,
+                         case.case_id) as final:
+                t_edit += time.perf_counter() - t0
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*produced no rows")
+                    res = evaluate(StagedSystem(final, first), [case], base=base, metrics=metric_objs,
+                                   batch_tokens=batch_tokens, cache=cache, progress=False)
+            n_edits += 2
+        rows.extend(res.rows)
+        if not meta:
+            meta = dict(res.meta)
+    silent = [m.name for m in metric_objs if not any(r.metric == m.name for r in rows)]
+    if silent and cases:
+        warnings.warn(f"{len(silent)} metric(s) produced no rows on these {len(cases)} case(s): {', '.join(silent)}",
+                      stacklevel=2)
+    meta.update({"protocol": "staged", "method": method, "n_cases": len(cases), "n_edits_applied": n_edits,
+                 "edit_time_s": t_edit})
+    return Results(rows, meta)

@@ -1,6 +1,7 @@
 """Dataset formats: the registry, content-based detection, and the parsing loop.
 
-Each format module (``counterfact``, ``zsre``, ``mquake``, ``ripple``, ``knowedit``, ``jsonl``) exposes
+Each format module (``counterfact``, ``zsre``, ``mquake``, ``ripple``, ``knowedit``, ``jsonl``; ``pitfalls`` holds
+two, ``conflictedit`` and ``roundedit``) exposes
 ``NAME``, ``DESCRIPTION``, ``matches(record) -> bool`` and ``parse(record, *, index, path) -> EditCase``.
 Detection looks at the *content* of the first record (its keys), never only at the file name, so a renamed
 ``data.json`` is recognised as well as ``counterfact.json``. The container (JSON array, JSON Lines, single
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from editlens.data.formats import counterfact, jsonl, knowedit, mquake, ripple, zsre
+from editlens.data.formats import counterfact, jsonl, knowedit, mquake, pitfalls, ripple, zsre
 from editlens.data.io import PathLike, RecordSource, open_records
 from editlens.data.schema import EditCase
 from editlens.errors import DataFormatError
@@ -37,12 +38,18 @@ def _fmt(mod: ModuleType) -> Format:
 
 #: Registered formats, in detection order (the first whose ``matches`` accepts the first record wins).
 FORMATS: dict[str, Format] = {f.name: f for f in map(_fmt, (jsonl, mquake, counterfact, ripple, zsre, knowedit))}
+# ConflictEdit / RoundEdit share one module (editlens.data.formats.pitfalls), so they are built by hand
+FORMATS[pitfalls.CONFLICT_NAME] = Format(pitfalls.CONFLICT_NAME, pitfalls.CONFLICT_DESCRIPTION,
+                                         pitfalls.conflict_matches, pitfalls.parse_conflict)
+FORMATS[pitfalls.ROUND_NAME] = Format(pitfalls.ROUND_NAME, pitfalls.ROUND_DESCRIPTION, pitfalls.round_matches,
+                                      pitfalls.parse_round)
 
 #: Other accepted spellings of format names.
 ALIASES: dict[str, str] = {
     "cf": "counterfact", "mcf": "counterfact", "multi_counterfact": "counterfact", "multicounterfact": "counterfact",
     "zsre_mend": "zsre", "rippleedits": "ripple", "ripple_edits": "ripple", "mquake_cf": "mquake",
     "editlens": "jsonl", "kedit": "knowedit",
+    "conflict_edit": "conflictedit", "conflict": "conflictedit", "round_edit": "roundedit", "round": "roundedit",
 }
 
 
