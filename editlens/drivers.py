@@ -153,7 +153,7 @@ def evaluate_staged(lm: "LM", cases: Sequence["EditCase"], method: str, metrics:
         base = ModelSystem(lm, prompt_format=prompt_format)
     rows: list = []
     meta: dict[str, Any] = {}
-    n_edits, t_edit = 0, 0.0
+    n_edits, t_edit, t_start = 0, 0.0, time.perf_counter()
     import warnings
 
     for i, case in enumerate(cases):
@@ -194,6 +194,7 @@ def evaluate_staged(lm: "LM", cases: Sequence["EditCase"], method: str, metrics:
     if silent and cases:
         warnings.warn(f"{len(silent)} metric(s) produced no rows on these {len(cases)} case(s): {', '.join(silent)}",
                       stacklevel=2)
+    meta["timings"] = {**dict(meta.get("timings", {})), "total_s": time.perf_counter() - t_start}
     meta.update({"protocol": "staged", "method": method, "n_cases": len(cases), "n_edits_applied": n_edits,
                  "edit_time_s": t_edit})
     return Results(rows, meta)

@@ -14,7 +14,8 @@ import click
 
 from editlens.errors import EditlensError
 
-_FORMAT_HELP = "dataset format (default: detected from the content); one of counterfact, zsre, mquake, ripple, knowedit, jsonl"
+_FORMAT_HELP = ("dataset format (default: detected from the content); one of counterfact, zsre, mquake, ripple, knowedit, "
+                "jsonl, conflictedit, roundedit")
 
 
 def _fail(e: EditlensError) -> None:
@@ -57,6 +58,13 @@ def inspect_cmd(file: str, fmt: str | None, limit: int | None, case_index: int) 
     extra = sum(len(c.extra_rewrites) for c in cases)
     if extra:
         click.echo(f"extra rewrites: {extra}")
+    if name in ("conflictedit", "roundedit"):  # the pitfalls datasets: what the conflict/distortion metrics read
+        from editlens.data.formats.pitfalls import summary
+
+        for key, value in summary(cases).items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}: {v}" for k, v in sorted(value.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+            click.echo(f"{key}: {value}")
     click.echo("probe kinds:")
     from editlens.data.schema import ProbeKind
 
