@@ -105,6 +105,17 @@ def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: 
     for method in methods:
         from editlens.edit import edit
 
+        from editlens.data.formats.pitfalls import is_staged
+
+        if any(is_staged(c) for c in cases):  # ConflictEdit / RoundEdit: each record alone, e1 then e2 (Li et al.)
+            from editlens.drivers import evaluate_staged
+
+            click.echo(f"\nediting each of {len(cases)} cases alone with {method} (two stages: e1, then e1+e2) ...")
+            r = evaluate_staged(lm, cases, method, metric_objs, base=base, prompt_format=prompt_format,
+                                batch_tokens=batch_tokens, cache=cache)
+            frames.append(r.to_pandas().assign(system=method))
+            _show(method, r)
+            continue
         click.echo(f"\nediting {len(cases)} cases with {method} ...")
         result = edit(lm, cases, method=method, progress=True, prompt_format=prompt_format)
         try:
