@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from editlens.cli.progress_option import apply_quiet, quiet_option
+
 
 @click.command("bench")
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
@@ -43,7 +45,7 @@ import click
 @click.option("--truncate", type=click.Choice(["left"]), default=None,
               help="Let prompts longer than the model's context lose their oldest tokens (recorded with the run). "
                    "Default: such a prompt is an error naming the case and probe.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@quiet_option
 def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray_address: str | None, ray_cpus: int,
           report: bool, run_id: str | None, eval_cases: int | None, no_baseline: bool, truncate: str | None,
           quiet: bool) -> None:
@@ -52,6 +54,7 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
                                       run_spec)
 
+    apply_quiet(quiet)
     if not spec.is_file():
         raise SpecError(f"spec {spec}: no such file")
     if executor != "ray" and (ray_address is not None or ray_cpus != 1):

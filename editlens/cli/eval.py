@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from editlens.cli.progress_option import apply_quiet, quiet_option
 from editlens.errors import EditlensError
 
 
@@ -47,13 +48,15 @@ def _list_metrics() -> str:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write tidy rows (system, case_id, probe_kind, metric, value) to .csv / .parquet / .json.")
 @click.option("--list-metrics", is_flag=True, help="List the registered metrics and groups, then exit.")
+@quiet_option
 def eval_cmd(model: str, base_model: str | None, data_path: Path | None, limit: int | None, metrics: str,
              prompt_format: str, methods: tuple[str, ...], batch_tokens: int, cache_dir: Path | None,
-             device: str | None, dtype: str | None, out: Path | None, list_metrics: bool) -> None:
+             device: str | None, dtype: str | None, out: Path | None, list_metrics: bool, quiet: bool = False) -> None:
     """Evaluate MODEL on the probes of DATA with METRICS; print mean ± sem per probe kind and metric.
 
     With --base BASE, MODEL is an edited checkpoint made anywhere and is evaluated against BASE (rows of both:
     system "base" is BASE against itself, system "edited" is MODEL against BASE)."""
+    apply_quiet(quiet)
     if list_metrics:
         click.echo(_list_metrics())
         return

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from editlens.cli.progress_option import apply_quiet, quiet_option
+
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:60] or "case"
@@ -31,9 +33,10 @@ def _slug(text: str) -> str:
 @click.option("--dtype", default=None, help="Model dtype.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: trace_<i>_<case>.png, average_<kind>.png, traces.csv, average.csv, cases.csv.")
+@quiet_option
 def trace(model: str, data_path: Path, limit: int | None, kind: str, samples: int, window: int, noise: float | None,
           seed: int, known_only: bool, batch_tokens: int, device: str | None, dtype: str | None,
-          out_dir: Path) -> None:
+          out_dir: Path, quiet: bool = False) -> None:
     """Causal-trace every case of DATA (its rewrite prompt, subject and true object) and write the heatmaps.
 
     \b
@@ -50,6 +53,7 @@ def trace(model: str, data_path: Path, limit: int | None, kind: str, samples: in
     from editlens.localize import average_trace
     from editlens.localize.trace import _check_args
 
+    apply_quiet(quiet)
     if limit is not None and limit < 1:
         raise click.BadParameter("must be >= 1", param_hint="--limit")
     _check_args(kind, samples, window, noise, seed, batch_tokens)  # before loading anything
@@ -57,9 +61,15 @@ def trace(model: str, data_path: Path, limit: int | None, kind: str, samples: in
     lm = load_model(model, device=device, dtype=dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def progress(i: int, n: int, t) -> None:
-        click.echo(f"[{i + 1}/{n}] {t.case_id}: {t.prompt!r} -> {t.answer!r}  p_clean {t.p_clean:.3f}  "
-                   f"p_corrupt {t.p_corrupt:.3f}", err=True)
+    import time
+
+    from editlens import progress as _progress
+
+    started = time.monotonic()
+
+    def progress(i: int, n: int, t) -> None:  # one line per traced fact, with the time left (stderr; --quiet: none)
+        _progress.echo(f"[{i + 1}/{n}] {t.case_id}: {t.prompt!r} -> {t.answer!r}  p_clean {t.p_clean:.3f}  "
+                       f"p_corrupt {t.p_corrupt:.3f}  ({_progress.eta(i + 1, n, started)})")
 
     avg = average_trace(lm, cases, kind=kind, noise=noise, samples=samples, window=window, seed=seed,
                         known_only=known_only, batch_tokens=batch_tokens, progress=progress)

@@ -595,10 +595,10 @@ def _compute_values(lm: "LM", requests: Sequence[Request], places: Sequence[Plac
     losses: dict[str, float] = {}
     nll_first: torch.Tensor | None = None
     it_bar: Any = range(max(1, s.steps))
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # editlens.progress: a tqdm bar on a terminal, plain periodic lines in logs, nothing with --quiet
+        from editlens.progress import track
 
-        it_bar = tqdm(it_bar, desc=f"values L{places[0].layer}", leave=False)
+        it_bar = track(it_bar, desc=f"values L{places[0].layer}", unit="step")
     last_step = 0
     nll_prev = torch.zeros(n, device=dev)
     kl_prev = torch.zeros(n, device=dev)

@@ -112,10 +112,10 @@ def sampled_corpus(lm: "LM", n_samples: int, max_length: int, *, seed: int = 0, 
     docs: list[str] = []
     bs = 128
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # editlens.progress: a tqdm bar on a terminal, plain periodic lines in logs, nothing with --quiet
+        from editlens.progress import bar as _bar
 
-        bar = tqdm(total=n_samples, desc="sampling corpus", unit="doc")
+        bar = _bar(total=n_samples, desc="sampling corpus", unit="doc")
     for start in range(0, n_samples, bs):
         docs += sample_texts(lm, seeds[start:start + bs], max_length, seed=seed + start, temperature=1.0, top_k=50,
                              batch_size=bs)
@@ -186,9 +186,9 @@ def _accumulate(lm: "LM", docs: Sequence[str], layer_groups: Iterable[Sequence[i
     layer_groups = [list(g) for g in layer_groups]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from editlens.progress import bar as _bar
 
-        bar = tqdm(total=len(groups) * len(layer_groups), desc="second moments", unit="batch")
+        bar = _bar(total=len(groups) * len(layer_groups), desc="second moments", unit="batch")
     for layers in layer_groups:
         modules = {lm.arch.mlp_out_at(l): l for l in layers}
         count = 0

@@ -903,11 +903,13 @@ def _check_cases(cases: Sequence["EditCase"]) -> list["EditCase"]:
 
 
 def _progress(progress: bool, total: int, desc: str):
-    if not progress:
-        return contextlib.nullcontext(None)
-    from tqdm.auto import tqdm
+    from editlens.progress import enabled
 
-    return tqdm(total=total, desc=desc, unit="call", leave=False)
+    if not progress or not enabled():  # --quiet (editlens.progress mode "off") silences every bar
+        return contextlib.nullcontext(None)
+    from editlens.progress import bar
+
+    return bar(total=total, desc=desc, unit="call")
 
 
 def _bar_step(bar: Any, label: str) -> Callable[[list[Request]], None] | None:

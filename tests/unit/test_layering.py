@@ -38,6 +38,11 @@ ALLOWED: dict[str, set[str]] = {
 }
 for _upper in ("drivers", "audit", "runs", "report", "testing", "cli"):
     ALLOWED[_upper].add("localize")
+# progress bars (editlens/progress.py) sit beside errors at the bottom: every part may show progress
+ALLOWED["progress"] = set()
+for _name in ALLOWED:
+    if _name != "progress":
+        ALLOWED[_name].add("progress")
 #: the package facade (``editlens/__init__.py``) re-exports the public API of every part
 FACADE = "__init__"
 ALLOWED["testing"].add(FACADE)
