@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from editlens.cli.progress_option import apply_quiet, quiet_option
 from editlens.errors import EditlensError
 
 
@@ -48,9 +49,10 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
               help="Also write the edited model to this directory as a standard Hugging Face checkpoint "
                    "(safetensors, config, tokenizer, editlens.json); weight-editing methods only.")
 @click.option("--force", is_flag=True, help="With --save: replace the checkpoint files of a non-empty directory.")
+@quiet_option
 def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequential: bool, batch_size: int,
              overrides: tuple[str, ...], metrics: str, prompt_format: str, device: str | None, dtype: str | None,
-             out: Path | None, save_dir: Path | None, force: bool) -> None:
+             out: Path | None, save_dir: Path | None, force: bool, quiet: bool = False) -> None:
     """Edit MODEL with METHOD on the cases of DATA, evaluate the edited system against the base, then undo.
 
     Prints the summary (mean ± sem per probe kind and metric) and the edit's diagnostics. With --save DIR the
@@ -60,6 +62,7 @@ def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequen
     from editlens.edit import edit, edit_sequential, get_method
     from editlens.evaluate import ModelSystem, evaluate
 
+    apply_quiet(quiet)
     if save_dir is not None:  # refuse before any work: a wrapper method, a non-empty directory
         from editlens.errors import MethodError
         from editlens.lm.checkpoint import check_save_target
