@@ -20,6 +20,7 @@ _COMMANDS = [
     ("editlens.cli.methods", "methods"),
     ("editlens.cli.data", "data"),
     ("editlens.cli.edit", "edit_cmd"),
+    ("editlens.cli.train", "train_cmd"),
     ("editlens.cli.eval", "eval_cmd"),
     ("editlens.cli.audit", "audit_cmd"),
     ("editlens.cli.stats", "stats"),
@@ -38,6 +39,7 @@ Typical session:
   editlens data inspect facts.json        # detect a dataset format, show one normalised case
   editlens demo                           # edit the embedded SmolLM2 and measure the edit (offline)
   editlens eval --model smollm2-135m --data facts.json --metrics gt,gtfree
+  editlens train --method mend --synthetic 300 --out editors/mend   # train an editor (MEND, SERAC...)
   editlens audit --base smollm2-135m --model ./edited   # what changed in an edited checkpoint
   editlens stats --model smollm2-135m --layers 4,5,6,7,8
   editlens trace --data facts.json --limit 5 --kind mlp --out trace/   # where facts are recalled

@@ -244,3 +244,34 @@ def test_contract_check_catches_an_editor_that_does_not_round_trip(toy, monkeypa
     monkeypatch.setattr(TrainedEditor, "load", classmethod(lossy))
     with pytest.raises(ContractError, match="loaded back differs"):
         check_method(toy)
+
+
+def test_cli_train_then_edit_with_the_saved_editor(toy, tmp_path):
+    from click.testing import CliRunner
+
+    from editlens.cli.main import cli
+
+    runner = CliRunner()
+    out = tmp_path / "editor"
+    res = runner.invoke(cli, ["train", "--method", toy, "--model", "tiny-llama", "--synthetic", "4", "--out",
+                              str(out), "--set", "steps=3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "saved to" in res.output and "loss curve: step 0:" in res.output
+    te = TrainedEditor.load(out)
+    assert te.hparams["steps"] == 3 and te.meta["n_train"] == 4
+    # a second train into the same directory needs --force
+    res = runner.invoke(cli, ["train", "--method", toy, "--model", "tiny-llama", "--synthetic", "4", "--out", str(out)])
+    assert res.exit_code == 2 and "not empty" in res.output
+    # an untrained method and a missing data source are refused before the model is loaded
+    res = runner.invoke(cli, ["train", "--method", "rome", "--synthetic", "4", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "not trained before editing" in res.output
+    res = runner.invoke(cli, ["train", "--method", toy, "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--data FILE or --synthetic N" in res.output
+    data = tmp_path / "cases.json"
+    editlens.save_cases(editlens.synthetic_cases(2, seed=5), data)
+    res = runner.invoke(cli, ["edit", "--method", toy, "--model", "tiny-llama", "--data", str(data), "--trained",
+                              str(out), "--metrics", "gtfree"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["edit", "--method", toy, "--model", "tiny-llama", "--data", str(data),
+                              "--metrics", "gtfree"])
+    assert res.exit_code == 2 and "edits with a trained editor" in res.output
