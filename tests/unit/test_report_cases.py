@@ -173,3 +173,53 @@ def test_spec_report_ref_is_accepted_and_checked(tmp_path):
     p.write_text(base + "ref = 3\n")
     with pytest.raises(SpecError, match=r"report\.ref.*non-empty string"):
         load_spec(p)
+
+
+def _runner_records_answers() -> bool:
+    import inspect
+
+    from editlens.runs import runner
+
+    return "CaseAnswers" in inspect.getsource(runner)
+
+
+RUN_SPEC = """
+name = "answers"
+model = "tiny-llama"
+metrics = ["s_acc", "kl"]
+[[datasets]]
+path = "synthetic:3"
+[[methods]]
+name = "ft"
+hparams = { steps = 3, lr = 0.5 }
+[regime]
+kind = "{kind}"
+{regime}
+"""
+
+
+@pytest.mark.skipif(not _runner_records_answers(), reason="the runner does not record greedy answers yet "
+                                                          "(editlens.runs.answers.CaseAnswers is not called)")
+@pytest.mark.parametrize("kind,regime", [("batch", "sizes = [3]"),
+                                         ("sequential", "checkpoints = [1, 3]\nbatch_size = 1")])
+def test_runner_records_answers_and_the_report_shows_them(tmp_path, kind, regime):
+    """A run on a tiny model stores the base and edited greedy answers with each unit's final step; the report's
+    per-case view shows them next to the metric values of the same rows."""
+    from editlens.runs.runner import RunOptions, run_spec
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(RUN_SPEC.replace("{kind}", kind).replace("{regime}", regime))
+    store = tmp_path / "s.sqlite"
+    run_spec(spec, store, progress=False, options=RunOptions(eval_cases=2 if kind == "sequential" else None))
+    with Store(store, readonly=True) as st:
+        d = st.diagnostics(key=ANSWERS_KEY)
+    assert len(d) == 1                                            # the final step only
+    rec = d["value"].iloc[0]
+    n_cases = 2 if kind == "sequential" else 3
+    assert rec["version"] == 1 and len(rec["cases"]) == n_cases
+    rep = build_report(store, plots_enabled=False)
+    (unit,) = [u for u in rep.cases]
+    rw = [r for r in unit.rows if r.probe_kind == "rewrite"]
+    assert len(rw) == n_cases and all(r.base is not None and r.edited is not None for r in rw)
+    assert all(r.flipped == is_flipped(r.base, r.edited, r.target_new) for r in rw)
+    assert all("s_acc" in r.values for r in rw)
