@@ -667,6 +667,11 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
         for k in ("title", "html", "out", "ref"):  # ref: the paired table's reference system (a method label)
             if k in r:
                 ck.string(r[k], ("report", k))
+        if isinstance(r.get("ref"), str) and r["ref"].strip() and methods:  # checked now, not after the run
+            known = [x.label for x in methods]
+            if r["ref"].split(" | ")[0] not in known:
+                ck.err(("report", "ref"), f"{r['ref']!r} is not a method label of this spec; labels: "
+                                          f"{', '.join(known)} (a sweep point is 'label | param=value')")
         if "reference" in r:
             ck.string(r["reference"], ("report", "reference"), ("reg_value", "delta_k"))
         if "plots" in r and not isinstance(r["plots"], bool):

@@ -223,3 +223,18 @@ def test_runner_records_answers_and_the_report_shows_them(tmp_path, kind, regime
     assert len(rw) == n_cases and all(r.base is not None and r.edited is not None for r in rw)
     assert all(r.flipped == is_flipped(r.base, r.edited, r.target_new) for r in rw)
     assert all("s_acc" in r.values for r in rw)
+
+
+def test_spec_report_ref_must_name_a_method(tmp_path):
+    from editlens.errors import SpecError
+    from editlens.runs.spec import load_spec
+
+    p = tmp_path / "a.toml"
+    p.write_text('name = "x"\nmetrics = ["s_acc"]\n[model]\nname = "tiny-llama"\n[[datasets]]\nname = "d"\n'
+                 'path = "synthetic:2"\n[[methods]]\nname = "ft"\n[[methods]]\nname = "none"\n[regime]\n'
+                 'kind = "batch"\nsizes = [1]\n[report]\nref = "memit"\n')
+    with pytest.raises(SpecError, match=r"a\.toml:\d+: report\.ref: 'memit' is not a method label of this spec; "
+                                        r"labels: ft, none"):
+        load_spec(p)
+    p.write_text(p.read_text().replace('ref = "memit"', 'ref = "ft | lr=0.1"'))
+    assert load_spec(p).report["ref"] == "ft | lr=0.1"
