@@ -3,7 +3,7 @@
 \b
   editlens report results.sqlite                      # print the tables of the latest run (Markdown)
   editlens report results.sqlite --run ID             # another run; --all-runs: every run side by side
-  editlens report results.sqlite --html report.html   # one self-contained page (plots embedded)
+  editlens report results.sqlite --html report.html   # one self-contained page (plots embedded, per-case view)
   editlens report results.sqlite --out report/        # <table>.md/.csv, <figure>.png, index.md
   editlens report results.sqlite --export rows.parquet  # the rows joined with unit metadata (.csv/.parquet/.json)
   editlens report results.sqlite --ref memit          # the paired table against memit (default: the pre-edit row)
@@ -49,10 +49,16 @@ def _parse_ranges(items: tuple[str, ...]) -> dict[str, tuple[float, float]] | No
 @click.option("--ref", default=None, help="Reference system of the paired table (a method label; default: the "
                                         "pre-edit baseline when the run has one). See also `editlens compare`.")
 @click.option("--no-plots", is_flag=True, help="Tables only.")
+@click.option("--cases/--no-cases", "cases", default=True, show_default=True,
+              help="The HTML page's per-case view (every case with base/edited answers and metric values; "
+                   "filters, search, sorting).")
+@click.option("--cases-max-rows", type=click.IntRange(min=1), default=None, metavar="N",
+              help="At most N rows per unit in the per-case view (default: every row).")
 @click.option("--quiet", "-q", is_flag=True, help="Do not print the tables.")
 def report(store: Path, html_path: Path | None, out_dir: Path | None, run_id: str | None, all_runs: bool,
            title: str | None, reference: str | None, ranges: tuple[str, ...], export_path: Path | None,
-           no_plots: bool, quiet: bool, ref: str | None = None) -> None:
+           no_plots: bool, quiet: bool, ref: str | None = None, cases: bool = True,
+           cases_max_rows: int | None = None) -> None:
     """Make tables, plots and an HTML page from the results STORE (an editlens SQLite file).
 
     The report shows one run -- the latest, or --run ID -- or, with --all-runs, every run side by side; results
@@ -69,7 +75,8 @@ def report(store: Path, html_path: Path | None, out_dir: Path | None, run_id: st
             raise click.BadParameter(f"no run {run_id!r} in {store}; runs: {', '.join(ids) or 'none'}",
                                      param_hint="--run")
         rep = build_report(st, run_id=run_id, all_runs=all_runs, title=title, reference=reference,
-                           ranges=_parse_ranges(ranges), ref=ref,
+                           ranges=_parse_ranges(ranges), ref=ref, cases=cases and html_path is not None,
+                           cases_max_rows=cases_max_rows,
                            plots_enabled=not no_plots and (html_path is not None or out_dir is not None))
         if export_path is not None:
             # the rows of the run(s) the report shows

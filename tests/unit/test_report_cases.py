@@ -238,3 +238,19 @@ def test_spec_report_ref_must_name_a_method(tmp_path):
         load_spec(p)
     p.write_text(p.read_text().replace('ref = "memit"', 'ref = "ft | lr=0.1"'))
     assert load_spec(p).report["ref"] == "ft | lr=0.1"
+
+
+def test_cli_report_html_has_the_cases_and_can_leave_them_out(tmp_path):
+    from click.testing import CliRunner
+
+    from editlens.cli.main import cli
+
+    path = make_store(tmp_path / "s.sqlite")
+    r = CliRunner().invoke(cli, ["report", str(path), "--html", str(tmp_path / "a.html"), "--no-plots", "-q",
+                                 "--cases-max-rows", "3"])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "a.html").read_text()
+    assert page.count("<tr data-kind=") == 6 and "Showing the first 3 of 4 rows" in page
+    r = CliRunner().invoke(cli, ["report", str(path), "--html", str(tmp_path / "b.html"), "--no-plots", "-q",
+                                 "--no-cases"])
+    assert r.exit_code == 0 and "id='cases'" not in (tmp_path / "b.html").read_text()
