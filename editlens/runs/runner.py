@@ -281,6 +281,11 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
     base_answers = base_answers or BaseAnswers(prompt_format, options.batch_tokens)
     cases = load_unit_cases(unit, all_cases)
     is_none = unit.method.lower() in BASELINE_NAMES
+    trained = None
+    if unit.trained and not is_none:  # a trained method's editor: loaded, or trained once and cached
+        from editlens.runs.editors import unit_editor
+
+        trained = unit_editor(lm, unit.method, unit.trained)
     evk = None
     if unit.evk_align:
         from editlens.edit.evk_align import from_config
@@ -299,7 +304,8 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                 sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0),
                                 {"eval_time_s": time.perf_counter() - t0}, final=True))
                 return
-            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk, prompt_format=prompt_format)
+            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk, prompt_format=prompt_format,
+                     trained=trained)
             try:
                 diag = _plain_diagnostics(e.diagnostics)
                 t1 = time.perf_counter()
@@ -342,7 +348,7 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
 
         run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
                               checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
-                              prompt_format=prompt_format)
+                              prompt_format=prompt_format, trained=trained)
         run.undo()
 
 

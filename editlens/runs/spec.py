@@ -23,6 +23,7 @@ with stable ids (a hash of the unit's content) and the metadata that the results
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -54,7 +55,8 @@ _TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "re
              "seeds", "report")
 _MODEL_KEYS = ("name", "device", "dtype", "prompt_format")
 _DATASET_KEYS = ("name", "path", "format", "limit", "sample", "seed")
-_METHOD_KEYS = ("name", "label", "hparams", "evk_align")
+_METHOD_KEYS = ("name", "label", "hparams", "evk_align", "trained", "train")
+_TRAIN_KEYS = ("data", "synthetic", "val", "limit", "seed", "hparams")
 _REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots", "ref")
 
 
@@ -106,6 +108,10 @@ class MethodSpec:
     label: str
     hparams: dict[str, Any] = field(default_factory=dict)
     evk_align: dict[str, Any] | None = None
+    #: trained methods (mend, malmen, ke, serac): ``{"path": <absolute dir>, "source": <as written>}`` for a saved
+    #: editor (``trained = "DIR"``), or ``{"train": {...}}`` for an editor the run trains and caches
+    #: (``[methods.train]``: ``data``/``synthetic``, ``val``, ``limit``, ``seed``, ``hparams``); ``None`` otherwise
+    trained: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,8 @@ class Unit:
     batch_size: int
     sweep: dict[str, Any]
     metrics: tuple[str, ...]
+    #: the trained editor of a trained method (see :attr:`MethodSpec.trained`), else ``None``
+    trained: dict[str, Any] | None = None
 
     @property
     def steps(self) -> tuple[int, ...]:
@@ -149,7 +157,23 @@ class Unit:
                 "evk_align": self.evk_align, "dataset": self.dataset.name, "dataset_source": self.dataset.source,
                 "seed": self.seed, "regime": self.regime, "n_edits": self.n_edits,
                 "checkpoints": list(self.checkpoints), "batch_size": self.batch_size, "sweep": dict(self.sweep),
-                "metrics": list(self.metrics)}
+                "metrics": list(self.metrics), **({"trained": _trained_identity(self.trained)} if self.trained
+                                                  else {})}
+
+
+def _trained_identity(trained: Mapping[str, Any]) -> dict[str, Any]:
+    """What identifies a unit's trained editor in its id and metadata: the training settings (data by source and
+    content hash), or the saved editor's ``sha256`` (from its ``editor.json``, so the same editor moved elsewhere
+    keeps the id and another editor at the same path does not)."""
+    if "train" in trained:
+        t = dict(trained["train"])
+        t.pop("data_path", None)
+        t.pop("val_path", None)
+        return {"train": t}
+    sha = None
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        sha = json.loads((Path(trained["path"]) / "editor.json").read_text()).get("sha256")
+    return {"source": trained.get("source"), "sha256": sha}
 
 
 def _content_hash(obj: Any, n: int = 12) -> str:
@@ -181,7 +205,8 @@ class Spec:
             "name": self.name, "description": self.description,
             "model": vars(self.model).copy(),
             "datasets": [d.to_dict() for d in self.datasets],
-            "methods": [{"name": m.name, "label": m.label, "hparams": m.hparams, "evk_align": m.evk_align}
+            "methods": [{"name": m.name, "label": m.label, "hparams": m.hparams, "evk_align": m.evk_align,
+                         **({"trained": _trained_identity(m.trained)} if m.trained else {})}
                         for m in self.methods],
             "regime": {"kind": self.regime.kind, "sizes": list(self.regime.sizes),
                        "checkpoints": list(self.regime.checkpoints), "batch_size": self.regime.batch_size},
@@ -224,9 +249,11 @@ class Spec:
                                        "seed": seed, "regime": self.regime.kind, "n_edits": n,
                                        "checkpoints": list(cps), "batch_size": bs, "metrics": list(self.metrics),
                                        "model": vars(self.model)}
+                            if m.trained:  # only then: the ids of units without a trained editor do not change
+                                content["trained"] = _trained_identity(m.trained)
                             uid = f"{m.label}-{_content_hash(content)}"
                             units.append(Unit(uid, m.name, m.label, hp, evk, ds, seed, self.regime.kind, n, cps,
-                                              bs, dict(point), tuple(self.metrics)))
+                                              bs, dict(point), tuple(self.metrics), m.trained))
         return units
 
     def plan_summary(self) -> dict[str, Any]:
@@ -538,7 +565,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
             ck.err(("methods",), f"must be a non-empty list of tables ([[methods]]), got {_tname(v)}")
         else:
             for i, _ in enumerate(v):
-                ms = _method(d, ("methods", i), ck)
+                ms = _method(d, ("methods", i), ck, base)
                 if ms is not None:
                     methods.append(ms)
             labels = [x.label for x in methods]
@@ -748,7 +775,7 @@ def _dataset(d: dict, path: KeyPath, ck: _Checker, base: Path) -> DatasetSpec | 
                        sample=sample, seed=seed or 0)
 
 
-def _method(d: dict, path: KeyPath, ck: _Checker) -> MethodSpec | None:
+def _method(d: dict, path: KeyPath, ck: _Checker, base: Path) -> MethodSpec | None:
     if not ck.table(d, path, _METHOD_KEYS):
         return None
     t = _get(d, path)
@@ -768,9 +795,86 @@ def _method(d: dict, path: KeyPath, ck: _Checker) -> MethodSpec | None:
     evk = t.get("evk_align")
     if evk is not None and not isinstance(evk, dict):
         ck.err(path + ("evk_align",), f"must be a table, got {_tname(evk)}")
+    trained = _trained_table(t, path, ck, base)
     if len(ck.issues) > n0 or not name or not label:
         return None
-    return MethodSpec(name=name, label=label, hparams=dict(hp), evk_align=None if evk is None else dict(evk))
+    return MethodSpec(name=name, label=label, hparams=dict(hp), evk_align=None if evk is None else dict(evk),
+                      trained=trained)
+
+
+def _trained_table(t: Mapping[str, Any], path: KeyPath, ck: _Checker, base: Path) -> dict[str, Any] | None:
+    """The ``trained = "DIR"`` / ``[methods.train]`` of a method table (structure and paths only; whether the
+    method is a trained one is checked by :func:`check_methods`)."""
+    if "trained" in t and "train" in t:
+        ck.err(path + ("train",), "give either trained = \"DIR\" (a saved editor) or a [methods.train] table, not "
+                                  "both")
+        return None
+    if "trained" in t:
+        src = ck.string(t["trained"], path + ("trained",))
+        if src is None:
+            return None
+        d = (base / src).expanduser()
+        if not d.is_dir():
+            ck.err(path + ("trained",), f"trained editor {src!r} not found (looked for the directory {d.resolve()}; "
+                                        "`editlens train --out DIR` writes one)")
+            return None
+        return {"path": str(d.resolve()), "source": src}
+    if "train" not in t:
+        return None
+    tp = path + ("train",)
+    if not isinstance(t["train"], dict):
+        ck.err(tp, f"must be a table ([methods.train]), got {_tname(t['train'])}")
+        return None
+    tt = t["train"]
+    for k in tt:
+        if k not in _TRAIN_KEYS:
+            ck.err(tp + (k,), f"unknown key; allowed: {', '.join(_TRAIN_KEYS)}")
+    n0 = len(ck.issues)
+    out: dict[str, Any] = {}
+    if ("data" in tt) == ("synthetic" in tt):
+        ck.err(tp, "give the training cases as data = \"FILE\" or synthetic = N (one of the two)")
+    if "data" in tt:
+        src = ck.string(tt["data"], tp + ("data",))
+        if src is not None:
+            f = (base / src).expanduser()
+            if not f.is_file():
+                ck.err(tp + ("data",), f"training data {src!r} not found (looked for {f.resolve()})")
+            else:
+                out["data"] = src
+                out["data_path"] = str(f.resolve())
+                out["data_sha256"] = _file_sha256(f)
+    if "synthetic" in tt:
+        n = ck.pos_int(tt["synthetic"], tp + ("synthetic",))
+        if n is not None:
+            out["synthetic"] = n
+    if "val" in tt:
+        src = ck.string(tt["val"], tp + ("val",))
+        if src is not None:
+            f = (base / src).expanduser()
+            if not f.is_file():
+                ck.err(tp + ("val",), f"validation data {src!r} not found (looked for {f.resolve()})")
+            else:
+                out["val"] = src
+                out["val_path"] = str(f.resolve())
+                out["val_sha256"] = _file_sha256(f)
+    if "limit" in tt:
+        out["limit"] = ck.pos_int(tt["limit"], tp + ("limit",))
+    out["seed"] = ck.pos_int(tt.get("seed", 0), tp + ("seed",), minimum=0) or 0
+    hp = tt.get("hparams", {})
+    if not isinstance(hp, dict):
+        ck.err(tp + ("hparams",), f"must be a table of training hyperparameters, got {_tname(hp)}")
+    out["hparams"] = dict(hp) if isinstance(hp, dict) else {}
+    if len(ck.issues) > n0:
+        return None
+    return {"train": out}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def _run_checks(ck: "_Checker", spec: "Spec", checks) -> None:
@@ -901,6 +1005,7 @@ def check_methods(spec: Spec, lm: Any = None) -> None:
         except MethodError as e:
             add(("methods", i, "name"), str(e))
             continue
+        _check_trained_method(cls, m, i, lm, add)
         hcls = cls.hparams_class
         names = set(hcls.field_names())
         bad_keys = False
@@ -923,6 +1028,48 @@ def check_methods(spec: Spec, lm: Any = None) -> None:
             for key, msg in _check_values(hcls, hp, lm):  # every bad override, not only the first
                 add(_param_path(spec, i, key) if key else ("methods", i, "hparams"), f"method {m.name!r}: {msg}")
     ck.raise_if_any()
+
+
+def _check_trained_method(cls: Any, m: MethodSpec, i: int, lm: Any, add: Callable[[KeyPath, str], None]) -> None:
+    """A trained method needs ``trained`` or ``[methods.train]`` (whose hyperparameters are checked against its
+    training hyperparameters); other methods take neither. With ``lm``, a saved editor must be one of this method
+    for this model."""
+    from editlens.edit.trained import TrainableEditor, TrainedEditor
+
+    if not issubclass(cls, TrainableEditor):
+        if m.trained:
+            add(("methods", i, "train" if "train" in m.trained else "trained"),
+                f"method {m.name!r} is not a trained method (it edits directly); remove this key")
+        return
+    if not m.trained:
+        add(("methods", i), f"method {m.name!r} edits with a trained editor: give trained = \"DIR\" (saved by "
+                            f"`editlens train --out DIR`) or a [methods.train] table (data = \"FILE\" or synthetic = "
+                            "N, optional val, limit, seed, hparams) that the run trains once and caches")
+        return
+    if "train" in m.trained:
+        tcls = cls.TrainHParams
+        hp = m.trained["train"].get("hparams", {})
+        names = set(tcls.field_names())
+        unknown = [k for k in hp if k not in names]
+        for k in unknown:
+            add(("methods", i, "train", "hparams", k), f"unknown training hyperparameter {k!r} for method "
+                                                       f"{m.name!r}; valid keys: {', '.join(sorted(names))}")
+        if not unknown:
+            if "method" not in tcls.__dict__:
+                tcls.method = cls.name
+            for key, msg in _check_values(tcls, hp, lm):
+                add(("methods", i, "train", "hparams", key) if key else ("methods", i, "train", "hparams"),
+                    f"method {m.name!r} (training): {msg}")
+        return
+    try:
+        te = TrainedEditor.load(m.trained["path"])
+        if te.method != cls.name:
+            add(("methods", i, "trained"), f"the editor in {m.trained['source']!r} was trained for method "
+                                           f"{te.method!r}, not {cls.name!r}")
+        elif lm is not None:
+            te.check_model(lm)
+    except EditlensError as e:
+        add(("methods", i, "trained"), str(e))
 
 
 def _check_evk(evk: Mapping[str, Any]) -> str | None:
