@@ -37,6 +37,8 @@ OPTED_OUT = {
     ("docs/experiments-running.md", "from editlens.runs.runner import run_spec, RunOptions"),
     ("docs/experiments.md", 'st = Store("results.sqlite")'),
     ("docs/methods.md", "from editlens.edit.stats import second_moment"),
+    ("docs/trained-editors.md", "import editlens"),
+    ("docs/trained-editors.md", "[[methods]]"),
     ("docs/metrics-autoregressive-portability-general.md", "from editlens.evaluate.general import run_lm_eval"),
 }
 
