@@ -76,7 +76,8 @@ class Report:
         raise KeyError(name)
 
     def write_dir(self, out_dir: str | Path, *, digits: int = 3) -> list[Path]:
-        """Write every table as Markdown + CSV, every figure as PNG and an ``index.md``; returns the paths."""
+        """Write every table as Markdown + CSV, every figure as PNG, the per-case view as ``cases_<n>.csv`` (one
+        per unit) and an ``index.md``; returns the paths."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
@@ -96,6 +97,14 @@ class Report:
             written.append(p)
             alt = md(f.title).replace("[", "\\[").replace("]", "\\]")
             index.append(f"## {md(f.title)}\n\n![{alt}]({p.name})\n")
+        if self.cases:  # the per-case view as one CSV per unit (the HTML page has the filters)
+            index.append("## Cases\n")
+            for n, u in enumerate(self.cases):
+                p = out / f"cases_{n:03d}.csv"
+                u.frame().to_csv(p, index=False)
+                written.append(p)
+                index.append(f"* [{md(u.title)}]({p.name}): {len(u.rows)} rows")
+            index.append("")
         idx = out / "index.md"
         idx.write_text("\n".join(index), encoding="utf-8")
         written.append(idx)

@@ -254,3 +254,15 @@ def test_cli_report_html_has_the_cases_and_can_leave_them_out(tmp_path):
     r = CliRunner().invoke(cli, ["report", str(path), "--html", str(tmp_path / "b.html"), "--no-plots", "-q",
                                  "--no-cases"])
     assert r.exit_code == 0 and "id='cases'" not in (tmp_path / "b.html").read_text()
+
+
+def test_write_dir_writes_one_case_csv_per_unit(tmp_path):
+    import pandas as pd
+
+    rep = build_report(make_store(tmp_path / "s.sqlite"), plots_enabled=False)
+    rep.write_dir(tmp_path / "out")
+    a = pd.read_csv(tmp_path / "out" / "cases_000.csv", keep_default_na=False)
+    assert list(a["case_id"]) == ["c1", "c1", "c2", "c10"] and a.loc[2, "subject"] == HOSTILE
+    assert (tmp_path / "out" / "cases_001.csv").is_file()
+    idx = (tmp_path / "out" / "index.md").read_text()
+    assert "(cases_000.csv): 4 rows" in idx and "<script>" not in idx     # the unit title is escaped there too
