@@ -5,7 +5,8 @@ causal traces, training steps) open a bar with :func:`bar` (or wrap an iterable 
 bar writes depends on the process-wide mode (:func:`configure`, the :func:`settings` context manager, or the
 environment variable ``EDITLENS_PROGRESS``):
 
-* ``auto`` (default): ``bar`` when the stream (stderr) is a terminal, else ``lines``;
+* ``auto`` (default): ``bar`` when the stream (stderr) is a terminal or the process is a Jupyter kernel (tqdm
+  then draws a notebook widget), else ``lines``;
 * ``bar``: a tqdm bar redrawn in place (elapsed, rate and the estimated time left, ``<`` remaining);
 * ``lines``: for logs, files and pipes — no carriage returns, no redraws: one plain line at most every
   ``interval`` seconds (``EDITLENS_PROGRESS_INTERVAL``, default 30) with the same figures, and a last line when a
@@ -110,6 +111,8 @@ def current_mode() -> str:
     if mode != "auto":
         return mode
     s = _stream()
+    if _state["stream"] is None and "ipykernel" in sys.modules:  # a notebook: tqdm.auto draws a widget
+        return "bar"
     try:
         return "bar" if s.isatty() else "lines"
     except (AttributeError, ValueError):  # a closed or unusual stream
