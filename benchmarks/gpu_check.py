@@ -36,13 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from editlens.data.known_facts import known_facts
+
 #: (template, subject, true object, new object) — facts SmolLM2-135M-Instruct answers correctly
-FACTS = [("The capital of {} is", "Japan", "Tokyo", "Madrid"),
-         ("{} was written by", "Romeo and Juliet", "William Shakespeare", "Charles Dickens"),
-         ("{} was painted by", "The Mona Lisa", "Leonardo da Vinci", "Pablo Picasso"),
-         ("The official language of {} is", "France", "French", "Spanish"),
-         ("The chemical symbol for {} is", "gold", "Au", "Ag"),
-         ("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome")]
+FACTS = known_facts()
 CONFIGS = ("config:gpt2-xl", "config:llama-3-8b")
 TARGETS = {  # (part, figure, comparison, threshold)
     "bulk_vs_naive_llama": ("eval:config:llama-3-8b", "eval_speedup_vs_naive", ">=", 30.0),

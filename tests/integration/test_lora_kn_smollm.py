@@ -10,18 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from editlens.data.known_facts import known_facts
 from editlens.data.schema import Rewrite, make_case
 from editlens.edit import edit
 from editlens.lm import ops
 
 pytestmark = pytest.mark.integration
 
-FACTS = [("The capital of {} is", "Japan", "Tokyo", "Madrid"),
-         ("{} was written by", "Romeo and Juliet", "William Shakespeare", "Charles Dickens"),
-         ("{} was painted by", "The Mona Lisa", "Leonardo da Vinci", "Pablo Picasso"),
-         ("The official language of {} is", "France", "French", "Spanish"),
-         ("The chemical symbol for {} is", "gold", "Au", "Ag"),
-         ("{} is located in the city of", "The Eiffel Tower", "Paris", "Rome")]
+FACTS = known_facts()  # (template, subject, true object, new object), editlens/resources/known_facts.json
 MAX_NEW = 4
 #: KN attributes layers 10..29 of 30 (the paper finds knowledge neurons in the upper layers) with the rewrite prompt
 #: and two prefixed variants, to bound the CPU time of the integrated gradients (600 attribution batches of 20 rows)
