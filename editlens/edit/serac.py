@@ -236,6 +236,18 @@ def init_classifier(dim: int, proj_dim: int) -> dict[str, torch.Tensor]:
             "clf.scale": torch.tensor([10.0]), "clf.offset": torch.tensor([-5.0])}
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the block (the classifier's small matrices: threads only add waiting, and on a shared
+    CPU spinning threads make a 5 ms step take seconds); the previous count is restored."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 _ENCODERS: dict[str, Any] = {}
 
 
@@ -253,7 +265,9 @@ def encode(encoder: Any, texts: Sequence[str]) -> torch.Tensor:
     texts = list(texts)
     if not texts:
         return torch.zeros((0, 0))
-    return torch.from_numpy(np.ascontiguousarray(encoder.encode(texts), dtype=np.float32))
+    with one_thread():  # a small encoder: one thread is as fast, and far faster on a shared CPU
+        out = encoder.encode(texts)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 # ============================================================================================ trained state
@@ -389,8 +403,11 @@ class SeracSystem(WrappedSystem):
                 for p in todo:
                     self._routes[p] = (-1, 0.0)
             else:
-                with torch.no_grad():
-                    probs = torch.sigmoid(scope_logits(self.serac.clf, self.edit_emb, encode(self.serac.encoder, todo)))
+                # under the model's lock: one_thread changes torch's process-wide thread count, so no call of this
+                # model runs meanwhile
+                with self.locked(), torch.no_grad(), one_thread():
+                    emb = encode(self.serac.encoder, todo)
+                    probs = torch.sigmoid(scope_logits(self.serac.clf, self.edit_emb, emb))
                 idx, best = route(probs, self.threshold)
                 for p, i, b in zip(todo, idx.tolist(), best.tolist()):
                     self._routes[p] = (int(i), float(b))
@@ -619,7 +636,9 @@ class SeracEditor(TrainableEditor):
         clf_curve: list[float] = []
         clf_val: list[float] = []
         step = 0
+        threads = torch.get_num_threads()
         try:
+            torch.set_num_threads(1)  # the classifier's matrices are small (see one_thread); restored below
             for epoch in range(int(hp.clf_epochs)):
                 perm = torch.randperm(len(Y), generator=gen)
                 total = 0.0
@@ -646,6 +665,7 @@ class SeracEditor(TrainableEditor):
                         break
                 else:
                     best = {k: t.detach().clone() for k, t in clf.items()}
+            torch.set_num_threads(threads)
             bar.update(max(0, (int(hp.clf_epochs) - len(clf_curve)) * steps_per_epoch))
             clf_t = {k: v.contiguous() for k, v in best.items()}
             meta["clf_loss_curve"] = clf_curve
@@ -661,6 +681,7 @@ class SeracEditor(TrainableEditor):
             lora_state, cf_meta, step = self._fit_cf(lm, cf_examples, cf_val, hp, paths, seed, bar, step)
             meta.update(cf_meta)
         finally:
+            torch.set_num_threads(threads)
             bar.close()
         tensors = dict(clf_t)
         for p, (A, B) in lora_state.items():
