@@ -27,8 +27,9 @@ Registered metrics (rows per case; the survey "Editing the Mind of Giants", Tabl
 * ``other_task`` — in :mod:`editlens.evaluate.general` (downstream accuracy, edited − base).
 
 Multi-edit pitfalls (Li et al., ICLR 2024, "Unveiling the Pitfalls of Knowledge Editing"; definitions read from
-their code, see ``docs/metrics-autoregressive-portability-general.md``) need two sequential edits and so are
-drivers, not registered metrics. The drivers, which edit, live above editing and evaluation in
+their code, see ``docs/metrics-autoregressive-portability-general.md``) need two sequential edits. They are
+registered metrics in :mod:`editlens.evaluate.pitfalls` (on the cases the ConflictEdit / RoundEdit loaders build,
+evaluated through :func:`editlens.drivers.evaluate_staged`) and, on hand-built cases, drivers. The drivers, which edit, live above editing and evaluation in
 :mod:`editlens.drivers` (:func:`~editlens.drivers.conflict_scores`: conflict score, conflict magnitude, tied-fact
 damage; :func:`~editlens.drivers.round_edit_scores`: success, knowledge distortion, ignore rate, failure rate);
 this module measures the systems they hand over (:func:`measure_fact`, :func:`measure_facts`) and turns the

@@ -50,7 +50,7 @@ def test_detection_is_by_content_not_file_name(shared_data_dir, tmp_path):
 
 
 def test_formats_registry():
-    assert set(FORMATS) == {"counterfact", "zsre", "mquake", "ripple", "knowedit", "jsonl"}
+    assert set(FORMATS) == {"counterfact", "zsre", "mquake", "ripple", "knowedit", "jsonl", "conflictedit", "roundedit"}
 
 
 def test_counterfact_values(shared_data_dir):

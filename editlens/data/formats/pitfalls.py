@@ -67,6 +67,9 @@ ROUND_DESCRIPTION = "RoundEdit (Li et al. ICLR 2024): an edit o -> o* and its ro
 
 CONFLICT_KINDS = ("reverse", "composite", "coverage")
 _RESOURCES = Path(__file__).resolve().parents[2] / "resources" / "data" / "pitfalls"
+#: the shipped samples (``reverse_edit_sample.json``, ``composite_edit_sample.json``, ``coverage_edit_sample.json``,
+#: ``easy_sample.json``, ``hard_sample.json``: the first records of the public files) and the template files
+SAMPLES = _RESOURCES
 CONFLICT_PROMPTS = "conflict_prompts.json"
 ROUND_PROMPTS = "round_prompts.json"
 
