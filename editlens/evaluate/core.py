@@ -412,13 +412,15 @@ def metric_import_errors() -> list[str]:
 
 
 def metric_groups() -> dict[str, list[str]]:
-    """Group name → metric names (``"all"`` = every metric in some group)."""
+    """Group name → metric names (``"all"`` = every metric in some group, except those that declare ``needs``:
+    they give rows only with a resource or data of their own, e.g. the ``pitfalls`` group on ConflictEdit /
+    RoundEdit cases; ask for them by name or group)."""
     reg = registered_metrics()
     groups: dict[str, list[str]] = {}
     for name, cls in reg.items():
         for g in cls.groups:
             groups.setdefault(g, []).append(name)
-    groups["all"] = [n for n, c in reg.items() if c.groups]
+    groups["all"] = [n for n, c in reg.items() if c.groups and not getattr(c, "needs", None)]
     return groups
 
 
