@@ -25,7 +25,7 @@ class LocateHParams(HParams):
         prefix_length: tokens per sampled prefix.
         v_num_grad_steps: forward passes of the value optimisation (``−1`` updates at most).
         v_lr: Adam learning rate of the value optimisation.
-        v_weight_decay: weight of ``‖δ‖²/‖v₀‖²``.
+        v_weight_decay: weight of the decay ``‖δ‖/‖v₀‖²`` (form: ``v_decay``).
         clamp_norm_factor: ``‖δ‖ ≤ clamp_norm_factor · ‖v₀‖``.
         kl_factor: weight of the essence KL term.
         kl_template: prompt whose last-subject-token distribution must not drift (``""`` disables).

@@ -22,7 +22,7 @@ its output. This module computes both:
   subject token of the unprefixed prompt: the original MLP output (:meth:`Place.mlp`, ROME) or the original
   residual stream after the layer (:meth:`Place.residual`, MEMIT's ``h^L``). Adding ``δ`` to the MLP output at
   the last subject token is the same as adding it to the residual stream after that layer, so ROME's
-  ``v* = W k* + δ`` and MEMIT's ``z = h^L + δ`` both come from here. The settings are one frozen
+  ``v* = v₀ + δ`` and MEMIT's ``z = h^L + δ`` both come from here. The settings are one frozen
   :class:`ValueSettings`, which is also the memo key (every field); :func:`compute_values` is a one-place
   shorthand.
 
@@ -168,7 +168,7 @@ class Place:
         layer: the layer (for messages and :attr:`ValueLossContext.layer`).
         module: module path whose output receives ``δ`` at the last subject token of every optimised prompt.
         reference: module path whose output at the last subject token of the unprefixed prompt is ``v₀``: the
-            clamp radius (``clamp_norm_factor · ‖v₀‖``), the decay scale (``‖δ‖²/‖v₀‖²``) and
+            clamp radius (``clamp_norm_factor · ‖v₀‖``), the decay scale (``‖δ‖/‖v₀‖²``) and
             :attr:`ValueResult.init` of this place.
 
     The usual places: :meth:`mlp` (ROME's ``v*``), :meth:`residual` (MEMIT/AlphaEdit/EMMET's ``z``: ``δ`` added to the
@@ -237,7 +237,7 @@ class ValueSettings:
         steps: maximal number of forward passes (``steps − 1`` Adam updates at most).
         lr: Adam learning rate.
         kl_factor: weight of the essence KL term (0 disables it; ``kl_template=None`` too).
-        weight_decay: weight of ``Σ_places ‖δ‖²/‖v₀‖²``.
+        weight_decay: weight of the decay ``Σ_places ‖δ‖/‖v₀‖²`` (form: ``decay``).
         clamp_norm_factor: each ``‖δ‖`` is clamped to ``clamp_norm_factor · ‖v₀‖`` of its place after each update.
         early_stop_loss: a request stops updating once its stopping quantity (``early_stop_on``) is below this.
         kl_template: essence prompt (with ``{}``) read at the last subject token; ``None`` or ``""``: no KL term.

@@ -28,8 +28,8 @@ the last critical layer ``L`` **simultaneously**, then updates only the FFN weig
 Machinery shared with ROME/MEMIT (:mod:`editlens.edit.locate`, :mod:`editlens.edit.stats`): context prefixes,
 keys, statistics, the essence-KL prompt and the value optimisation itself (with two places instead of one, so
 it is memoised and drops early-stopped requests from later passes like ROME's and MEMIT's). Deviations
-(documented): the weight decay is ``‖δ‖²/‖v₀‖²`` as in :func:`editlens.edit.locate.optimise_values` (the authors'
-code uses ``‖δ‖/‖v₀‖²``); the essence KL reads the
+(documented): the weight decay is the authors' ``‖δ‖/‖v₀‖²`` by default, as in
+:func:`editlens.edit.locate.optimise_values` (``v_decay="squared"``: ``‖δ‖²/‖v₀‖²``); the essence KL reads the
 distribution after ``"{subject}"`` (equal by causality to the authors' read at the subject of ``"{} is a"``);
 PMET's dynamic lowering of the NLL weight once the target is the argmax is not reproduced (per-request early
 stopping below ``early_stop_loss`` is used instead, as in the MEMIT implementation here).
