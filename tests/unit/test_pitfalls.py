@@ -444,3 +444,17 @@ def test_repro_specs_dry_run(tmp_path, name, units):
     spec = load_validated_spec(tmp_path / name)
     assert {m.name for m in spec.methods} == {"ft-l", "rome", "memit", "ike"}
     assert set(spec.metrics) <= set(PITFALLS_METRICS) | {"distortion@code"}
+
+
+def test_converted_to_jsonl_the_cases_keep_their_facts(tmp_path):
+    """``editlens data convert`` keeps what the metrics read (case.meta), so converted files evaluate the same."""
+    from editlens.data import save_cases
+
+    for name in ("composite_edit_sample.json", "easy_sample.json"):
+        cases = editlens.load_cases(SAMPLES / name)
+        out = save_cases(cases, tmp_path / f"{name}.jsonl")
+        back = editlens.load_cases(out)
+        assert [c.meta for c in back] == [c.meta for c in cases]
+        assert [c.rewrites for c in back] == [c.rewrites for c in cases] and all(is_staged(c) for c in back)
+    assert editlens.load_cases(SAMPLES / "easy_sample.json", format="round") == editlens.load_cases(
+        SAMPLES / "easy_sample.json")
