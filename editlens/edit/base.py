@@ -841,9 +841,9 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     next_mark = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from editlens.progress import bar as progress_bar
 
-        bar = tqdm(total=len(cases), desc=f"{editor.name} sequential", unit="edit")
+        bar = progress_bar(total=len(cases), desc=f"{editor.name} sequential", unit="edit")
     try:
         for start in range(0, len(cases), batch_size):
             batch = cases[start:start + batch_size]

@@ -348,9 +348,9 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar over ``total`` steps, or a no-op object with the same ``update/set_postfix/close``."""
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from editlens.progress import bar
 
-    return tqdm(total=total, desc=desc, unit="step")
+    return bar(total=total, desc=desc, unit="step")
 
 
 def resolve_trained(editor: Editor, lm: "LM", trained: Any) -> None:

@@ -58,11 +58,11 @@ def unit_editor(lm: "LM", method: str, trained: Mapping[str, Any], *, progress: 
         if (d / EDITOR_JSON).is_file():
             te = TrainedEditor.load(d)
         else:
-            import editlens
+            from editlens.data import load_cases, synthetic_cases
 
-            cases = (editlens.load_cases(t["data_path"], limit=t.get("limit")) if t.get("data_path")
-                     else editlens.synthetic_cases(int(t["synthetic"]), seed=int(t.get("seed", 0)))[:t.get("limit")])
-            val = editlens.load_cases(t["val_path"]) if t.get("val_path") else None
+            cases = (load_cases(t["data_path"], limit=t.get("limit")) if t.get("data_path")
+                     else synthetic_cases(int(t["synthetic"]), seed=int(t.get("seed", 0)))[:t.get("limit")])
+            val = load_cases(t["val_path"]) if t.get("val_path") else None
             te = train(method, lm, cases, val_cases=val, progress=progress, seed=int(t.get("seed", 0)),
                        **dict(t.get("hparams", {})))
             te.meta["cache_key"] = key

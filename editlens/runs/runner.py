@@ -263,7 +263,7 @@ def _evaluate(system: Any, cases: Sequence["EditCase"], base: "FrozenBase", metr
 
     with torch.random.fork_rng(devices=[]):
         return evaluate(system, list(cases), base=base, metrics=list(metrics), batch_tokens=options.batch_tokens,
-                        prompt_format=None if fmt == "raw" else fmt, cache=False, progress=False,
+                        prompt_format=None if fmt == "raw" else fmt, cache=False, progress=True,
                         truncate=options.truncate)
 
 
@@ -276,6 +276,7 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
     edits are re-applied so that the later steps start from the same weights.
     """
     from editlens.edit.base import edit, edit_sequential
+    from editlens.runs.answers import ANSWERS_KEY, CaseAnswers
 
     done = set(int(s) for s in done_steps)
     base_answers = base_answers or BaseAnswers(prompt_format, options.batch_tokens)
@@ -304,13 +305,17 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                 sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0),
                                 {"eval_time_s": time.perf_counter() - t0}, final=True))
                 return
+            # greedy answers of the base now (the per-case view of the report), of the edited system after the edit
+            ans = CaseAnswers(lm, cases, prompt_format=prompt_format, batch_tokens=options.batch_tokens,
+                              cache=base_answers._cache)
             e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk, prompt_format=prompt_format,
-                     trained=trained)
+                     trained=trained, progress=True)
             try:
                 diag = _plain_diagnostics(e.diagnostics)
                 t1 = time.perf_counter()
                 res = _evaluate(e.system, cases, fb, unit.metrics, options, prompt_format)
                 diag["eval_time_s"] = time.perf_counter() - t1
+                diag[ANSWERS_KEY] = ans.record(e.system)
             finally:
                 e.undo()
             sink(StepResult(unit.id, 1, len(cases), _rows(res, 1, len(cases)), diag, final=True))
@@ -344,11 +349,16 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
             t1 = time.perf_counter()
             res = _evaluate(so_far.system, sample, fb, unit.metrics, options, prompt_format)
             diag["eval_time_s"] = time.perf_counter() - t1
+            if n_edits == last:
+                diag[ANSWERS_KEY] = ans.record(so_far.system)
             sink(StepResult(unit.id, step, n_edits, _rows(res, step, n_edits), diag, final=n_edits == last))
+
+        ans = CaseAnswers(lm, sample, prompt_format=prompt_format, batch_tokens=options.batch_tokens,
+                          cache=base_answers._cache)
 
         run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
                               checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
-                              prompt_format=prompt_format, trained=trained)
+                              prompt_format=prompt_format, trained=trained, progress=True)
         run.undo()
 
 
@@ -501,7 +511,10 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
         for u in todo:
             st.start_unit(rid, u.id, metas[u.id])
         sink = _Committer(st, rid, metas, progress, len(todo))
-        ex.run(spec, todo, options, sink, done_steps=done_steps, progress=progress)
+        from editlens.progress import settings as progress_settings
+
+        with progress_settings(quiet=not progress or None):  # bars inside units; off with progress=False
+            ex.run(spec, todo, options, sink, done_steps=done_steps, progress=progress)
         return rid
     finally:
         if restore_threads is not None:
