@@ -49,10 +49,13 @@ def parse_overrides(items: tuple[str, ...]) -> dict[str, Any]:
               help="Also write the edited model to this directory as a standard Hugging Face checkpoint "
                    "(safetensors, config, tokenizer, editlens.json); weight-editing methods only.")
 @click.option("--force", is_flag=True, help="With --save: replace the checkpoint files of a non-empty directory.")
+@click.option("--trained", "trained_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="For a trained method (mend, malmen, ke, serac): the editor saved by `editlens train --out`.")
 @quiet_option
 def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequential: bool, batch_size: int,
              overrides: tuple[str, ...], metrics: str, prompt_format: str, device: str | None, dtype: str | None,
-             out: Path | None, save_dir: Path | None, force: bool, quiet: bool = False) -> None:
+             out: Path | None, save_dir: Path | None, force: bool, quiet: bool = False,
+             trained_dir: Path | None = None) -> None:
     """Edit MODEL with METHOD on the cases of DATA, evaluate the edited system against the base, then undo.
 
     Prints the summary (mean ± sem per probe kind and metric) and the edit's diagnostics. With --save DIR the
@@ -75,6 +78,11 @@ def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequen
         check_save_target(save_dir, force)
     if out is not None and out.suffix not in (".csv", ".parquet", ".json"):
         raise EditlensError(f"--out must end in .csv, .parquet or .json, got {out.name}")
+    trained = None
+    if trained_dir is not None:  # read and check the editor before loading the model
+        from editlens.edit.trained import TrainedEditor
+
+        trained = TrainedEditor.load(trained_dir)
     lm = editlens.load_model(model, device=device, dtype=dtype)
     cases = editlens.load_cases(data_path, limit=limit)
     hp = parse_overrides(overrides)
@@ -83,9 +91,10 @@ def edit_cmd(model: str, data_path: Path, method: str, limit: int | None, sequen
     click.echo(f"editing {len(cases)} cases with {method} ...")
     if sequential:
         result = edit_sequential(lm, cases, method, batch_size=batch_size, hparams=hp or None, progress=True,
-                                 prompt_format=prompt_format)
+                                 prompt_format=prompt_format, trained=trained)
     else:
-        result = edit(lm, cases, method=method, hparams=hp or None, progress=True, prompt_format=prompt_format)
+        result = edit(lm, cases, method=method, hparams=hp or None, progress=True, prompt_format=prompt_format,
+                      trained=trained)
     try:
         if save_dir is not None:
             saved = result.save_pretrained(save_dir, force=force)
