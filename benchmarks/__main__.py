@@ -1,7 +1,7 @@
 """``python -m benchmarks all [--quick] --device cpu|cuda [--model NAME] [--json PATH]``
 
 Runs every benchmark, prints one table of flat figures (each with its naive baseline measured in the same run
-and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``.
+and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``, ``trained``.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ SUITES = {
     "seq": "benchmarks.bench_seq",  # sequential editing: time per edit at edit 10 vs at edit N (no growth)
     "scr": "benchmarks.bench_scr",  # SCR latency per query vs a weight-edited model
     "trace": "benchmarks.bench_trace",  # causal tracing: bulk (batched, layer reuse) vs one restoration per forward
+    "trained": "benchmarks.bench_trained",  # MEND/MALMEN: training cost, edit s vs ROME, MALMEN batch vs MEND singles
 }
 
 

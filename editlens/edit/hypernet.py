@@ -463,6 +463,9 @@ def rewrite_pairs(cases: Sequence["EditCase"]) -> list[tuple[str, str]]:
 def bank_from_trained(te: Any, lm: "LM") -> tuple[HyperBank, list[str]]:
     """Rebuild the :class:`HyperBank` of a :class:`~editlens.edit.trained.TrainedEditor` on ``lm``'s device, checking
     that the modules it was trained for exist with the same shapes."""
+    cached = te.__dict__.get("_hyper_bank")
+    if cached is not None and cached[0] == str(lm.device) and cached[1] is te.tensors:
+        return cached[2], cached[3]
     arch = te.meta.get("arch") or {}
     modules = list(arch.get("modules") or [])
     shapes = [tuple(s) for s in arch.get("shapes") or []]
@@ -478,7 +481,9 @@ def bank_from_trained(te: Any, lm: "LM") -> tuple[HyperBank, list[str]]:
                               f"was trained for {tuple(s)}")
     bank = HyperBank(shapes, rank=int(arch["rank"]), n_blocks=int(arch["n_blocks"]), edit_lr=0.0)
     bank.load_flat(te.tensors)
-    return bank.to(lm.device).eval(), modules
+    bank = bank.to(lm.device).eval()
+    te.__dict__["_hyper_bank"] = (str(lm.device), te.tensors, bank, modules)  # reused by later edits
+    return bank, modules
 
 
 def compute_deltas(kind: str, bank: HyperBank, lm: "LM", modules: Sequence[str], cases: Sequence["EditCase"],
