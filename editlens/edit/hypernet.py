@@ -766,7 +766,10 @@ def train_hypernet(kind: str, method: str, lm: "LM", cases: Sequence["EditCase"]
                     curve[k].append(round(getattr(r, k), 6))
                 step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{r.loss:.3f}", edit=f"{r.edit:.3f}", loc=f"{r.loc:.4f}")
+                post = dict(loss=f"{r.loss:.3f}", edit=f"{r.edit:.3f}", loc=f"{r.loc:.4f}")
+                if vals:
+                    post.update(val_loss=f"{vals[-1]['loss']:.3f}", val_acc=f"{vals[-1]['acc_rewrite']:.2f}")
+                bar.set_postfix(**post)
                 if step % hp.val_every == 0 or step == total:
                     v = _validate(kind, bank, lm, modules, val, hp, cache)
                     check_finite(v.loss, step=step, what=f"the {method} validation loss")
