@@ -242,3 +242,21 @@ def test_same_layer_mlp_out_allowed_and_max_blocks(tiny_llama):
     with pytest.raises(MethodError, match="max_blocks=1"):
         edit_sequential(lm, edit_cases(2), "melo", batch_size=1, max_blocks=1, steps=1)
     _assert_exact(lm, state, structure, fp)
+
+
+def test_chat_format_keys_and_training_in_the_chat_prompt():
+    from editlens.lm.prompting import PromptFormat
+    from tests.unit.test_prompt_format import chat_tiny
+
+    lm = chat_tiny()
+    case = edit_cases(1)[0]
+    e = edit(lm, [case], "melo", prompt_format="chat", steps=2)
+    try:
+        s = e.system
+        assert s.prompt_format == "chat"
+        chat = PromptFormat.parse("chat", lm.tokenizer).apply(case.rewrite.text)
+        assert torch.equal(s.adaptor.db.points[0][0][0], _key(lm, s.adaptor.module, chat))  # the key of the chat prompt
+        s.next_token_logprobs([case.rewrite.text])  # posed in the chat format: routed
+        assert s.adaptor.last_blocks.tolist() == [0]
+    finally:
+        e.undo()
