@@ -194,6 +194,7 @@ def test_saved_editor_edits_the_same_in_a_new_process(tiny, cases, trained, tmp_
     code = textwrap.dedent(f"""
         import json, torch, editlens
         from editlens.lm.arch import weight_param
+        torch.set_num_threads({torch.get_num_threads()})  # the same reductions as here
         lm = editlens.load_model("tiny-llama")
         cs = editlens.synthetic_cases(14)[12:14]
         e = editlens.edit(lm, cs, method="mend", trained={str(tmp_path / 'ed')!r})
