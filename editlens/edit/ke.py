@@ -39,7 +39,8 @@ margin ``m`` is annealed linearly from ``margin_start`` to ``margin`` over the t
 anneals its margin; the paper states a fixed one). The KL is measured at the positions that predict the
 neighbourhood answer's tokens (teacher-forced), the distributions the locality metrics read. Validation (held-out
 cases) records the edit NLL, the KL and the rewrite token accuracy; early stopping watches the validation
-``NLL + λ·max(0, C − m)`` and the best checkpoint is kept.
+``NLL + max(0, C − margin)`` (a fixed weighting, so that checks made at different λ compare) and the best checkpoint
+is kept.
 
 Editing (:meth:`KE.apply`): each rewrite of each case is one fact; its update is computed at the weights the edit
 starts from, and a batch adds the updates of all its facts (as MEND sums its per-example updates) times the
@@ -114,14 +115,14 @@ class KETrainHParams(HParams):
     ffn_dim: int = 128
     max_scale: float = 100.0
     lr: float = 1e-3
-    lagrange_lr: float = 1e-2
+    lagrange_lr: float = 0.2
     lagrange_init: float = 1.0
-    margin: float = 1e-3
-    margin_start: float = 1e-2
-    steps: int = 400
+    margin: float = 0.05
+    margin_start: float = 0.5
+    steps: int = 200
     batch_size: int = 4
     val_fraction: float = 0.1
-    val_every: int = 50
+    val_every: int = 25
     patience: int = 4
     max_grad_norm: float = 1.0
 
@@ -489,6 +490,8 @@ def annealed_margin(hp: KETrainHParams, step: int) -> float:
 
 def _validate(lm: "LM", net: KEHyperNet, facts: Sequence[_Fact], lam: torch.Tensor, margin: float,
               batch_size: int) -> dict[str, float]:
+    """Validation figures; ``objective = NLL + max(0, C − margin)`` (``margin``: the final one), a fixed weighting
+    so that checks made at different λ compare."""
     nll = kl = acc = pre = 0.0
     for s in range(0, len(facts), batch_size):
         chunk = facts[s:s + batch_size]
@@ -499,8 +502,7 @@ def _validate(lm: "LM", net: KEHyperNet, facts: Sequence[_Fact], lam: torch.Tens
         kl += float(r.kl) * w
         acc += r.acc * w
         pre += r.pre_nll * w
-    return {"edit_nll": nll, "kl": kl, "acc": acc, "pre_nll": pre,
-            "objective": nll + float(lam) * max(0.0, kl - margin)}
+    return {"edit_nll": nll, "kl": kl, "acc": acc, "pre_nll": pre, "objective": nll + max(0.0, kl - margin)}
 
 
 def fit_ke(lm: "LM", cases: Sequence["EditCase"], val_cases: Sequence["EditCase"] | None, hp: KETrainHParams, *,
@@ -553,13 +555,13 @@ def fit_ke(lm: "LM", cases: Sequence["EditCase"], val_cases: Sequence["EditCase"
             lam_opt.step()
             with torch.no_grad():
                 lam.clamp_(min=0.0)
-            curve.append({"step": step, "edit_nll": float(res.edit_nll), "kl": float(res.kl), "acc": res.acc,
-                          "pre_nll": res.pre_nll, "lambda": float(lam), "margin": margin})
+            curve.append({"step": step, "edit_nll": float(res.edit_nll.detach()), "kl": float(res.kl.detach()),
+                          "acc": res.acc, "pre_nll": res.pre_nll, "lambda": float(lam.detach()), "margin": margin})
             bar.update(1)
-            bar.set_postfix(nll=f"{float(res.edit_nll):.3f}", kl=f"{float(res.kl):.2e}", lam=f"{float(lam):.2f}")
+            bar.set_postfix(nll=f"{curve[-1]['edit_nll']:.3f}", kl=f"{curve[-1]['kl']:.2e}", lam=f"{curve[-1]['lambda']:.2f}")
             last = step == int(hp.steps) - 1
             if val_facts and ((step + 1) % int(hp.val_every) == 0 or last):
-                v = _validate(lm, net, val_facts, lam.detach(), margin, int(hp.batch_size))
+                v = _validate(lm, net, val_facts, lam.detach(), float(hp.margin), int(hp.batch_size))
                 v["step"] = step
                 val_curve.append(v)
                 check_finite(v["objective"], step=step, what="the KE validation objective")
@@ -584,7 +586,7 @@ def fit_ke(lm: "LM", cases: Sequence["EditCase"], val_cases: Sequence["EditCase"
         "n_train_facts": len(facts), "n_val_facts": len(val_facts),
         "cases_per_s": steps_run * int(hp.batch_size) / max(1e-9, time.perf_counter() - t0),
         "modules": paths, "shapes": {p: list(s) for p, s in net.shapes.items()},
-        "final_lambda": float(lam),
+        "final_lambda": float(lam.detach()),
     }
     return TrainedEditor("ke", hp.to_dict(), lm.base_fingerprint, lm.name, tensors, meta)
 
