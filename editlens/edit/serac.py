@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 from editlens.edit.base import Edit, HParams, SequenceState, register_method
-from editlens.edit.base import FRACTION, NON_NEGATIVE, POSITIVE, Range
+from editlens.edit.base import POSITIVE, Range
 from editlens.edit.trained import (EarlyStopping, TrainableEditor, TrainedEditor, check_finite, progress_bar)
 from editlens.errors import EditlensError, HParamsError, MethodError
 from editlens.lm import ops

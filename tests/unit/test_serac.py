@@ -211,7 +211,7 @@ def test_out_of_scope_bit_identical_in_scope_counterfactual(tiny_llama, fixed_en
 
 
 def test_kl_exactly_zero_out_of_scope_through_evaluator(tiny_llama, fixed_encoder):
-    from editlens.data.schema import Probe, make_case
+    from editlens.data.schema import Probe
 
     lm = tiny_llama
     base = ModelSystem(lm)
