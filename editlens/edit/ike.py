@@ -40,6 +40,7 @@ ratio, and record the number of each kind used in :attr:`IKESystem.demo_counts`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -67,6 +68,11 @@ class IKEHParams(HParams):
         encoder_device: device of the sentence encoder.
         chat_instruction: in ``chat`` prompt format, the instruction after the new fact in the user turn (the query
             is the start of the assistant's reply).
+        demo_pool: where demonstrations come from: ``"edited"`` (the other edited cases, editlens's default) or
+            ``"synthetic:N"`` (a separate pool of N fictional cases from :func:`editlens.data.synthetic_cases`, seed
+            ``demo_seed``; the edited cases then give none), as the paper draws them from a training split. See
+            "IKE on unseen facts" in docs/methods-preserving-incontext.md for what each achieves on SmolLM2.
+        demo_seed: seed of the ``synthetic:N`` pool.
     """
 
     retriever: str = "default"
@@ -76,12 +82,26 @@ class IKEHParams(HParams):
     separator: str = "\n\n"
     encoder_device: str = "cpu"
     chat_instruction: str = "Using the new fact, complete the following statement with a short factual answer."
+    demo_pool: str = "edited"
+    demo_seed: int = 11
 
     ARCH_DEFAULTS = {"tiny": {"retriever": "hashing", "k": 4}}
 
     def validate(self) -> None:
         if self.k < 0:
             raise HParamsError(f"hyperparameter 'k' of method 'ike' must be >= 0, got {self.k}")
+        self.pool_size()
+
+    def pool_size(self) -> int | None:
+        """``None`` for ``demo_pool="edited"``, else N of ``"synthetic:N"`` (an :class:`HParamsError` otherwise)."""
+        pool = str(self.demo_pool).strip()
+        if pool == "edited":
+            return None
+        kind, _, n = pool.partition(":")
+        if kind == "synthetic" and n.isdigit() and int(n) >= 1:
+            return int(n)
+        raise HParamsError(f"hyperparameter 'demo_pool' of method 'ike' must be \"edited\" or \"synthetic:N\" "
+                           f"(N >= 1 fictional demonstration cases), got {self.demo_pool!r}")
 
 
 @dataclass(frozen=True)
@@ -132,8 +152,18 @@ class IKESystem(WrappedSystem):
         #: how many demonstrations of each kind were put in prompts so far
         self.demo_counts: dict[str, int] = {"copy": 0, "update": 0, "retain": 0}
         super().__init__(base, state_fingerprint=self._state_key())
-        if demo_cases:
-            self._add_demos(build_demonstrations(demo_cases))
+        n_pool = hparams.pool_size()
+        #: whether the edited cases give demonstrations (``demo_pool="edited"``)
+        self.demos_from_edits = n_pool is None
+        if n_pool is not None:
+            from editlens.data.synthetic import synthetic_cases
+
+            pool = [dataclasses.replace(d, case_id=f"pool:{d.case_id}")  # never taken for an edited case's own
+                    for d in build_demonstrations(synthetic_cases(n_pool, seed=hparams.demo_seed))]
+        else:
+            pool = []
+        if demo_cases or pool:
+            self._add_demos([*build_demonstrations(demo_cases), *pool])
 
     def _state_key(self) -> str:
         h = hashlib.sha256(repr(sorted(self.hparams.to_dict().items())).encode())
@@ -156,7 +186,8 @@ class IKESystem(WrappedSystem):
                 for p in probes:
                     self._prompt_case.setdefault(p.prompt, start + i)
             self._prompt_case.setdefault(c.rewrite.text, start + i)
-        self._add_demos(build_demonstrations(cases))
+        if self.demos_from_edits:
+            self._add_demos(build_demonstrations(cases))
 
     def clear(self) -> None:
         """Forget every fact and demonstration: prompts then reach the model unchanged."""

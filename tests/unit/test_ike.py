@@ -1,6 +1,7 @@
 """IKE on the tiny model: demonstrations, fact assignment, prompt layout, undo."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from editlens.data.schema import Probe, Rewrite, make_case
@@ -60,3 +61,30 @@ def test_sequential_accumulates_and_undoes(tiny_llama):
     assert len(run.system.facts) == 3 and len(run.system.demos) == 9
     run.undo()
     assert run.system.transform_prompts(["x"]) == ["x"]
+
+
+def test_demo_pool_synthetic_gives_demonstrations_to_a_lone_edit():
+    import editlens
+    from editlens.edit.ike import IKEHParams
+    from editlens.errors import HParamsError
+
+    lm = editlens.load_model("tiny-llama")
+    case = editlens.synthetic_cases(1, seed=3)
+    own = editlens.edit(lm, case, "ike")
+    # demo_pool="edited" (default): one edited case, whose own demonstrations are never shown with it: none at all
+    assert own.system.transform_prompts([case[0].rewrite.text])[0].count("New Fact: ") == 1
+    own.undo()
+    e = editlens.edit(lm, case, "ike", demo_pool="synthetic:5", k=3)
+    try:
+        from editlens.edit.ike import build_demonstrations
+        pool = build_demonstrations(editlens.synthetic_cases(5, seed=11))
+        assert e.diagnostics["demonstrations"] == len(pool)  # the pool only; the edited case adds none
+        text = e.system.transform_prompts([case[0].rewrite.text])[0]
+        assert text.count("New Fact: ") == 4  # 3 demonstrations + the new fact
+        assert text.rstrip().endswith(case[0].rewrite.text)
+        assert all(d.case_id.startswith("pool:") for d in e.system.demo_list)
+    finally:
+        e.undo()
+    for bad in ("synthetic:0", "synthetic", "training", "synthetic:x"):
+        with pytest.raises(HParamsError, match="demo_pool"):
+            IKEHParams().replace(demo_pool=bad)
