@@ -99,6 +99,10 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     figs.add("malmen/batch_edit_s", tb["s"], f"one edit of {len(batch)} facts")
     figs.add("mend/single_edits_s", singles, f"{len(batch)} single MEND edits")
     figs.add("malmen/batch_vs_singles", tb["s"] / max(singles, 1e-9), "target < 1")
+    # SERAC: training cost, held-out t_acc and per-query cost against the plain model (benchmarks/bench_serac.py)
+    from benchmarks import bench_serac
+
+    figs.update(bench_serac.run(device=device, model=model, quick=quick, dtype=dtype))
     print(figs.table(), flush=True)
     return dict(figs.values)
 
