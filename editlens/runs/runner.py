@@ -305,6 +305,19 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                 sink(StepResult(unit.id, 0, 0, _rows(res, 0, 0),
                                 {"eval_time_s": time.perf_counter() - t0}, final=True))
                 return
+            from editlens.data.formats.pitfalls import is_staged
+
+            if any(is_staged(c) for c in cases):  # ConflictEdit / RoundEdit: each record alone, e1 then e2 (Li et al.)
+                from editlens.drivers import evaluate_staged
+
+                t1 = time.perf_counter()
+                res = evaluate_staged(lm, cases, unit.method, list(unit.metrics), base=fb, hparams=dict(unit.hparams),
+                                      evk_align=evk, prompt_format=prompt_format, seed=unit.seed,
+                                      batch_tokens=options.batch_tokens, cache=False, trained=trained)
+                diag = {"protocol": "staged", "edit_time_s": res.meta["edit_time_s"],
+                        "eval_time_s": time.perf_counter() - t1 - res.meta["edit_time_s"]}
+                sink(StepResult(unit.id, 1, len(cases), _rows(res, 1, len(cases)), diag, final=True))
+                return
             # greedy answers of the base now (the per-case view of the report), of the edited system after the edit
             ans = CaseAnswers(lm, cases, prompt_format=prompt_format, batch_tokens=options.batch_tokens,
                               cache=base_answers._cache)

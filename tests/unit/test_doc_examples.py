@@ -146,11 +146,21 @@ def test_spec_block_dry_runs(block, tmp_path, shared_data_dir):
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_spec_dry_runs(path):
+def test_example_spec_dry_runs(path, tmp_path):
     from click.testing import CliRunner
 
     from editlens.cli.main import cli
 
+    text = path.read_text(encoding="utf-8")
+    shared = (path.parent / "../../shared/data/pitfalls").resolve()
+    if "../../shared/data/pitfalls/" in text and not shared.is_dir():
+        # the paper-scale specs read the full public files beside the repository; a clone without them dry-runs
+        # the same spec on the packaged samples of those files (same format, first records)
+        sample = (REPO / "editlens" / "resources" / "data" / "pitfalls").resolve()
+        text = re.sub(r'"\.\./\.\./shared/data/pitfalls/([a-z_]+)\.json"',
+                      lambda m: f'"{(sample / (m.group(1) + "_sample.json")).as_posix()}"', text)
+        path = tmp_path / path.name
+        path.write_text(text, encoding="utf-8")
     r = CliRunner().invoke(cli, ["bench", str(path), "--dry-run"])
     assert r.exit_code == 0, r.output
     assert "units:" in r.output
