@@ -200,19 +200,37 @@ def _hparams_roundtrip(name: str, editor: Any, lm: "LM", hp: Any) -> None:
     if bad:
         raise ContractError(f"{where}: {', '.join(f'{k} = {v!r} ({type(v).__name__})' for k, v in bad.items())} "
                             "cannot be written in a spec or stored (use int, float, bool, str, lists or None)")
+    from editlens.edit.trained import TrainableEditor
+
+    train_text, thp = "", None
+    if isinstance(editor, TrainableEditor):  # a trained method needs its [methods.train] table; round-trip it too
+        thp = editor.train_hparams(lm, editor.contract_train_overrides())
+        tvalues = thp.to_dict()
+        tbad = {k: v for k, v in tvalues.items() if not plain_value(v)}
+        if tbad:
+            raise ContractError(f"{where}: training hyperparameters "
+                                f"{', '.join(f'{k} = {v!r} ({type(v).__name__})' for k, v in tbad.items())} cannot be "
+                                "written in a spec or stored (use int, float, bool, str, lists or None)")
+        train_text = '\n[methods.train]\nsynthetic = 3\n\n[methods.train.hparams]\n' + to_toml(tvalues, "train")
     text = (f'metrics = ["kl"]\n\n[model]\nname = {json.dumps(lm.name)}\n\n[[datasets]]\npath = "synthetic:2"\n\n'
             f'[[methods]]\nname = {json.dumps(name)}\n\n[methods.hparams]\n' + to_toml(values, "hparams")
-            + '\n[regime]\nkind = "batch"\nsizes = [1]\n')
+            + train_text + '\n[regime]\nkind = "batch"\nsizes = [1]\n')
     with _Stage(f"{where}: the spec\n{text}"):
         spec = parse_spec(text, "toml", source="check_method.toml")
         check_methods(spec, lm)
         unit = spec.plan()[0]
-        stored = json.loads(json.dumps(unit.meta(), sort_keys=True))["hparams"]
+        meta = json.loads(json.dumps(unit.meta(), sort_keys=True))
+        stored = meta["hparams"]
     with _Stage(f"{where}: reading back {stored!r}"):
         back = _resolve_hparams(editor, lm, stored, {})
     if back != hp:
         diffs = [f"{k}: {getattr(hp, k)!r} -> {getattr(back, k)!r}" for k in values if getattr(back, k) != getattr(hp, k)]
         raise ContractError(f"{where}: the values read back differ: {'; '.join(diffs) or repr(back)}")
+    if thp is not None:
+        with _Stage(f"{where}: reading back the training hyperparameters"):
+            tback = editor.train_hparams(lm, meta["trained"]["train"]["hparams"])
+        if tback != thp:
+            raise ContractError(f"{where}: the training hyperparameters read back differ: {tback!r} != {thp!r}")
 
 
 def _check_undo(name: str, what: str, lm: "LM", before: Mapping[str, torch.Tensor], fp: str, hooks: int) -> None:

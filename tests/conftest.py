@@ -95,3 +95,24 @@ def shipped_metrics() -> list[str]:
     from editlens.evaluate import registered_metrics
 
     return [m for m, cls in registered_metrics().items() if cls.__module__.startswith("editlens.")]
+
+
+_TRAINED: dict = {}
+
+
+def trained_for(method: str, lm) -> dict:
+    """``{"trained": <editor>}`` for a trained method (MEND, MALMEN, KE, SERAC: a small editor trained once per model
+    with the method's ``contract_train_overrides()`` on :func:`editlens.testing.edit_cases`), ``{}`` otherwise; for
+    tests that edit with every shipped method."""
+    from editlens.edit import get_method
+    from editlens.edit.trained import TrainableEditor, train
+
+    cls = get_method(method)
+    if not issubclass(cls, TrainableEditor):
+        return {}
+    key = (method, lm.base_fingerprint)
+    if key not in _TRAINED:
+        from editlens.testing import edit_cases
+
+        _TRAINED[key] = train(method, lm, edit_cases(3), progress=False, **cls().contract_train_overrides())
+    return {"trained": _TRAINED[key]}

@@ -30,7 +30,12 @@ def _stats_dir(tmp_path_factory, monkeypatch):
 def test_every_registered_method_keeps_the_contract(method):
     report = check_method(method)
     assert report["method"] == method and report["evk_align"] in ("applied", "refused")
-    assert len(report["checks"]) == 7
+    from editlens.edit import get_method
+    from editlens.edit.trained import TrainableEditor
+
+    trained = issubclass(get_method(method), TrainableEditor)  # trained methods add the trained-editor checks
+    assert len(report["checks"]) == 7 + trained
+    assert any(c.startswith("trained:") for c in report["checks"]) == trained
 
 
 @pytest.mark.parametrize("method", ["rome", "alphaedit", "ft-l", "grace"])

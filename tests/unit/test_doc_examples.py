@@ -38,7 +38,9 @@ OPTED_OUT = {
     ("docs/experiments.md", 'st = Store("results.sqlite")'),
     ("docs/methods.md", "from editlens.edit.stats import second_moment"),
     ("docs/trained-editors.md", "import editlens"),
+    ("docs/methods-trained.md", "import editlens"),
     ("docs/trained-editors.md", "[[methods]]"),
+    ("README.md", "te = editlens.train(\"serac\", lm, editlens.synthetic_cases(300))   # progress bar, validation, early stopping"),
     ("docs/metrics-autoregressive-portability-general.md", "from editlens.evaluate.general import run_lm_eval"),
 }
 

@@ -14,7 +14,7 @@ from editlens.lm.arch import weight_view
 
 from editlens.edit.memit import MultiLayerEditor
 from editlens.edit.rome import ROME
-from tests.conftest import shipped_methods
+from tests.conftest import shipped_methods, trained_for
 
 #: the locate-then-edit methods (ROME and the MEMIT family), registered ones included as soon as they exist; the
 #: contracts every method keeps (bit-exact undo, sequential undo, ...) are checked in test_contracts.py
@@ -69,7 +69,7 @@ def test_sequential_undo_and_flat_state(method):
     def cb(step, n, ed):
         sizes.append((len(lm._state), len(ed.state.snapshot)))
 
-    run = edit_sequential(lm, _cases(4), method, batch_size=1, callback=cb)
+    run = edit_sequential(lm, _cases(4), method, batch_size=1, callback=cb, **trained_for(method, lm))
     assert len(sizes) == 4 and len(set(sizes)) == 1  # one tag, one clone per tensor whatever the steps
     if method == "alphaedit":
         kp = run.state.data["alphaedit_KpKp"]

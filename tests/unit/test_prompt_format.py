@@ -22,7 +22,7 @@ from editlens.evaluate.system import ModelSystem
 from editlens.lm import ops
 from editlens.lm.prompting import PROMPT_FORMATS, PromptFormat, chat_prefix, resolve_prompt_format
 from editlens.testing import edit_cases
-from tests.conftest import shipped_methods
+from tests.conftest import shipped_methods, trained_for
 
 #: a ChatML-like template (the tiny models' tokenizers have none); its markers tokenize as plain characters
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -120,7 +120,7 @@ def test_every_method_edits_and_evaluates_in_chat(tiny_chat, method):
     before = {n: p.detach().clone() for n, p in tiny_chat.model.named_parameters()}
     # IKE's demonstrations in the chat turn do not fit the 256 positions of the character-level tiny model with k=4
     over = {"k": 1} if method == "ike" else {}
-    e = edit(tiny_chat, cases, method, prompt_format="chat", **over)
+    e = edit(tiny_chat, cases, method, prompt_format="chat", **over, **trained_for(method, tiny_chat))
     try:
         assert e.system.prompt_format == "chat" and e.prompt_format == "chat"
         res = evaluate(e.system, cases, base=base, metrics=METRICS, prompt_format="chat", progress=False, cache=False)
