@@ -106,7 +106,7 @@ def _copy(lm: "LM") -> dict[str, torch.Tensor]:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().reshape(-1)  # 1-d: a 0-d tensor cannot be viewed as bytes of another size
     return t.view(torch.uint8) if t.dtype != torch.bool else t
 
 

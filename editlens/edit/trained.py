@@ -144,6 +144,7 @@ class TrainedEditor:
                 raise EditlensError(f"trained editor tensor {k!r} is a {type(t).__name__}, not a torch.Tensor")
         d.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700); a saved editor is an ordinary directory
         try:
             tensors = {k: t.detach().to("cpu").contiguous() for k, t in self.tensors.items()}
             save_file(tensors, str(tmp / EDITOR_TENSORS))

@@ -275,3 +275,16 @@ def test_cli_train_then_edit_with_the_saved_editor(toy, tmp_path):
     res = runner.invoke(cli, ["edit", "--method", toy, "--model", "tiny-llama", "--data", str(data),
                               "--metrics", "gtfree"])
     assert res.exit_code == 2 and "edits with a trained editor" in res.output
+
+
+def test_saved_editor_directory_is_not_private(toy, lm, tmp_path):
+    import stat
+
+    d = train(toy, lm, [_case(0)], progress=False).save(tmp_path / "ed")
+    assert stat.S_IMODE(d.stat().st_mode) & 0o055 == 0o055  # group/others may read and enter it
+
+
+def test_bits_of_a_scalar_tensor():
+    from editlens.testing import _bits
+
+    assert torch.equal(_bits(torch.tensor(1.5, dtype=torch.float64)), _bits(torch.tensor([1.5], dtype=torch.float64)))
