@@ -68,7 +68,12 @@ def test_known_facts_are_rewritten(smollm, base, method):
             # wherever the base model is not near a tie (a 0.05-nat margin may flip under any edit)
             after = ops.next_token_logprobs(smollm, UNRELATED)
             kl = (base.exp() * (base - after)).sum(-1)
-            assert float(kl.max()) < 0.1, (method, kl.tolist())
+            # ROME computes its update as the reference code does (unprefixed key, decay |d|/|v0|^2, stop on the
+            # total loss): measurably less local than editlens's earlier objective — issue 16 reports neighbourhood
+            # KL .092 (reference) vs .018 on six CounterFact facts; here the largest of ten unrelated prompts is
+            # 0.109 (2026-11-30). The bound stays 0.1 for the batch methods.
+            bound = 0.15 if method == "rome" else 0.1
+            assert float(kl.max()) < bound, (method, kl.tolist())
             top2 = base.topk(2, dim=-1).values
             clear = (top2[:, 0] - top2[:, 1]) > 0.2
             changed = [p for p, a, b, c in zip(UNRELATED, after.argmax(-1).tolist(), base.argmax(-1).tolist(),
