@@ -64,7 +64,10 @@ def test_held_out_edits_and_bit_identical_locality(smollm, trained):
 
 
 def test_saved_editor_edits_the_same_in_a_new_process(smollm, trained, tmp_path):
-    lm = smollm
+    # a freshly loaded model on both sides: in the full suite the session's shared model gave other low bits than a
+    # fresh load (2026-11-30; an earlier test leaves some state on it, under investigation), which is not what this
+    # test is about
+    lm = editlens.load_model("smollm2-135m")
     d = trained.save(tmp_path / "serac-smollm")
     prompts = [HELD[0].rewrite.text, HELD[0].probes_of("paraphrase")[0].prompt,
                HELD[0].probes_of("neighborhood")[0].prompt]
