@@ -78,6 +78,27 @@ def default_layers(n_layers: int, k: int = 4) -> list[int]:
     return sorted(set(out))
 
 
+def check_sites(method: str, layers: Sequence[int], modules: Sequence[str]) -> None:
+    """:class:`HParamsError` unless ``layers`` are distinct indices >= 0 and ``modules`` distinct kinds of
+    :data:`MODULE_KINDS` (both non-empty): the adapter sites of LoRA and MELO."""
+    if not layers:
+        raise HParamsError(f"hyperparameter 'layers' of method {method!r} must name at least one layer")
+    if any(int(l) < 0 for l in layers):
+        raise HParamsError(f"hyperparameter 'layers' of method {method!r} must hold layer indices >= 0, got "
+                           f"{list(layers)}")
+    if len(set(int(l) for l in layers)) != len(layers):
+        raise HParamsError(f"hyperparameter 'layers' of method {method!r} names a layer twice: {list(layers)}")
+    if not modules:
+        raise HParamsError(f"hyperparameter 'modules' of method {method!r} must name at least one module kind "
+                           f"of {MODULE_KINDS}")
+    for kind in modules:
+        if kind not in MODULE_KINDS:
+            raise HParamsError(f"hyperparameter 'modules' of method {method!r}: {kind!r} is not one of {MODULE_KINDS}")
+    if len(set(modules)) != len(modules):
+        raise HParamsError(f"hyperparameter 'modules' of method {method!r} names a module kind twice: "
+                           f"{list(modules)}")
+
+
 @dataclass
 class LoRAHParams(HParams):
     """Hyperparameters of LoRA editing.
@@ -122,22 +143,7 @@ class LoRAHParams(HParams):
 
     def validate(self) -> None:
         m = self.method
-        if not self.layers:
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} must name at least one layer")
-        if any(int(l) < 0 for l in self.layers):
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} must hold layer indices >= 0, got "
-                               f"{list(self.layers)}")
-        if len(set(int(l) for l in self.layers)) != len(self.layers):
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} names a layer twice: {list(self.layers)}")
-        if not self.modules:
-            raise HParamsError(f"hyperparameter 'modules' of method {m!r} must name at least one module kind "
-                               f"of {MODULE_KINDS}")
-        for kind in self.modules:
-            if kind not in MODULE_KINDS:
-                raise HParamsError(f"hyperparameter 'modules' of method {m!r}: {kind!r} is not one of {MODULE_KINDS}")
-        if len(set(self.modules)) != len(self.modules):
-            raise HParamsError(f"hyperparameter 'modules' of method {m!r} names a module kind twice: "
-                               f"{list(self.modules)}")
+        check_sites(m, self.layers, self.modules)
         for key in ("rank", "steps", "batch_size"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"hyperparameter {key!r} of method {m!r} must be >= 1, got {getattr(self, key)}")

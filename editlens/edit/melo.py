@@ -89,7 +89,7 @@ import torch
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
 from editlens.edit.base import NON_NEGATIVE, POSITIVE, Range
 from editlens.edit.grace import AdaptorSystem, LayerAdaptor, adaptor_hooks
-from editlens.edit.lora import MODULE_KINDS, _peft_layers, default_layers
+from editlens.edit.lora import _peft_layers, check_sites, default_layers
 from editlens.errors import HParamsError, MethodError
 from editlens.lm import ops
 from editlens.lm.arch import in_out_features, is_conv1d
@@ -159,22 +159,7 @@ class MeloHParams(HParams):
 
     def validate(self) -> None:
         m = self.method
-        if not self.layers:
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} must name at least one layer")
-        if any(int(l) < 0 for l in self.layers):
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} must hold layer indices >= 0, got "
-                               f"{list(self.layers)}")
-        if len(set(int(l) for l in self.layers)) != len(self.layers):
-            raise HParamsError(f"hyperparameter 'layers' of method {m!r} names a layer twice: {list(self.layers)}")
-        if not self.modules:
-            raise HParamsError(f"hyperparameter 'modules' of method {m!r} must name at least one module kind "
-                               f"of {MODULE_KINDS}")
-        for kind in self.modules:
-            if kind not in MODULE_KINDS:
-                raise HParamsError(f"hyperparameter 'modules' of method {m!r}: {kind!r} is not one of {MODULE_KINDS}")
-        if len(set(self.modules)) != len(self.modules):
-            raise HParamsError(f"hyperparameter 'modules' of method {m!r} names a module kind twice: "
-                               f"{list(self.modules)}")
+        check_sites(m, self.layers, self.modules)
         for key in ("rank", "steps", "batch_size", "max_blocks"):
             if int(getattr(self, key)) < 1:
                 raise HParamsError(f"hyperparameter {key!r} of method {m!r} must be >= 1, got {getattr(self, key)}")
