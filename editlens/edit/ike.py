@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
-from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
+from editlens.edit.retrieval import EmbeddingIndex, Encoder, shared_encoder
 from editlens.errors import HParamsError
 from editlens.system import ModelSystem, WrappedSystem
 
@@ -143,7 +143,7 @@ class IKESystem(WrappedSystem):
     def __init__(self, base: ModelSystem, hparams: IKEHParams, encoder: Encoder | None = None,
                  demo_cases: Sequence["EditCase"] = ()):
         self.hparams = hparams
-        enc = encoder or make_encoder(hparams.retriever, device=hparams.encoder_device)
+        enc = encoder or shared_encoder(hparams.retriever, device=hparams.encoder_device)
         self.facts = EmbeddingIndex(enc)  # one statement per edited case
         self.demos = EmbeddingIndex(enc)
         self.demo_list: list[Demonstration] = []

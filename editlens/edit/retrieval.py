@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -146,6 +147,25 @@ def make_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu") -> Encoder:
         _, _, dim = spec.partition(":")
         return HashingEncoder(int(dim) if dim else 512)
     return SentenceEncoder(spec or DEFAULT_ENCODER, device=device)
+
+
+_SHARED: dict[tuple[str, str], Encoder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_encoder(spec: str = DEFAULT_ENCODER, device: str = "cpu") -> Encoder:
+    """The encoder :func:`make_encoder` builds for ``(spec, device)``, one per process.
+
+    Encoders are stateless (``encode`` is a pure function of the texts), so IKE, SCR and SERAC share one instance
+    instead of loading the sentence-transformers weights for every edit: a staged or sequential run makes one
+    editor per record or step, and each used to pay a model load.
+    """
+    key = (spec or DEFAULT_ENCODER, str(device))
+    with _SHARED_LOCK:
+        enc = _SHARED.get(key)
+        if enc is None:
+            enc = _SHARED[key] = make_encoder(*key)
+    return enc
 
 
 class EmbeddingIndex:

@@ -43,7 +43,7 @@ import torch
 
 from editlens.edit.base import Edit, Editor, HParams, SequenceState, register_method
 from editlens.edit.base import FINITE, Range
-from editlens.edit.retrieval import EmbeddingIndex, Encoder, make_encoder
+from editlens.edit.retrieval import EmbeddingIndex, Encoder, shared_encoder
 from editlens.errors import HParamsError
 from editlens.system import ModelSystem, WrappedSystem
 from editlens.lm import ops
@@ -137,7 +137,7 @@ class SCRSystem(WrappedSystem):
 
     def __init__(self, base: ModelSystem, hparams: SCRHParams, encoder: Encoder | None = None):
         self.hparams = hparams
-        self.memory = EmbeddingIndex(encoder or make_encoder(hparams.retriever, device=hparams.encoder_device))
+        self.memory = EmbeddingIndex(encoder or shared_encoder(hparams.retriever, device=hparams.encoder_device))
         super().__init__(base, state_fingerprint=self._state_key())
         if self.format.name == "chat" and hparams.context_format == "raw":
             raise HParamsError("hyperparameter 'context_format' of method 'scr' is 'raw' but the system poses prompts "

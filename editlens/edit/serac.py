@@ -251,16 +251,11 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-_ENCODERS: dict[str, Any] = {}
-
-
 def get_encoder(spec: str) -> Any:
-    """The sentence encoder named ``spec`` (see :func:`editlens.edit.retrieval.make_encoder`), one per process."""
-    from editlens.edit.retrieval import make_encoder
+    """The sentence encoder named ``spec``, one per process (:func:`editlens.edit.retrieval.shared_encoder`)."""
+    from editlens.edit.retrieval import shared_encoder
 
-    if spec not in _ENCODERS:
-        _ENCODERS[spec] = make_encoder(spec)
-    return _ENCODERS[spec]
+    return shared_encoder(spec)
 
 
 def encode(encoder: Any, texts: Sequence[str]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import editlens
-from editlens.edit import serac
+from editlens.edit import retrieval, serac
 from editlens.edit.serac import (CLF_TENSORS, SeracEditor, SeracSystem, init_classifier, pair_logits, route,
                                  scope_logits)
 from editlens.edit.trained import TrainedEditor, train
@@ -99,7 +99,7 @@ def fixed_table():
 @pytest.fixture()
 def fixed_encoder(monkeypatch):
     enc = FixedEncoder(fixed_table())
-    monkeypatch.setitem(serac._ENCODERS, "fixed-test", enc)
+    monkeypatch.setitem(retrieval._SHARED, ("fixed-test", "cpu"), enc)
     return enc
 
 
@@ -365,7 +365,7 @@ class NanEncoder:
 
 
 def test_nan_loss_stops_training(tiny_llama, monkeypatch):
-    monkeypatch.setitem(serac._ENCODERS, "nan-test", NanEncoder())
+    monkeypatch.setitem(retrieval._SHARED, ("nan-test", "cpu"), NanEncoder())
     cases = editlens.synthetic_cases(6)
     with pytest.raises(TrainingError, match=r"step 1: the scope classifier's BCE loss is nan"):
         train("serac", tiny_llama, cases, progress=False, encoder="nan-test", clf_epochs=2, cf_epochs=1,
