@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from editlens.errors import EditlensError, MethodError
+from editlens.errors import EditlensError, HParamsError, MethodError
 from editlens.lm import ops
 from editlens.lm.hooks import add_to_output, record_io
 
@@ -475,10 +475,14 @@ VALUE_MEMO_SIZE = 4
 
 def weights_checksum(lm: "LM") -> str:
     """A cheap checksum of every parameter (float32 norms, no copies): guards caches keyed by ``lm.fingerprint``
-    against weights changed outside editlens (e.g. a user's own training step)."""
+    against weights changed outside editlens (e.g. a user's own training step). Parameters offloaded by accelerate
+    (``meta`` between forwards) are skipped; editlens's own edits of them change ``lm.fingerprint``."""
     with torch.no_grad():
-        norms = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in lm.model.parameters()])
-    return norms.cpu().numpy().tobytes().hex()
+        norms = [torch.linalg.vector_norm(p, dtype=torch.float32) for p in lm.model.parameters()
+                 if p.device.type != "meta"]
+        dev = norms[0].device if norms else torch.device("cpu")
+        stacked = torch.stack([n.to(dev) for n in norms]) if norms else torch.zeros(0)
+    return stacked.cpu().numpy().tobytes().hex()
 
 
 def value_memo_key(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings
@@ -509,7 +513,8 @@ def _check_value_args(lm: "LM", requests: Sequence[Request], places: Sequence[Pl
 
 
 def optimise_values(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings, *,
-                    extra_loss: ExtraLoss | None = None, progress: bool = False, memo: bool = True) -> ValueResult:
+                    extra_loss: ExtraLoss | None = None, progress: bool = False, memo: bool = True,
+                    chunk_size: int | None = None) -> ValueResult:
     """Optimise, for each request and each place, the change ``δ`` that makes the model answer the request's
     target: the one value optimisation of the locate-then-edit methods (ROME's ``v*``, MEMIT/AlphaEdit/EMMET/
     RECT/PRUNE's ``z``, PMET's joint MHSA+FFN values; EVK-Align plugs in as ``extra_loss``). See the module
@@ -532,19 +537,31 @@ def optimise_values(lm: "LM", requests: Sequence[Request], places: Sequence[Plac
             for reference outputs (wrap those in ``torch.no_grad()``).
         progress: show a tqdm bar over steps.
         memo: use the in-memory memo.
+        chunk_size: optimise at most this many requests at a time (``None``: all at once). Everything the loop
+            holds per request (rows, token batches, the KL rows' original next-token distributions ``[n, vocab]``,
+            Adam's state) then scales with the chunk, not the batch; only the ``[n, d]`` results are kept whole.
+            Each request's objective, early stop and Adam step are its own (the total loss is a sum of per-request
+            terms, Adam is element-wise and every chunk starts at step 0), so chunks are independent and the
+            result is the unchunked one up to floating-point summation order of the batched forward passes (rows
+            padded with other rows); see :func:`_compute_chunked`. Ignored with an ``extra_loss``, which is one
+            scalar over the whole batch. Part of the memo key.
 
     Returns:
         :class:`ValueResult` (``deltas``, ``inits`` per place and mean losses).
     """
     places = tuple(places)
     _check_value_args(lm, requests, places, settings)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise MethodError(f"value optimisation: chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
+    if extra_loss is not None or (chunk_size is not None and chunk_size >= len(requests)):
+        chunk_size = None
     if not memo or extra_loss is not None:
-        return _compute_values(lm, requests, places, settings, extra_loss=extra_loss, progress=progress)
-    key = value_memo_key(lm, requests, places, settings)
+        return _compute_chunked(lm, requests, places, settings, chunk_size, extra_loss=extra_loss, progress=progress)
+    key = value_memo_key(lm, requests, places, settings) + (("chunk_size", chunk_size),)
     cache = lm.__dict__.setdefault("_value_memo", {})
     hit = cache.pop(key, None)
     if hit is None:
-        hit = _compute_values(lm, requests, places, settings, progress=progress)
+        hit = _compute_chunked(lm, requests, places, settings, chunk_size, progress=progress)
     cache[key] = hit  # most recently used last
     while len(cache) > VALUE_MEMO_SIZE:
         cache.pop(next(iter(cache)))
@@ -561,6 +578,33 @@ def compute_values(lm: "LM", requests: Sequence[Request], layer: int, *, space: 
     place = Place.mlp(lm, layer) if space == "mlp" else Place.residual(lm, layer)
     return optimise_values(lm, requests, [place], ValueSettings(prefixes=tuple(prefixes), **settings),
                            extra_loss=extra_loss, progress=progress, memo=memo)
+
+
+def _compute_chunked(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings,
+                     chunk_size: int | None, *, extra_loss: ExtraLoss | None = None, progress: bool = False
+                     ) -> ValueResult:
+    """:func:`_compute_values` over consecutive chunks of at most ``chunk_size`` requests (``None``: one call).
+
+    The chunks' ``[n_c, d]`` deltas and inits are concatenated in request order; the loss figures, means over
+    requests, are the chunk means weighted by chunk size (``loss/steps``: the largest), so they equal the
+    unchunked figures up to rounding. Only one chunk's optimisation state is alive at a time."""
+    n = len(requests)
+    if chunk_size is None or chunk_size >= n:
+        return _compute_values(lm, requests, places, settings, extra_loss=extra_loss, progress=progress)
+    parts: list[ValueResult] = []
+    sizes: list[int] = []
+    for start in range(0, n, chunk_size):
+        chunk = requests[start:start + chunk_size]
+        parts.append(_compute_values(lm, chunk, places, settings, progress=progress))
+        sizes.append(len(chunk))
+    losses: dict[str, float] = {}
+    for k in parts[0].losses:
+        vals = [p.losses[k] for p in parts]
+        losses[k] = max(vals) if k == "loss/steps" else sum(v * m for v, m in zip(vals, sizes)) / n
+    return ValueResult(places=tuple(places),
+                       deltas=tuple(torch.cat([p.deltas[i] for p in parts]) for i in range(len(places))),
+                       inits=tuple(torch.cat([p.inits[i] for p in parts]) for i in range(len(places))),
+                       losses=losses)
 
 
 def _compute_values(lm: "LM", requests: Sequence[Request], places: Sequence[Place], settings: ValueSettings, *,
@@ -727,11 +771,13 @@ def spread_layers(layers: Sequence[int]) -> list[int]:
     return out
 
 
-def check_layers(lm: "LM", layers: Sequence[int], method: str) -> None:
-    """Raise :class:`MethodError` when a layer index is outside the model."""
+def check_layers(lm: "LM", layers: Sequence[int], method: str, key: str = "layers") -> None:
+    """Raise :class:`~editlens.errors.HParamsError` naming the hyperparameter ``key`` when a layer index is outside
+    the model."""
     for l in layers:
         if not 0 <= int(l) < lm.n_layers:
-            raise MethodError(f"{method}: layer {l} is outside the model ({lm.n_layers} layers, 0..{lm.n_layers - 1})")
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r}: layer {l} is outside the model "
+                               f"({lm.n_layers} layers, 0..{lm.n_layers - 1})")
 
 
 def fro(t: torch.Tensor) -> float:
@@ -776,18 +822,82 @@ class EditSetup:
     cov: dict[int, torch.Tensor]
     prefixes: list[str]
     values: ValueSettings
+    #: what the edit's diagnostics record of the setup (``trace/*`` when the layers were ``"trace"``)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def setup_edit(lm: "LM", cases: Sequence["EditCase"], hparams: Any, layers: Sequence[int], method: str,
                sequence: Any = None, progress: bool = False) -> EditSetup:
     """The common start of a locate-then-edit method: ``layers`` validated (:func:`spread_layers`,
-    :func:`check_layers`), the requests of ``cases``, second moments and context prefixes (:func:`prepare`) and the
-    :class:`ValueSettings` of ``hparams``."""
+    :func:`check_layers`) — or, when they are ``"trace"``, chosen by causal tracing of ``cases``
+    (:func:`trace_layers_for`) —, the requests of ``cases``, second moments and context prefixes (:func:`prepare`)
+    and the :class:`ValueSettings` of ``hparams``."""
+    from editlens.edit.hparams import is_trace
+
+    key = "layer" if hasattr(hparams, "layer") and not hasattr(hparams, "layers") else "layers"
+    diagnostics: dict[str, Any] = {}
+    if is_trace(layers) or (not isinstance(layers, str) and len(layers) == 1 and is_trace(list(layers)[0])):
+        layers, diagnostics = trace_layers_for(lm, cases, hparams, method, key, sequence)
     layers = spread_layers(layers)
-    check_layers(lm, layers, method)
+    check_layers(lm, layers, method, key)
     requests = requests_from_cases(cases)
     cov, prefixes = prepare(lm, hparams, layers, sequence, progress)
-    return EditSetup(layers, requests, cov, list(prefixes), ValueSettings.from_hparams(hparams, prefixes))
+    return EditSetup(layers, requests, cov, list(prefixes), ValueSettings.from_hparams(hparams, prefixes),
+                     diagnostics)
+
+
+def trace_layers_for(lm: "LM", cases: Sequence["EditCase"], hparams: Any, method: str, key: str,
+                     sequence: Any = None) -> tuple[list[int], dict[str, Any]]:
+    """The layers ``"trace"`` stands for (:func:`editlens.localize.trace_layers` on ``cases`` with the
+    ``trace_*`` hyperparameters and ``seed``) and the diagnostics recording them: ``trace/layers``,
+    ``trace/scores`` (the average MLP indirect effect at the last subject token, per layer of the model),
+    ``trace/candidates``, ``trace/n_cases``, ``trace/p_clean``, ``trace/p_corrupt`` and the settings.
+
+    ``key = "layer"`` (ROME): one layer; ``"layers"``: as many layers as the method's default for the model. In a
+    sequential run the choice is made once, at the first step (on the unedited model, before any edit, as the
+    second moments are), and kept in ``sequence.data``: per-layer state of a run (AlphaEdit's accumulated keys,
+    PRUNE's σ_max, the collapse diagnostics of each edited matrix) needs fixed layers, and a trace of the edited
+    model would measure the earlier edits. Raises :class:`~editlens.errors.HParamsError` naming ``trace_range``
+    when it lies outside the model."""
+    from editlens.localize import TraceError, trace_layers
+
+    L = lm.n_layers
+    rng = list(getattr(hparams, "trace_range", []) or [])
+    if rng and not 0 <= rng[0] <= rng[1] < L:
+        raise HParamsError(f"hyperparameter 'trace_range' of method {method!r}: {rng} is outside the model "
+                           f"({L} layers, 0..{L - 1})")
+    if key == "layer":
+        n = 1
+    else:
+        default = type(hparams).for_model(lm).layers
+        n = len(default) if not isinstance(default, str) else 1
+    settings = (method, key, n, tuple(rng), hparams.trace_samples, hparams.trace_window, hparams.trace_cases,
+                hparams.seed, hparams.batch_tokens)
+    store = sequence.data.setdefault("trace_layers", {}) if sequence is not None else {}
+    if settings not in store:
+        try:
+            choice = trace_layers(lm, cases, n, candidates=tuple(rng) if rng else None,
+                                  samples=hparams.trace_samples, window=hparams.trace_window, seed=hparams.seed,
+                                  max_cases=hparams.trace_cases, batch_tokens=hparams.batch_tokens)
+        except TraceError as e:
+            raise MethodError(f"{method}: {key}='trace': causal tracing of the cases failed: {e}") from None
+        store[settings] = (list(choice.layers), choice.diagnostics())
+    layers, diag = store[settings]
+    return list(layers), dict(diag)
+
+
+def resolved_hparams(hparams: Any, setup: EditSetup) -> Any:
+    """``hparams`` with ``layer`` / ``layers`` set to the layers of ``setup`` when they were ``"trace"`` (so that
+    a method can read its layers from its hyperparameters); unchanged otherwise."""
+    from dataclasses import replace as dc_replace
+
+    from editlens.edit.hparams import is_trace
+
+    if hasattr(hparams, "layer") and is_trace(hparams.layer):
+        return dc_replace(hparams, layer=setup.layers[0])
+    if hasattr(hparams, "layers") and is_trace(hparams.layers):
+        return dc_replace(hparams, layers=list(setup.layers))
+    return hparams
 
 
 def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None) -> list[str]:

@@ -35,7 +35,7 @@ import torch
 
 from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, SequenceState, register_method
-from editlens.edit.hparams import TINY, LocateHParams, no_duplicate_layers as _no_duplicate_layers
+from editlens.edit.hparams import TINY, LocateHParams, is_trace, no_duplicate_layers as _no_duplicate_layers
 from editlens.edit.base import NON_NEGATIVE
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError
@@ -63,14 +63,21 @@ class MEMITHParams(LocateHParams):
     """MEMIT hyperparameters (shared ones: :class:`~editlens.edit.hparams.LocateHParams`).
 
     Attributes:
-        layers: edited layers (the last one holds the target residual ``z``).
+        layers: edited layers (the last one holds the target residual ``z``), or ``"trace"``: the window of as many
+            layers as the model's default with the largest average MLP indirect effect at the last subject token of
+            the cases being edited (:func:`editlens.localize.trace_layers`; docs/localize.md).
         mom2_update_weight: λ of eq. 14.
+        v_chunk_size: the value optimisation handles at most this many facts at a time (0: the whole batch at
+            once). Requests are independent in the objective, so chunks give the unchunked targets up to
+            floating-point summation order (see :func:`editlens.edit.locate.optimise_values`); memory of the
+            optimisation then grows with the chunk, not the batch (docs/methods.md, "Bounded memory").
     """
 
-    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    layers: list[int] | str = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1.5e4
     clamp_norm_factor: float = 0.75
-    RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": NON_NEGATIVE}
+    v_chunk_size: int = 100
+    RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": NON_NEGATIVE, "v_chunk_size": NON_NEGATIVE}
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {
         "tiny": dict(layers=[1, 2], **TINY),
@@ -86,7 +93,7 @@ class MEMITHParams(LocateHParams):
         super().validate()
         if not self.layers:
             raise HParamsError(f"hyperparameter 'layers' of method {self.method!r} must not be empty")
-        if any(l < 0 for l in self.layers):
+        if not is_trace(self.layers) and any(l < 0 for l in self.layers):
             raise HParamsError(f"hyperparameter 'layers' of method {self.method!r}: negative layer")
         _no_duplicate_layers(self.method, self.layers)
         if self.mom2_update_weight < 0:
@@ -117,11 +124,12 @@ class MultiLayerEditor(Editor):
         layers, requests, cov, prefixes = st.layers, st.requests, st.cov, st.prefixes
         last = layers[-1]
         vals = locate.optimise_values(lm, requests, [locate.Place.residual(lm, last)], st.values,
-                                      extra_loss=evk_align, progress=progress)
+                                      extra_loss=evk_align, progress=progress,
+                                      chunk_size=int(hp.v_chunk_size) or None)
         z = vals.target.double()  # [n, d]
         snap = self.snapshot_for(sequence)
         deltas: dict[str, torch.Tensor] = {}
-        diag: dict[str, Any] = dict(vals.losses)
+        diag: dict[str, Any] = {**vals.losses, **st.diagnostics}
         try:
             for i, l in enumerate(layers):
                 K = locate.compute_keys(lm, l, requests, prefixes, batch_tokens=hp.batch_tokens).double().T
@@ -150,6 +158,7 @@ class MEMIT(MultiLayerEditor):
     """MEMIT (batched, multi-layer, λ-regularised least squares)."""
 
     hparams_class = MEMITHParams
+    supports_offloaded_weights = True  # weights are written through add_now only
 
     def solve(self, lm, layer, K, R, C, hparams, sequence):
         return memit_update(K, R, C, hparams.mom2_update_weight)
