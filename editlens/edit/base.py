@@ -469,6 +469,10 @@ class Editor:
     #: whether ``apply`` passes ``evk_align`` to its value optimisation / loss; when false, :func:`edit` and
     #: :func:`edit_sequential` refuse an ``evk_align`` with a MethodError before any work (never silently ignored)
     supports_evk_align: ClassVar[bool] = False
+    #: whether the method can edit a model whose weights are partly offloaded by accelerate (``load_model(...,
+    #: device_map=...)`` with ``"disk"``, or ``"cpu"`` beside a GPU): it reads and writes weights only through
+    #: ``weight_param`` / ``add_now`` / ``weight_edit`` (see :mod:`editlens.lm.placement`)
+    supports_offloaded_weights: ClassVar[bool] = False
     #: whether the method's edit lives in the model's weights (``Edit.save_pretrained`` can write it); ``False``
     #: for wrapper methods, so ``editlens edit --save`` refuses them before editing; ``None`` = not declared
     #: (checked on the Edit)
@@ -721,6 +725,20 @@ def _set_trained(editor: Editor, lm: "LM", trained: Any) -> None:
     resolve_trained(editor, lm, trained)
 
 
+def _check_offload_support(editor: Editor, lm: "LM") -> None:
+    if getattr(lm, "device_map", None) is None or editor.supports_offloaded_weights:
+        return
+    from editlens.lm.placement import offloaded_modules
+
+    off = offloaded_modules(lm.model)
+    if off:
+        ok = sorted(n for n, cls in _METHODS.items() if cls.supports_offloaded_weights)
+        raise MethodError(f"method {editor.name!r} cannot edit a model with offloaded weights ({len(off)} modules, "
+                          f"e.g. {off[0]!r}, are kept in accelerate's weights map, not on a device): it reads or "
+                          f"trains weights directly. Methods that can: {', '.join(ok)}; or load the model with a "
+                          f"device_map that keeps every module on a device")
+
+
 def _check_evk_support(editor: Editor, evk_align: Any) -> None:
     if evk_align is not None and not editor.supports_evk_align:
         raise MethodError(f"method {editor.name!r} does not take evk_align: EVK-Align regularises a value "
@@ -792,6 +810,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
     editor = get_method(method)()
     fmt = _set_prompt_format(editor, lm, prompt_format)
     _check_evk_support(editor, evk_align)
+    _check_offload_support(editor, lm)
     cases = _check_cases(cases)
     check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
@@ -829,6 +848,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     editor = get_method(method)()
     fmt = _set_prompt_format(editor, lm, prompt_format)
     _check_evk_support(editor, evk_align)
+    _check_offload_support(editor, lm)
     cases = _check_cases(cases)
     check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)

@@ -273,6 +273,13 @@ def finetune_deltas(lm: "LM", cases: Sequence["EditCase"], hp: FTHParams, *, evk
     objective = hp.effective_objective()
     eps = hp.effective_eps(lm)
     paths = _module_paths(lm, hp)
+    from editlens.lm.placement import is_offloaded
+
+    offloaded = [p for p in paths if is_offloaded(lm.module(p))]
+    if offloaded:  # gradients reach the copy accelerate places for each forward, never the offloaded weight
+        raise MethodError(f"method {hp.method!r} cannot fine-tune offloaded weights ({', '.join(offloaded)} are kept "
+                          f"in accelerate's weights map): load the model with a device_map that keeps layers "
+                          f"{list(hp.layers)} on a device (rome and memit can edit offloaded layers)")
     params = [weight_param(lm.module(p)) for p in paths]
     originals = [p.detach().clone() for p in params]
     flags = [p.requires_grad for p in params]
@@ -349,6 +356,7 @@ def finetune_deltas(lm: "LM", cases: Sequence["EditCase"], hp: FTHParams, *, evk
 
 
 class _FTBase(Editor):
+    supports_offloaded_weights = True  # refuses only when a fine-tuned layer itself is offloaded
     supports_evk_align = True  # added to the fine-tuning loss
 
     def apply(self, lm: "LM", cases: Sequence["EditCase"], hparams: HParams, *, evk_align: Any = None,

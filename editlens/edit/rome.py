@@ -73,7 +73,9 @@ def rome_update(W: torch.Tensor, C: torch.Tensor, k_star: torch.Tensor, v_star: 
     Returns:
         ``ΔW [out, in]`` (float64) with ``(W + ΔW) k_pin = v*``.
     """
-    W64, k, v = W.double(), k_star.double().reshape(-1), v_star.double().reshape(-1)
+    W64 = W.double()
+    k = k_star.to(device=W64.device, dtype=torch.float64).reshape(-1)  # operands join W on its device
+    v = v_star.to(device=W64.device, dtype=torch.float64).reshape(-1)
     kp = k if k_pin is None else k_pin.to(device=W64.device, dtype=torch.float64).reshape(-1)
     C64 = C.to(device=W64.device, dtype=torch.float64)
     u = C64 @ k if c_is_inverse else torch.linalg.solve(C64, k)
@@ -86,7 +88,7 @@ def rome_key_value(W: torch.Tensor, k_mean: torch.Tensor, k_unprefixed: torch.Te
     module docstring): ``v = W k₀ + δ`` pinned at ``k₀`` (``"unprefixed"``) or ``k̄`` (``"consistent"``), or
     ``v = W k̄ + δ`` pinned at ``k̄`` (``"mean"``)."""
     W64 = W.double()
-    k_bar, k0, d = k_mean.double().reshape(-1), k_unprefixed.double().reshape(-1), delta.double().reshape(-1)
+    k_bar, k0, d = (t.to(device=W64.device, dtype=torch.float64).reshape(-1) for t in (k_mean, k_unprefixed, delta))
     if update_key == "unprefixed":
         return k0, W64 @ k0 + d
     if update_key == "consistent":
@@ -142,6 +144,7 @@ class ROME(Editor):
     hparams_class = ROMEHParams
     supports_evk_align = True  # passed to the value optimisation (optimise_values' extra_loss)
 
+    supports_offloaded_weights = True  # W is read and written through weight_param / add_now only
     def apply(self, lm, cases, hparams: ROMEHParams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams
         st = locate.setup_edit(lm, cases, hp, [hp.layer], self.name, sequence, progress)
@@ -162,7 +165,8 @@ class ROME(Editor):
                 k0 = k_bar if list(prefixes) == [""] else \
                     locate.compute_keys(lm, hp.layer, [req], [""], batch_tokens=hp.batch_tokens)[0]
                 vals = locate.optimise_values(lm, [req], places, st.values, extra_loss=evk_align, progress=progress)
-                W = weight_view(lm.module(name)).detach()
+                # on the layer's own device (a weight offloaded by accelerate is copied there, as for a forward)
+                W = weight_view(lm.module(name)).detach().to(lm.module_device(name))
                 k_pin, v = rome_key_value(W, k_bar, k0, vals.delta[0], hp.update_key)
                 delta = rome_update(W, C, k_bar, v, k_pin=k_pin)
                 self.add_now(lm, snap, name, delta)

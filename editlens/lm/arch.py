@@ -132,10 +132,15 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def weight_param(module: nn.Module) -> torch.nn.Parameter:
-    """The weight parameter of a linear or Conv1D module."""
+    """The weight parameter of a linear or Conv1D module (of an offloaded module: the tensor in accelerate's weights
+    map that holds its value, see :func:`editlens.lm.placement.storage_weight`)."""
     w = getattr(module, "weight", None)
     if w is None:
         raise UnsupportedArchitectureError(f"module {type(module).__name__} has no weight")
+    if getattr(module, "_editlens_offload", None):  # offloaded by accelerate: the value lives in its weights map
+        from editlens.lm.placement import storage_weight
+
+        return storage_weight(module)
     return w
 
 

@@ -59,8 +59,11 @@ class LM:
         tokenizer: its tokenizer (a pad token is always set).
         arch: module names (see :class:`~editlens.lm.arch.Arch`).
         name: the name or path it was loaded from.
-        device: where the weights live.
+        device: where inputs go: the device of the weights, or for a model dispatched with ``device_map`` the
+            execution device of its input embeddings (each layer then computes on its own device; see
+            :mod:`editlens.lm.placement`).
         base_fingerprint: content fingerprint of the weights at load time.
+        device_map: ``{module path: device}`` of a dispatched model (``None`` when all weights are on ``device``).
 
     Thread safety: an ``LM`` may be shared between threads. Everything that changes or temporarily swaps its
     weights, or reads them through a system, holds the model's re-entrant lock :attr:`lock` for its whole
@@ -80,6 +83,7 @@ class LM:
     name: str
     device: torch.device
     base_fingerprint: str
+    device_map: dict[str, Any] | None = None
     _state: list[str] = field(default_factory=list, repr=False)
     _snapshots: list[Any] = field(default_factory=list, repr=False)
     _lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
@@ -180,6 +184,14 @@ class LM:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def module_device(self, path: str) -> torch.device:
+        """The device module ``path`` computes on (``device`` unless the model is dispatched over several)."""
+        if self.device_map is None:
+            return self.device
+        from editlens.lm.placement import execution_device
+
+        return execution_device(self.model, path)
+
     @property
     def n_layers(self) -> int:
         return len(get_module(self.model, self.arch.layers))
@@ -215,9 +227,12 @@ def weights_fingerprint(model: nn.Module, max_elems: int = 65536) -> str:
     squares, and the raw bytes of up to ``max_elems`` elements taken at a fixed stride. Any edit of a matrix
     changes the sums; small tensors are hashed completely. Cost: one pass of reductions, no full copy.
     """
+    from editlens.lm.placement import state_tensors
+
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, t in sorted(list(model.state_dict().items()), key=lambda kv: kv[0]):
+        # offloaded (meta) parameters are read from accelerate's weights map, so the fingerprint is placement-free
+        for name, t in sorted(state_tensors(model), key=lambda kv: kv[0]):
             if not torch.is_tensor(t):
                 continue
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
@@ -595,8 +610,19 @@ def _load_hub(name: str, dt: torch.dtype, trust_remote_code: bool):
     return model, tok
 
 
-def _finish(model, tok, name: str, device: torch.device, dtype: torch.dtype) -> LM:
-    model = model.to(device=device, dtype=dtype)
+def _finish(model, tok, name: str, device: torch.device, dtype: torch.dtype, device_map: Any = None,
+            offload_dir: str | os.PathLike | None = None, max_memory: Any = None) -> LM:
+    dmap = None
+    if device_map is None:
+        model = model.to(device=device, dtype=dtype)
+    else:
+        from editlens.lm import placement
+
+        model = model.to(dtype=dtype)  # still on the CPU: accelerate moves each module to its device
+        dmap = placement.resolve_device_map(model, device_map, max_memory)
+        if "disk" in dmap.values() and offload_dir is None:
+            offload_dir = tempfile.mkdtemp(prefix="editlens-offload-")
+        model = placement.dispatch(model, dmap, None if offload_dir is None else str(offload_dir))
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
@@ -609,12 +635,17 @@ def _finish(model, tok, name: str, device: torch.device, dtype: torch.dtype) -> 
     from editlens.lm.context import install_guard
 
     install_guard(model)  # a forward pass beyond the context length raises ContextLengthError
+    if dmap is not None:
+        from editlens.lm.placement import execution_device
+
+        device = execution_device(model, arch.embed)  # inputs go where the embeddings are looked up
     return LM(model=model, tokenizer=tok, arch=arch, name=name, device=device,
-              base_fingerprint=weights_fingerprint(model))
+              base_fingerprint=weights_fingerprint(model), device_map=dmap)
 
 
 def load_model(name_or_path: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               *, trust_remote_code: bool = False, seed: int = 0) -> LM:
+               *, trust_remote_code: bool = False, seed: int = 0, device_map: Any = None,
+               offload_dir: str | os.PathLike | None = None, max_memory: Any = None) -> LM:
     """Load a causal LM as an :class:`LM`.
 
     Args:
@@ -628,32 +659,47 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
             bfloat16 on CUDA. Integer dtypes are refused.
         trust_remote_code: passed to transformers (off by default).
         seed: initialisation seed of the tiny random models.
+        device_map: spread the model over several devices with accelerate (see :mod:`editlens.lm.placement`):
+            ``"auto"`` (or ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``; resolved by
+            :func:`accelerate.infer_auto_device_map` under ``max_memory``) or a dict ``{module path: device}`` with
+            devices a GPU index, ``"cuda:N"``, ``"cpu"`` or ``"disk"`` (offloaded to ``offload_dir``, default a new
+            temporary folder). The model is read into CPU memory first, then dispatched; ``device`` is then ignored
+            (``lm.device`` is the device of the input embeddings) and ``dtype`` defaults as for ``device``.
+        offload_dir: folder for the weights a ``device_map`` sends to ``"disk"``.
+        max_memory: ``{device: bytes or "10GiB"}`` limits for ``device_map="auto"``.
 
     Raises:
         ModelLoadError: the model cannot be found or read (the message says what to install or check).
         UnsupportedArchitectureError: the model class has no registered Arch.
     """
+    if device_map is not None:
+        from editlens.lm.placement import device_map_problem
+
+        problem = device_map_problem(device_map)
+        if problem is not None:
+            raise ModelLoadError(problem)
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
+    placed = dict(device_map=device_map, offload_dir=offload_dir, max_memory=max_memory)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(f"model name must be a string or a path, got {type(name_or_path).__name__} "
                              f"{name_or_path!r}")
     name = str(name_or_path)
     if name in TINY_MODELS:
         model, tok = build_tiny(name, seed=seed)
-        return _finish(model, tok, name, dev, dt)
+        return _finish(model, tok, name, dev, dt, **placed)
     if name in EMBEDDED_MODELS:
         model, tok = _cached_gguf(embedded_model_file(name), name)
-        return _finish(model, tok, name, dev, dt)
+        return _finish(model, tok, name, dev, dt, **placed)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
         model, tok = _load_gguf(path, torch.float32)
-        return _finish(model, tok, name, dev, dt)
+        return _finish(model, tok, name, dev, dt, **placed)
     if path.is_dir():
         model, tok = _load_checkpoint_dir(path, name, dt, trust_remote_code)
-        return _finish(model, tok, name, dev, dt)
+        return _finish(model, tok, name, dev, dt, **placed)
     if path.exists():
         raise ModelLoadError(f"{path} is a file but not a .gguf model; pass a checkpoint directory or a .gguf file")
     if isinstance(name_or_path, os.PathLike) or _looks_like_path(name):
@@ -663,7 +709,7 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         # neither a built-in name, nor a path, nor an org/name hub id: fail now, without asking the hub
         raise ModelLoadError(problem)
     model, tok = _load_hub(name, dt, trust_remote_code)
-    return _finish(model, tok, name, dev, dt)
+    return _finish(model, tok, name, dev, dt, **placed)
 
 
 def _config_layers(cfg: Any) -> int | None:
