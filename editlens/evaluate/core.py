@@ -953,7 +953,8 @@ def _no_rows_message(metrics: Sequence[Metric], cases: Sequence["EditCase"]) -> 
 def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None" = None,
              metrics: str | Sequence[str | Metric] = ("gt", "gtfree"), batch_tokens: int | None = 4096,
              prompt_format: str | None = None, cache: Any = True, progress: bool = True,
-             truncate: str | None = None) -> Results:
+             truncate: str | None = None, chunk_cases: int | None = None,
+             on_rows: Callable[[list[Row]], None] | None = None) -> Results:
     """Evaluate ``system`` on ``cases`` with ``metrics`` (bulk, batched, base outputs cached).
 
     Args:
@@ -976,6 +977,19 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
             new tokens of a generation, in each system's prompt format) is a :class:`ContextLengthError` naming the
             case and the probe, raised before any model call (what IKE/SCR add at call time is checked then). ``"left"``: such prompts lose their oldest tokens (see
             :mod:`editlens.lm.context`); ``meta`` records ``truncate`` and ``truncated_requests``.
+        chunk_cases: stream the evaluation over consecutive chunks of at most this many cases (``None``: all
+            at once): per-case metrics are answered and turned into rows one chunk at a time, and each chunk's
+            answers (next-token distributions ``[vocab]`` per prompt, scores, generations) are dropped before the
+            next, so memory does not grow with the number of cases (pass ``cache=False`` or a directory: the
+            in-memory cache keeps base answers up to its byte bound). Rows are those of the unchunked call, in
+            the same order, up to the floating-point summation order of batched forward passes (prompts are
+            batched with other prompts). Metrics that read all cases at once (they override
+            :meth:`Metric.requests` / :meth:`Metric.rows`: a TF-IDF fit over every case, a general-ability
+            benchmark) are evaluated once over all cases after the chunks. Every prompt's context length is
+            checked before the first model call, as without chunks. See :func:`_evaluate_chunked`.
+        on_rows: with ``chunk_cases``, called with each chunk's rows as soon as they are computed; the rows are
+            then not kept in the returned :class:`Results` (``meta["n_rows"]`` counts them), so a caller that
+            writes them out (a store, a file) holds one chunk at a time.
 
     Returns:
         :class:`Results` with one row per case, probe kind and metric; ``meta`` records the prompt format,
@@ -987,6 +1001,10 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
     """
     from editlens.lm import context as _ctx
 
+    if chunk_cases is not None or on_rows is not None:
+        return _evaluate_chunked(system, cases, base, metrics, batch_tokens=batch_tokens,
+                                 prompt_format=prompt_format, cache=cache, progress=progress, truncate=truncate,
+                                 chunk_cases=chunk_cases, on_rows=on_rows)
     t0 = time.perf_counter()
     truncate = _ctx.check_truncate(truncate)
     prompt_format = _resolve_format(system, prompt_format)
@@ -1074,6 +1092,128 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
         "truncate": truncate,
         "truncated_requests": n_truncated,
         "timings": timings,
+    }
+    return Results(rows, meta)
+
+
+def streams_per_case(metric: Metric) -> bool:
+    """Whether ``metric`` is per case (only the :meth:`Metric.case_requests` / :meth:`Metric.case_rows` hooks, or
+    ``per_case = True`` declared by a metric whose own ``rows`` is still a concatenation over cases), so that
+    evaluating chunks of cases and concatenating the rows equals evaluating all cases at once."""
+    declared = getattr(type(metric), "per_case", None)
+    if declared is not None:
+        return bool(declared)
+    return type(metric).rows is Metric.rows and type(metric).requests is Metric.requests
+
+
+_NO_ROWS = r"\d+ metric\(s\) produced no rows"
+
+
+def _evaluate_chunked(system: "System", cases: Sequence["EditCase"], base: "System | None", metrics: Any, *,
+                      batch_tokens: int | None, prompt_format: str | None, cache: Any, progress: bool,
+                      truncate: str | None, chunk_cases: int | None,
+                      on_rows: Callable[[list[Row]], None] | None) -> Results:
+    """:func:`evaluate` streamed over chunks of cases (its ``chunk_cases`` / ``on_rows``).
+
+    Everything that can be refused is refused before the first model call: the chunk size, the cases, the
+    metrics, a missing base, and every prompt's context length (each chunk's requests gathered and checked, then
+    dropped). Per-case metrics (:func:`streams_per_case`) are then evaluated chunk by chunk with one
+    :func:`evaluate` call each; the others once over all cases. Without ``on_rows`` the rows are reordered
+    metric-major, as :func:`evaluate` lists them. ``meta`` sums the request counts, timings and truncations of
+    the calls; ``base_cache_hit`` is true only when every call hit the cache."""
+    import warnings as _w
+
+    from editlens.lm import context as _ctx
+
+    if chunk_cases is None:
+        chunk_cases = max(1, len(cases))
+    if isinstance(chunk_cases, bool) or not isinstance(chunk_cases, int) or chunk_cases < 1:
+        raise EditlensError(f"evaluate: chunk_cases must be an integer >= 1, got {chunk_cases!r}")
+    truncate = _ctx.check_truncate(truncate)
+    cases = _check_cases(cases)
+    metric_objs = resolve_metrics(metrics)
+    fmt = _resolve_format(system, prompt_format)
+    same = base is not None and base is system
+    sys_f = _with_format(system, fmt, "evaluated")
+    base_f = None if base is None else (sys_f if same else _with_format(base, fmt, "base"))
+    stream = [m for m in metric_objs if streams_per_case(m)]
+    whole = [m for m in metric_objs if not streams_per_case(m)]
+    # up-front checks over every chunk, before any model call
+    chunks = [cases[i:i + chunk_cases] for i in range(0, len(cases), chunk_cases)] or [[]]
+    for part, mets in [(c, stream) for c in chunks] + [(cases, whole)]:
+        if not mets:
+            continue
+        wanted: dict[str, set[Request]] = {EDITED: set(), BASE: set()}
+        for m in mets:
+            for role, req in m.requests(part):
+                if role not in wanted:
+                    raise MetricError(f"metric {m.name!r} requested role {role!r}; use {EDITED!r} or {BASE!r}")
+                if role == BASE and base is None:
+                    raise MetricError(f"metrics {m.name} compare with the unedited model: pass base=<System>")
+                wanted[role].add(req)
+        _ctx.check_requests({EDITED: sys_f, BASE: base_f if base_f is not None else sys_f}, wanted, part, mets,
+                            truncate)
+        del wanted
+
+    kw = dict(base=base, batch_tokens=batch_tokens, prompt_format=prompt_format, cache=cache, progress=progress,
+              truncate=truncate)
+    by_metric: dict[str, list[Row]] = {m.name: [] for m in metric_objs}
+    n_rows = 0
+    counts: dict[str, int] = {m.name: 0 for m in metric_objs}
+    metas: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    calls = [(c, stream) for c in chunks if c] + ([(cases, whole)] if whole else [])
+    for part, mets in calls:
+        if not mets:
+            continue
+        with _w.catch_warnings():
+            _w.filterwarnings("ignore", message=_NO_ROWS)  # warned once below, over all cases
+            res = evaluate(system, part, metrics=list(mets), **kw)
+        metas.append(res.meta)
+        for r in res.rows:
+            counts[r.metric] = counts.get(r.metric, 0) + 1
+        n_rows += len(res.rows)
+        if on_rows is not None:
+            on_rows(list(res.rows))
+        else:
+            for r in res.rows:
+                by_metric.setdefault(r.metric, []).append(r)
+        del res
+    empty = [m for m in metric_objs if counts.get(m.name, 0) == 0]
+    if empty and cases:
+        warnings.warn(_no_rows_message(empty, cases), UserWarning, stacklevel=3)
+    rows = [] if on_rows is not None else [r for m in metric_objs for r in by_metric.pop(m.name, [])]
+    first = metas[0] if metas else {}
+    timings: dict[str, float] = {}
+    for m in metas:
+        for k, v in m.get("timings", {}).items():
+            if k != "total_s":
+                timings[k] = timings.get(k, 0.0) + float(v)
+    timings["total_s"] = time.perf_counter() - t0
+    n_req: dict[str, dict[str, int]] = {role: {t.__name__: 0 for t in (NextToken, Score, Generate)} for role in ROLES}
+    for m in metas:
+        for role, d in m.get("n_requests", {}).items():
+            for t, v in d.items():
+                n_req[role][t] = n_req[role].get(t, 0) + int(v)
+    hits = [m.get("base_cache_hit") for m in metas if m.get("base_cache_hit") is not None]
+    meta = {
+        "prompt_format": first.get("prompt_format", sys_f.prompt_format),
+        "system": first.get("system", {"fingerprint": sys_f.fingerprint, "repr": repr(sys_f)}),
+        "base": first.get("base", None if base_f is None else {"fingerprint": base_f.fingerprint,
+                                                               "repr": repr(base_f)}),
+        "metrics": {m.name: m.describe() for m in metric_objs},
+        "n_cases": len(cases),
+        "n_requests": n_req,
+        "batch_tokens": batch_tokens,
+        "base_cache_hit": (all(hits) if hits else None),
+        "truncate": truncate,
+        "truncated_requests": sum(int(m.get("truncated_requests") or 0) for m in metas),
+        "timings": timings,
+        "chunk_cases": chunk_cases,
+        "n_chunks": len([c for c in chunks if c]),
+        "n_rows": n_rows,
+        "streamed_metrics": [m.name for m in stream],
+        "whole_set_metrics": [m.name for m in whole],
     }
     return Results(rows, meta)
 

@@ -13,6 +13,8 @@ and evaluation streamed over chunks of cases.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -146,3 +148,87 @@ def test_bad_chunk_sizes_are_refused(tiny_llama):
             optimise_values(lm, reqs, [Place.residual(lm, 2)], _settings(), chunk_size=bad)
     with pytest.raises(HParamsError, match="v_chunk_size"):
         edit(lm, _cases(2), "memit", v_chunk_size=-1)
+
+
+# ============================================================================================ evaluation streaming
+def _eval_cases(n):
+    from editlens.data import synthetic_cases
+
+    return list(synthetic_cases(n, seed=3))[:n]
+
+
+def _same_rows(a, b, atol=1e-5):
+    assert [r[:3] for r in a] == [r[:3] for r in b]  # same cases, kinds and metrics, in the same order
+    diff = max((abs(x.value - y.value) for x, y in zip(a, b)), default=0.0)
+    assert diff <= atol, diff
+
+
+def test_chunked_evaluation_equals_unchunked(tiny_llama):
+    from editlens.evaluate import evaluate
+    from editlens.system import ModelSystem
+
+    lm = tiny_llama
+    cases = _eval_cases(7)
+    e = edit(lm, cases[:2], "memit", v_num_grad_steps=2, v_chunk_size=0)
+    try:
+        sys_e, base = e.system, ModelSystem(lm)
+        metrics = ["gt", "gtfree", "hidden_rank@1"]  # hidden_rank reads fixed paragraphs: a whole-set metric
+        full = evaluate(sys_e, cases, base=base, metrics=metrics, cache=False, progress=False)
+        chunked = evaluate(sys_e, cases, base=base, metrics=metrics, cache=False, progress=False, chunk_cases=3)
+    finally:
+        e.undo()
+    assert len(full.rows) > 7 * 4
+    _same_rows(chunked.rows, full.rows)
+    assert chunked.meta["n_chunks"] == 3 and "hidden_rank@1" in chunked.meta["whole_set_metrics"]
+    assert sum(r.metric == "hidden_rank@1" for r in chunked.rows) == sum(r.metric == "hidden_rank@1" for r in full.rows)
+
+
+def test_on_rows_receives_each_chunk_and_results_keep_none(tiny_llama, monkeypatch):
+    from editlens.evaluate import core, evaluate
+    from editlens.system import ModelSystem
+
+    lm = tiny_llama
+    cases = _eval_cases(5)
+    base = ModelSystem(lm)
+    seen_cases: list[int] = []
+    real = core.answer_requests
+
+    def spy(system, requests, *a, **k):  # every model call of a chunk sees only that chunk's prompts
+        reqs = list(requests)
+        seen_cases.append(len({getattr(r, "prompt", None) for r in reqs}))
+        return real(system, reqs, *a, **k)
+
+    monkeypatch.setattr(core, "answer_requests", spy)
+    got: list[list] = []
+    res = evaluate(base, cases, base=base, metrics=["gt"], cache=False, progress=False, chunk_cases=2,
+                   on_rows=lambda rows: got.append(rows))
+    assert res.rows == [] and res.meta["n_rows"] == sum(len(g) for g in got) > 0
+    assert [sorted({r.case_id for r in g}) for g in got] == [sorted(c.case_id for c in cases[i:i + 2])
+                                                           for i in range(0, 5, 2)]
+    full = evaluate(base, cases, base=base, metrics=["gt"], cache=False, progress=False)
+    flat = [r for g in got for r in g]
+    _same_rows(sorted(flat, key=lambda r: (r.metric, r.case_id, r.probe_kind)),
+               sorted(full.rows, key=lambda r: (r.metric, r.case_id, r.probe_kind)))
+
+
+def test_chunked_evaluation_refuses_before_any_model_call(tiny_llama, monkeypatch):
+    from editlens.data.schema import Probe
+    from editlens.errors import ContextLengthError, EditlensError
+    from editlens.evaluate import core, evaluate
+    from editlens.system import ModelSystem
+
+    lm = tiny_llama
+    base = ModelSystem(lm)
+    calls: list[int] = []
+    monkeypatch.setattr(core, "answer_requests", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr(core, "freeze_base", lambda *a, **k: calls.append(1))
+    with pytest.raises(EditlensError, match="chunk_cases"):
+        evaluate(base, _eval_cases(2), base=base, metrics=["gt"], chunk_cases=0, progress=False)
+    cases = _eval_cases(5)
+    long = "word " * 5000
+    bad = cases[4]
+    nb = tuple(bad.probes["neighborhood"]) + (Probe(long, "x", "y"),)
+    cases[4] = dataclasses.replace(bad, probes={**bad.probes, "neighborhood": nb})
+    with pytest.raises(ContextLengthError):
+        evaluate(base, cases, base=base, metrics=["gt"], chunk_cases=2, cache=False, progress=False)
+    assert calls == []  # the over-long prompt of the last chunk was found before the first chunk was answered
