@@ -6,10 +6,16 @@ prefixes, the value optimisation (ROME eq. 4 / MEMIT eq. 16; read by
 papers' GPT-2-XL / GPT-J values (20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5, in the reference
 code's form ``‖δ‖/‖v₀‖²``, stopping once the total loss is below 0.05); methods set the clamp factor and layers per
 architecture.
+
+**Layers from the trace.** ``layer`` (ROME, R-ROME) and ``layers`` (MEMIT and its relatives) also accept the string
+``"trace"`` (:data:`TRACE`): the layer(s) are then chosen at edit time by causal tracing of the cases being edited
+(:func:`editlens.localize.trace_layers`, settings ``trace_samples``, ``trace_window``, ``trace_cases``,
+``trace_range`` and ``seed``), in :func:`editlens.edit.locate.setup_edit`; the chosen layers and the trace scores
+are recorded in the edit's diagnostics (``trace/layers``, ``trace/scores``...). See docs/localize.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace as dc_replace
 from typing import Any, ClassVar, Mapping
 
 from editlens.edit.base import HParams, NON_NEGATIVE, POSITIVE, Range
@@ -38,7 +44,12 @@ class LocateHParams(HParams):
         stats_max_length: tokens per document.
         stats_dir: statistics cache directory (``""``: ``$EDITLENS_STATS_DIR`` or the editlens cache).
         batch_tokens: token budget of one forward chunk in the value optimisation.
-        seed: seed of the prefixes and of the sampled corpus.
+        seed: seed of the prefixes, of the sampled corpus and of the trace's noise draws.
+        trace_samples: noise draws per traced case when the layers are ``"trace"``.
+        trace_window: MLP layers restored together around each traced layer (the paper's 10).
+        trace_cases: at most this many of the cases being edited are traced (spread evenly; 0: all).
+        trace_range: ``[first, last]`` layers the traced choice is made among (``[]``: layer 1 to ``⌈2L/3⌉ − 1``,
+            :func:`editlens.localize.default_range`).
     """
 
     n_prefixes: int = 5
@@ -58,6 +69,10 @@ class LocateHParams(HParams):
     stats_dir: str = ""
     batch_tokens: int = 2048
     seed: int = 0
+    trace_samples: int = 3
+    trace_window: int = 10
+    trace_cases: int = 8
+    trace_range: list[int] = field(default_factory=list)
 
     ARCH_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
     RANGES: ClassVar[Mapping[str, Range]] = {
@@ -65,7 +80,48 @@ class LocateHParams(HParams):
         "early_stop_loss": NON_NEGATIVE,
     }
 
+    def replace(self, **overrides: Any) -> "LocateHParams":
+        """:meth:`HParams.replace`, where ``layer`` / ``layers`` may also be (or stop being) ``"trace"``."""
+        from editlens.edit.base import _coerce
+
+        layer_values: dict[str, Any] = {}
+        for key in LAYER_KEYS:
+            if key not in overrides or not hasattr(self, key):
+                continue
+            v = overrides[key]
+            if isinstance(v, str) or is_trace(getattr(self, key)):
+                overrides = dict(overrides)
+                del overrides[key]
+                if not is_trace(v):  # "5" or "4,5,6" from a command line; a list replacing "trace"
+                    try:
+                        v = _coerce(self.method, key, 0 if key == "layer" else [0], v)
+                    except HParamsError:
+                        check_layer_value(self.method, key, v)  # raises, naming the key and "trace"
+                        raise
+                check_layer_value(self.method, key, v)
+                layer_values[key] = v
+        new = HParams.replace(self, **overrides)
+        if layer_values:
+            new = dc_replace(new, **layer_values)
+            new.validate()
+        return new
+
     def validate(self) -> None:
+        for key in LAYER_KEYS:
+            if hasattr(self, key):
+                check_layer_value(self.method, key, getattr(self, key))
+        for key in ("trace_samples", "trace_window"):
+            if getattr(self, key) < 1:
+                raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be >= 1, got "
+                                   f"{getattr(self, key)}")
+        if self.trace_cases < 0:
+            raise HParamsError(f"hyperparameter 'trace_cases' of method {self.method!r} must be >= 0 (0: all the "
+                               f"cases being edited), got {self.trace_cases}")
+        r = list(self.trace_range)
+        if r and (len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                  or not 0 <= r[0] <= r[1]):
+            raise HParamsError(f"hyperparameter 'trace_range' of method {self.method!r} must be [] or [first, last] "
+                               f"layers with 0 <= first <= last, got {r!r}")
         for key in ("n_prefixes", "prefix_length", "v_num_grad_steps", "stats_n_samples", "stats_max_length",
                     "batch_tokens"):
             v = getattr(self, key)
@@ -90,9 +146,41 @@ class LocateHParams(HParams):
                     max_length=self.stats_max_length, cache_dir=self.stats_dir or None, seed=self.seed)
 
 
+#: the value of ``layer`` / ``layers`` that asks for the layers to be chosen by causal tracing at edit time
+TRACE = "trace"
+#: the hyperparameters that name edit layers
+LAYER_KEYS = ("layer", "layers")
+
+
+def is_trace(value: Any) -> bool:
+    """Whether a ``layer`` / ``layers`` value is :data:`TRACE`."""
+    return isinstance(value, str) and value == TRACE
+
+
+def check_layer_value(method: str, key: str, value: Any) -> None:
+    """Raise :class:`HParamsError` naming ``key`` unless ``value`` is :data:`TRACE`, a layer index >= 0
+    (``layer``) or a non-empty list of them (``layers``). Whether the layers exist in the model is checked at edit
+    time (:func:`editlens.edit.locate.check_layers`)."""
+    if is_trace(value):
+        return
+    what = "a layer index >= 0" if key == "layer" else "a non-empty list of layer indices >= 0"
+    if isinstance(value, str):
+        raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be {what} or {TRACE!r} (layers chosen "
+                           f"by causal tracing), got the string {value!r}")
+    vals = [value] if key == "layer" else value
+    if key == "layers" and (not isinstance(value, (list, tuple)) or not value):
+        raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be {what} or {TRACE!r}, got {value!r}")
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise HParamsError(f"hyperparameter {key!r} of method {method!r} must be {what} or {TRACE!r}, got "
+                               f"{value!r}")
+
+
 def no_duplicate_layers(method: str, layers: Any) -> None:
     """Raise :class:`HParamsError` when a layer list names a layer twice (the update would be applied once, not
-    twice, while the recorded hyperparameters say otherwise)."""
+    twice, while the recorded hyperparameters say otherwise). ``"trace"`` passes (chosen at edit time)."""
+    if is_trace(layers):
+        return
     seen: set[int] = set()
     for l in layers:
         if int(l) in seen:
@@ -102,4 +190,5 @@ def no_duplicate_layers(method: str, layers: Any) -> None:
 
 
 #: small settings for the built-in random tiny models (tests)
-TINY = dict(n_prefixes=2, prefix_length=4, v_num_grad_steps=8, stats_n_samples=16, stats_max_length=32)
+TINY = dict(n_prefixes=2, prefix_length=4, v_num_grad_steps=8, stats_n_samples=16, stats_max_length=32,
+            trace_window=1)

@@ -95,10 +95,11 @@ class PMETHParams(LocateHParams):
 
     Attributes:
         layers: the critical layers (FFN output projections edited); values are optimised at the last one.
+            ``"trace"``: chosen as MEMIT's (:func:`editlens.localize.trace_layers`; docs/localize.md).
         mom2_update_weight: λ multiplying ``C = E[k kᵀ]``.
     """
 
-    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    layers: list[int] | str = field(default_factory=lambda: [4, 5, 6, 7, 8])
     mom2_update_weight: float = 1.5e4
     clamp_norm_factor: float = 1.0
     RANGES: ClassVar[Mapping[str, Any]] = {"mom2_update_weight": POSITIVE}
@@ -143,7 +144,7 @@ class PMET(Editor):
         mlp_L = lm.arch.mlp_out_at(L)
         snap = self.snapshot_for(sequence)
         deltas: dict[str, torch.Tensor] = {}
-        diag: dict[str, Any] = dict(vals.losses)
+        diag: dict[str, Any] = {**vals.losses, **st.diagnostics}
         diag["pmet/delta_attn_norm"] = float(vals.deltas[1].norm(dim=-1).mean())
         diag["pmet/delta_mlp_norm"] = float(vals.deltas[0].norm(dim=-1).mean())
         try:

@@ -47,7 +47,7 @@ import torch
 
 from editlens.edit import locate
 from editlens.edit.base import Edit, Editor, register_method, NON_NEGATIVE, POSITIVE
-from editlens.edit.hparams import TINY, LocateHParams
+from editlens.edit.hparams import TINY, LocateHParams, is_trace
 from editlens.edit.stats import dk_norm
 from editlens.errors import HParamsError
 from editlens.lm.arch import weight_view
@@ -103,7 +103,8 @@ class ROMEHParams(LocateHParams):
     """ROME hyperparameters (see :class:`~editlens.edit.hparams.LocateHParams` for the shared ones).
 
     Attributes:
-        layer: the edited layer.
+        layer: the edited layer, or ``"trace"``: the layer of the highest average MLP indirect effect at the last
+            subject token of the cases being edited (:func:`editlens.localize.trace_layers`; docs/localize.md).
         mom2_update_weight: λ multiplying ``C`` (no effect on the rank-one update unless ``mom2_ridge > 0``).
         mom2_ridge: relative ridge ``ε`` added as ``ε·tr(C)/d·I`` before solving (0: none).
         update_key: where the rank-one update is pinned (:data:`UPDATE_KEYS`): ``"unprefixed"`` (the reference
@@ -111,7 +112,7 @@ class ROMEHParams(LocateHParams):
             both places) or ``"mean"`` (editlens before issue 16: ``v = W k̄ + δ`` at ``k̄``).
     """
 
-    layer: int = 5
+    layer: int | str = 5
     mom2_update_weight: float = 1.5e4
     mom2_ridge: float = 0.0
     update_key: str = "unprefixed"
@@ -128,7 +129,7 @@ class ROMEHParams(LocateHParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.layer < 0:
+        if not is_trace(self.layer) and self.layer < 0:
             raise HParamsError(f"hyperparameter 'layer' of method {self.method!r} must be >= 0")
         if self.mom2_update_weight <= 0 or self.mom2_ridge < 0:
             raise HParamsError(f"method {self.method!r}: mom2_update_weight must be > 0 and mom2_ridge >= 0")
@@ -143,11 +144,12 @@ class ROME(Editor):
 
     hparams_class = ROMEHParams
     supports_evk_align = True  # passed to the value optimisation (optimise_values' extra_loss)
-
     supports_offloaded_weights = True  # W is read and written through weight_param / add_now only
+
     def apply(self, lm, cases, hparams: ROMEHParams, *, evk_align=None, progress=True, sequence=None) -> Edit:
         hp = hparams
         st = locate.setup_edit(lm, cases, hp, [hp.layer], self.name, sequence, progress)
+        hp = locate.resolved_hparams(hp, st)  # layer="trace": the traced layer (the edit records "trace")
         requests, cov, prefixes = st.requests, st.cov, st.prefixes
         C = hp.mom2_update_weight * cov[hp.layer]
         if hp.mom2_ridge > 0:
@@ -157,7 +159,7 @@ class ROME(Editor):
         places = [locate.Place.mlp(lm, hp.layer)]
         snap = self.snapshot_for(sequence)
         total = None
-        diag: dict[str, Any] = {}
+        diag: dict[str, Any] = dict(st.diagnostics)
         losses: dict[str, list[float]] = {}
         try:
             for req in requests:
@@ -183,4 +185,4 @@ class ROME(Editor):
         for key, vs in losses.items():
             diag[key] = sum(vs) / len(vs)
         diag["layers"] = [hp.layer]
-        return self.weight_edit(lm, cases, hp, {name: total}, diag, sequence, snapshot=snap, applied=True)
+        return self.weight_edit(lm, cases, hparams, {name: total}, diag, sequence, snapshot=snap, applied=True)

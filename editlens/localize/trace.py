@@ -366,9 +366,10 @@ def _run_chunk(lm: "LM", ids: list[int], span: tuple[int, int], kind: str, noise
     return p[:samples], [p[rows_of(r)] for r in range(len(rests))]
 
 
-def _plan(n_tokens: int, n_layers: int, kind: str, window: int, reuse: bool) -> list[_Restoration]:
+def _plan(n_tokens: int, n_layers: int, kind: str, window: int, reuse: bool,
+          tokens: Sequence[int] | None = None) -> list[_Restoration]:
     out = []
-    for i in range(n_tokens):
+    for i in (range(n_tokens) if tokens is None else tokens):
         for l in range(n_layers):
             w = _window_layers(kind, l, window, n_layers)
             join = (l if kind == "hidden" else w.start - 1) if reuse else -1
@@ -434,7 +435,9 @@ def _answer_id(lm: "LM", prep: _Prepared, probs_clean: torch.Tensor) -> tuple[in
 
 
 def _trace(lm: "LM", prep: _Prepared, kind: str, noise: float | None, samples: int, window: int, seed: int,
-           batch_tokens: int, reuse: bool, loop: bool) -> Trace:
+           batch_tokens: int, reuse: bool, loop: bool, tokens: Sequence[int] | None = None) -> Trace:
+    """The trace of one prepared prompt. ``tokens``: restore only these token positions (their rows of
+    ``scores``; the other rows are NaN), e.g. the last subject token for :mod:`editlens.localize.layers`."""
     from editlens.lm.ops import _max_rows
 
     L, T = lm.n_layers, len(prep.ids)
@@ -442,8 +445,8 @@ def _trace(lm: "LM", prep: _Prepared, kind: str, noise: float | None, samples: i
     probs_clean, clean = _clean_run(lm, prep.ids, kind)
     answer_id, answer = _answer_id(lm, prep, probs_clean)
     eps = _noise(lm, samples, prep.span[1] - prep.span[0], scale, seed)
-    rests = _plan(T, L, kind, window, reuse and not loop)
-    scores = np.zeros((T, L), dtype=np.float64)
+    rests = _plan(T, L, kind, window, reuse and not loop, tokens)
+    scores = np.zeros((T, L), dtype=np.float64) if tokens is None else np.full((T, L), np.nan)
     if loop:
         p_corrupt = _mean(_run_chunk(lm, prep.ids, prep.span, kind, eps, clean, [], answer_id)[0])
         for rs in rests:

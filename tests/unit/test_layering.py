@@ -38,6 +38,8 @@ ALLOWED: dict[str, set[str]] = {
 }
 for _upper in ("drivers", "audit", "runs", "report", "testing", "cli"):
     ALLOWED[_upper].add("localize")
+# layer="trace" / layers="trace" of the locate-then-edit methods: edit layers chosen by causal tracing
+ALLOWED["edit"].add("localize")
 # progress bars (editlens/progress.py) sit beside errors at the bottom: every part may show progress
 ALLOWED["progress"] = set()
 for _name in ALLOWED:
