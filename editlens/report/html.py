@@ -16,8 +16,10 @@ Contents (each only when the data allow it):
 * ``cases`` — the per-case view (:mod:`editlens.report.cases`): for each unit every case with its prompt, subject,
   targets, per probe kind the base and edited greedy answers (when the run recorded them) and the metric values;
   filters (flipped, probe kind, metric below a threshold), search and sortable columns in the HTML page.
-* figures: metric vs number of edits (sequential checkpoints or several batch sizes), metric vs each swept
-  value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ. Curves carry 95% bootstrap bands over
+* figures: metric vs number of edits (sequential checkpoints or several batch sizes), the collapse diagnostics
+  vs number of edits (``collapse``: ``hidden_rank@L`` per method, ``delta_spectrum``'s ‖ΔW‖_F per edited matrix and
+  top singular values; its series also in ``collapse.csv`` and the PNG's ``editlens:series`` text chunk), metric
+  vs each swept value (log x), teacher-forced vs autoregressive bars, EVK metrics vs σ. Curves carry 95% bootstrap bands over
   cases, resampled once per panel for every point (see :func:`editlens.report.plots.plot_lines`).
 
 Runs are never pooled: a store's report shows its latest run by default, another with ``run_id``, or every run
@@ -56,6 +58,8 @@ class ReportFigure:
     title: str
     png: bytes
     note: str = ""
+    #: the plotted series, when the figure has them as a table (written as ``<name>.csv`` beside the PNG)
+    data: pd.DataFrame | None = None
 
 
 @dataclass
@@ -97,6 +101,13 @@ class Report:
             written.append(p)
             alt = md(f.title).replace("[", "\\[").replace("]", "\\]")
             index.append(f"## {md(f.title)}\n\n![{alt}]({p.name})\n")
+            if f.note:
+                index.append(md(f.note) + "\n")
+            if f.data is not None:
+                c = out / f"{f.name}.csv"
+                f.data.to_csv(c, index=False)
+                written.append(c)
+                index.append(f"Data: [{c.name}]({c.name})\n")
         if self.cases:  # the per-case view as one CSV per unit (the HTML page has the filters)
             index.append("## Cases\n")
             for n, u in enumerate(self.cases):
@@ -322,6 +333,17 @@ def _add_figures(rep: Report, df: pd.DataFrame) -> None:
     edited = df[~base_mask]
     sigma_mask = edited["metric"].astype(str).str.contains("@sigma=", regex=False)
     plain = edited[~sigma_mask]
+    collapse = plots.collapse_series(plain)
+    if not collapse.empty and collapse.groupby("method")["n_edits"].nunique().max() > 1:
+        fig = plots.plot_collapse(collapse)
+        rep.figures.append(ReportFigure(
+            "collapse", "Collapse diagnostics vs number of edits",
+            plots.figure_png(fig, metadata={"editlens:series": collapse.to_csv(index=False)}),
+            "hidden_rank@L: effective rank of the block-L hidden states over the held-out text, edited / base (1: "
+            "unchanged, below 1: collapse); delta_spectrum: ||dW||_F of each edited matrix and the top singular "
+            "values of the most changed one, accumulated since the first edit. Means over datasets and seeds. The "
+            "series are in the PNG's 'editlens:series' text chunk and in collapse.csv.", data=collapse))
+    plain = plain[~plain["metric"].map(plots.is_collapse_metric)] if "metric" in plain.columns else plain
     if "n_edits" in plain.columns and pd.to_numeric(plain["n_edits"], errors="coerce").nunique() > 1:
         d = plain[plain["n_edits"].notna()].copy()
         d["n_edits"] = pd.to_numeric(d["n_edits"], errors="coerce")

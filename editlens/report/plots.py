@@ -10,6 +10,8 @@
   (``t_acc`` vs ``s_acc``, or ``<m>_tf`` vs ``<m>_ar``).
 * :func:`plot_sigma` — EVK metrics over the perturbation scale σ (metric names ``name@sigma=0.5`` or a
   ``sigma`` column).
+* :func:`plot_collapse` — the collapse diagnostics (``hidden_rank@L``, ``delta_spectrum``: ‖ΔW‖_F per edited
+  matrix and the top singular values) over the number of edits, from :func:`collapse_series`.
 
 Each returns a Figure; :func:`figure_png` renders it to PNG bytes and :func:`save_png` writes a file.
 """
@@ -44,10 +46,10 @@ def _new_figure(n_panels: int = 1, *, width: float = 5.0, height: float = 3.6, n
     return fig, axes
 
 
-def figure_png(fig: Figure) -> bytes:
-    """Render a figure to PNG bytes."""
+def figure_png(fig: Figure, metadata: Mapping[str, str] | None = None) -> bytes:
+    """Render a figure to PNG bytes; ``metadata`` (keyword → text) is stored in the PNG's text chunks."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata=dict(metadata) if metadata else None)
     return buf.getvalue()
 
 
@@ -246,3 +248,103 @@ def plot_sigma(df: pd.DataFrame, *, hue: str = "method_label", metric_col: str =
         plot_lines(d[d["metric_base"] == c], "sigma", "value", hue, ax=ax, title=c, xlabel="σ", ylabel=c,
                    logx=False)
     return fig
+
+
+# ------------------------------------------------------------------------------------------------ collapse
+#: metric names of the collapse diagnostics (:mod:`editlens.evaluate.collapse`): ``hidden_rank@L``,
+#: ``delta_spectrum[@M]`` (‖ΔW‖_F per matrix) and ``delta_spectrum[@M]_s<i>`` (its i-th singular value)
+COLLAPSE_RE = re.compile(r"^(?:(?P<rank>hidden_rank@\d+)|(?P<delta>delta_spectrum(?:@[a-z_]+)?)(?:_s(?P<sv>\d+))?)$")
+
+
+def is_collapse_metric(metric: Any) -> bool:
+    """Whether ``metric`` is ``hidden_rank@L``, ``delta_spectrum[@M]`` or one of its ``_s<i>`` singular values."""
+    return isinstance(metric, str) and COLLAPSE_RE.match(metric) is not None
+
+
+def collapse_series(df: pd.DataFrame, *, hue: str = "method_label") -> pd.DataFrame:
+    """The collapse diagnostics of a results frame as tidy series over the number of edits.
+
+    Columns: ``method``, ``metric`` (``hidden_rank@L`` or ``delta_spectrum[@M]``), ``matrix`` (the row's
+    ``case_id``, e.g. ``mlp_out:4``; empty for ``hidden_rank``), ``quantity`` (``ratio`` = erank(edited) /
+    erank(base); ``norm`` = ‖ΔW‖_F; ``s1``..``s4`` = the top singular values of ΔW), ``n_edits``, ``value`` (mean
+    over the rows of that point, e.g. over datasets or seeds) and ``n`` (their number). Matrices whose ‖ΔW‖ is 0 at
+    every checkpoint of a method (not edited) are left out. Empty when the frame holds no collapse metric."""
+    cols = ["method", "metric", "matrix", "quantity", "n_edits", "value", "n"]
+    if df.empty or "metric" not in df.columns or "n_edits" not in df.columns:
+        return pd.DataFrame(columns=cols)
+    d = df[df["metric"].map(is_collapse_metric)].copy()
+    d["n_edits"] = pd.to_numeric(d["n_edits"], errors="coerce")
+    d = d[d["n_edits"].notna() & d["value"].notna()]
+    if d.empty:
+        return pd.DataFrame(columns=cols)
+    parts = d["metric"].map(lambda m: COLLAPSE_RE.match(m).groupdict())
+    d["base"] = [p["rank"] or p["delta"] for p in parts]
+    d["quantity"] = ["ratio" if p["rank"] else ("norm" if p["sv"] is None else f"s{p['sv']}") for p in parts]
+    cid = d["case_id"].astype(str) if "case_id" in d.columns else pd.Series("", index=d.index)
+    d["matrix"] = np.where(d["quantity"] == "ratio", "", cid)
+    out = (d.groupby([hue, "base", "matrix", "quantity", "n_edits"], sort=True)["value"].agg(["mean", "count"])
+           .reset_index().rename(columns={hue: "method", "base": "metric", "mean": "value", "count": "n"}))
+    # drop matrices the method never changed (‖ΔW‖ = 0 at every checkpoint)
+    norms = out[out["quantity"] == "norm"].groupby(["method", "metric", "matrix"])["value"].apply(
+        lambda v: bool((v.abs() > 0).any()))
+    untouched = {k for k, changed in norms.items() if not changed}
+    keep = [not (m.startswith("delta_spectrum") and (me, m, mx) in untouched)
+            for me, m, mx in zip(out["method"], out["metric"], out["matrix"])]
+    out = out[keep]
+    return out[cols].reset_index(drop=True)
+
+
+def plot_collapse(series: pd.DataFrame, *, max_matrices: int = 8) -> Figure:
+    """Collapse diagnostics vs number of edits from :func:`collapse_series`.
+
+    Panels: one per ``hidden_rank@L`` (erank(edited) / erank(base), one line per method, the unchanged model's 1
+    dashed); then per method and ``delta_spectrum[@M]`` two panels: ‖ΔW‖_F of each edited matrix (the
+    ``max_matrices`` with the largest last value when more were edited), and σ₁…σ₄ of the matrix with the largest
+    last ‖ΔW‖_F. Each line is one series of the frame (``Line2D.get_xdata`` / ``get_ydata`` give it back)."""
+    _need(series, ["method", "metric", "matrix", "quantity", "n_edits", "value"], "plot_collapse")
+    if series.empty:
+        raise MetricError("plot_collapse: no collapse diagnostics (hidden_rank@L, delta_spectrum) to plot")
+    ranks = sorted(m for m in series["metric"].unique() if m.startswith("hidden_rank@"))
+    delta = series[series["metric"].str.startswith("delta_spectrum")]
+    groups = list(delta.groupby(["method", "metric"], sort=True).groups) if len(delta) else []
+    fig, axes = _new_figure(len(ranks) + 2 * len(groups))
+    it = iter(axes)
+    for m in ranks:
+        ax = next(it)
+        sub = series[series["metric"] == m]
+        for method, g in sub.groupby("method", sort=True):
+            g = g.sort_values("n_edits")
+            ax.plot(g["n_edits"].to_numpy(float), g["value"].to_numpy(float), marker="o", label=str(method))
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        _collapse_axes(ax, sub, m, "erank(edited) / erank(base)")
+    for method, m in groups:
+        g = delta[(delta["method"] == method) & (delta["metric"] == m)]
+        norms = g[g["quantity"] == "norm"]
+        last = norms.sort_values("n_edits").groupby("matrix")["value"].last().sort_values(ascending=False)
+        ax = next(it)
+        for mx in last.index[:max_matrices]:
+            s = norms[norms["matrix"] == mx].sort_values("n_edits")
+            ax.plot(s["n_edits"].to_numpy(float), s["value"].to_numpy(float), marker="o", label=str(mx))
+        shown = f" ({max_matrices} of {len(last)} largest)" if len(last) > max_matrices else ""
+        _collapse_axes(ax, g, f"{m}: ||dW||_F, {method}{shown}", "||dW||_F")
+        ax = next(it)
+        if len(last):
+            top = last.index[0]
+            sv = g[(g["matrix"] == top) & (g["quantity"].str.match(r"^s\d+$"))]
+            for q, s in sorted(sv.groupby("quantity"), key=lambda kv: int(kv[0][1:])):
+                s = s.sort_values("n_edits")
+                ax.plot(s["n_edits"].to_numpy(float), s["value"].to_numpy(float), marker="o",
+                        label=f"sigma_{q[1:]}")
+            _collapse_axes(ax, sv, f"{m}: top singular values of {top}, {method}", "singular value of dW")
+    return fig
+
+
+def _collapse_axes(ax: Any, sub: pd.DataFrame, title: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize="small")
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel(ylabel)
+    if _wide_range(pd.to_numeric(sub["n_edits"], errors="coerce").to_numpy(dtype=float)):
+        ax.set_xscale("log")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
