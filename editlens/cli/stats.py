@@ -26,8 +26,10 @@ def _layers(value: str) -> list[int]:
 @click.option("--layers", required=True, help="Layers, e.g. 4,5,6,7,8 or 4-8.")
 @click.option("--corpus", type=click.Path(path_type=Path), default=None,
               help=".txt (blank-line-separated documents) or .jsonl (field 'text'); default: text sampled from the model.")
-@click.option("--n-samples", type=int, default=None, help="Number of documents (default 256).")
-@click.option("--max-length", type=int, default=None, help="Tokens per document (default 128).")
+@click.option("--n-samples", type=int, default=None,
+              help="Number of documents (default: editlens.edit.stats.DEFAULT_N_SAMPLES).")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens per document (default: editlens.edit.stats.DEFAULT_MAX_LENGTH).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Statistics cache (default $EDITLENS_STATS_DIR or the editlens cache).")
 @click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available).")
@@ -38,7 +40,8 @@ def stats(model: str, layers: str, corpus: Path | None, n_samples: int | None, m
     """Compute and cache C = E[k kᵀ] of the MLP output projection inputs at LAYERS (one forward pass per batch).
 
     Edits with the same settings (stats_corpus, stats_n_samples, stats_max_length, seed) then load them from the
-    cache instead of computing them.
+    cache instead of computing them. Prints, per layer, the matrix's trace and eigenvalue range, then the wall
+    time with its split (sampling the corpus, accumulating the products) and the number of tokens.
     """
     from editlens import load_model
     from editlens.edit import stats as st
@@ -49,15 +52,28 @@ def stats(model: str, layers: str, corpus: Path | None, n_samples: int | None, m
         raise click.BadParameter(f"expected comma-separated integers or ranges, got {layers!r}", param_hint="--layers")
     if not layer_list:
         raise click.BadParameter("no layer given", param_hint="--layers")
+    n_samples = st.DEFAULT_N_SAMPLES if n_samples is None else n_samples
+    max_length = st.DEFAULT_MAX_LENGTH if max_length is None else max_length
+    for opt, v in (("--n-samples", n_samples), ("--max-length", max_length)):
+        if v < 1:
+            raise click.BadParameter(f"must be >= 1, got {v}", param_hint=opt)
     lm = load_model(model, device=device, dtype=dtype)
     t0 = time.perf_counter()
-    got = st.second_moment(lm, layer_list, corpus=corpus, n_samples=n_samples or st.DEFAULT_N_SAMPLES,
-                           max_length=max_length or st.DEFAULT_MAX_LENGTH, cache_dir=cache_dir, progress=True,
-                           seed=seed)
+    info: dict = {}
+    got = st.second_moment(lm, layer_list, corpus=corpus, n_samples=n_samples, max_length=max_length,
+                           cache_dir=cache_dir, progress=True, seed=seed, info=info)
     dt = time.perf_counter() - t0
     where = st.stats_dir(cache_dir)
     for l, c in got.items():
         ev = __import__("torch").linalg.eigvalsh(c.double())
         click.echo(f"layer {l}: C {tuple(c.shape)}  trace {float(ev.sum()):.4g}  eigenvalues "
                    f"[{float(ev.min()):.3g}, {float(ev.max()):.3g}]  below 1e-2: {int((ev < 1e-2).sum())}")
-    click.echo(f"cached in {where} ({dt:.1f} s)")
+    source = f"{n_samples} documents x {max_length} tokens sampled from the model" if corpus is None else str(corpus)
+    if info.get("computed"):
+        click.echo(f"computed layers {', '.join(map(str, info['computed']))} over {info['tokens']} tokens of "
+                   f"{info['documents']} documents ({source})")
+        click.echo(f"time: {dt:.1f} s wall (sampling {info['sampling_s']:.1f} s, accumulation "
+                   f"{info['accumulation_s']:.1f} s)")
+    else:
+        click.echo(f"all layers read from the cache ({source}); time: {dt:.1f} s wall")
+    click.echo(f"cached in {where}")

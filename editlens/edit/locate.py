@@ -803,7 +803,8 @@ def prepare(lm: "LM", hparams: Any, layers: Sequence[int], sequence: Any = None,
     cov: dict[int, torch.Tensor] = data.setdefault("mom2", {})
     missing = [l for l in layers if l not in cov]
     if missing:
-        got = second_moment(lm, missing, progress=progress, **hparams.stats_kwargs())
+        # statistics are a one-off computation of minutes: always reported (editlens.progress; nothing in mode off)
+        got = second_moment(lm, missing, progress=True, **hparams.stats_kwargs())
         for l, c in got.items():
             cov[l] = c.to(device=lm.device, dtype=torch.float64)
     pkey = ("prefixes", hparams.n_prefixes, hparams.prefix_length, hparams.seed)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -37,6 +39,8 @@ from editlens.errors import DataFormatError, EditlensError
 from editlens.lm import ops
 from editlens.lm.hooks import record_io
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.lm.load import LM
 
@@ -45,6 +49,12 @@ CORPUS_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "We", "There", "Whe
                 "After", "His", "Her", "One of the")
 DEFAULT_N_SAMPLES = 256
 DEFAULT_MAX_LENGTH = 128
+#: editlens's defaults before issue 19 (``stats_n_samples=256, stats_max_length=128``: 32,768 tokens), still
+#: reachable through the hyperparameters; ``benchmarks/bench_stats.py`` times them against the default
+PREVIOUS_N_SAMPLES = 256
+PREVIOUS_MAX_LENGTH = 128
+#: documents generated together by one ``model.generate`` call of the sampled corpus
+SAMPLING_BATCH = 128
 STATS_VERSION = 1
 
 
@@ -95,10 +105,14 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
 
 
 def sampled_corpus(lm: "LM", n_samples: int, max_length: int, *, seed: int = 0, cache: Path | None = None,
-                   progress: bool = False) -> list[str]:
-    """``n_samples`` texts of ``max_length`` tokens sampled from the model (seeded), cached as JSONL in ``cache``."""
-    from editlens.edit.locate import sample_texts
+                   progress: bool = False, batch_size: int = SAMPLING_BATCH) -> list[str]:
+    """``n_samples`` texts of ``max_length`` tokens sampled from the model (seeded), cached as JSONL in ``cache``.
 
+    Documents are generated ``batch_size`` at a time with ``model.generate`` (which keeps a KV cache: each new
+    token costs one single-position forward step), exactly as :func:`editlens.edit.locate.sample_texts` samples
+    them (same seeds, same calls: a corpus cached before this function reported progress is still valid); the
+    progress bar counts generated tokens, so that even a single batch shows its progress.
+    """
     key = hashlib.sha256(f"sampled|{lm.fingerprint}|{n_samples}|{max_length}|{seed}|v1".encode()).hexdigest()[:16]
     path = cache / f"corpus-{key}.jsonl" if cache is not None else None
     if path is not None and path.is_file():
@@ -110,22 +124,51 @@ def sampled_corpus(lm: "LM", n_samples: int, max_length: int, *, seed: int = 0, 
             pass
     seeds = [CORPUS_SEEDS[i % len(CORPUS_SEEDS)] for i in range(n_samples)]
     docs: list[str] = []
-    bs = 128
-    bar = None
-    if progress:  # editlens.progress: a tqdm bar on a terminal, plain periodic lines in logs, nothing with --quiet
-        from editlens.progress import bar as _bar
+    bs = int(batch_size)
+    # editlens.progress: a tqdm bar on a terminal, plain periodic lines in logs, nothing with --quiet
+    from editlens.progress import bar as _bar
 
-        bar = _bar(total=n_samples, desc="sampling corpus", unit="doc")
-    for start in range(0, n_samples, bs):
-        docs += sample_texts(lm, seeds[start:start + bs], max_length, seed=seed + start, temperature=1.0, top_k=50,
-                             batch_size=bs)
-        if bar is not None:
-            bar.update(min(bs, n_samples - start))
-    if bar is not None:
+    bar = _bar(total=n_samples * max_length, desc="sampling statistics corpus", unit="tok", disable=not progress)
+    try:
+        for start in range(0, n_samples, bs):
+            docs += _sample_batch(lm, seeds[start:start + bs], max_length, seed + start, bar)
+    finally:
         bar.close()
     if path is not None:
         _atomic_write_text(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return docs
+
+
+class _StepCounter:
+    """A logits processor that changes nothing and advances a progress bar by the batch size at every generation
+    step (``model.generate`` calls it once per new token)."""
+
+    def __init__(self, bar, rows: int):
+        self.bar, self.rows = bar, rows
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.bar.update(self.rows)
+        return scores
+
+
+@torch.no_grad()
+def _sample_batch(lm: "LM", seeds: Sequence[str], max_length: int, seed: int, bar) -> list[str]:
+    """One batch of :func:`sampled_corpus`: the calls of :func:`editlens.edit.locate.sample_texts` (temperature 1,
+    top-k 50, ``max_length`` new tokens, forked RNG seeded with ``seed``), plus the progress counter."""
+    from transformers import LogitsProcessorList
+
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    ids = [ops.encode(lm.tokenizer, s) for s in seeds]
+    batch = ops.pad_left(ids, ops._pad_id(lm), lm.device)
+    batch.pop("position_ids")
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        gen = lm.model.generate(**batch, max_new_tokens=max_length, min_new_tokens=max_length,
+                                pad_token_id=ops._pad_id(lm), eos_token_id=lm.tokenizer.eos_token_id, num_beams=1,
+                                do_sample=True, temperature=1.0, top_p=None, top_k=50,
+                                logits_processor=LogitsProcessorList([_StepCounter(bar, len(seeds))]))
+    new = gen[:, batch["input_ids"].shape[1]:].cpu()
+    return [s + lm.tokenizer.decode(new[r].tolist(), skip_special_tokens=True) for r, s in enumerate(seeds)]
 
 
 def corpus_hash(docs: Sequence[str]) -> str:
@@ -220,7 +263,7 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
                   n_samples: int = DEFAULT_N_SAMPLES, max_length: int = DEFAULT_MAX_LENGTH,
                   max_tokens: int | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True,
                   *, one_pass: bool = True, seed: int = 0, batch_tokens: int = 2048, use_cache: bool = True,
-                  out_dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
+                  out_dtype: torch.dtype = torch.float32, info: dict | None = None) -> dict[int, torch.Tensor]:
     """``C_l = E[k kᵀ]`` of the inputs of ``arch.mlp_out_at(l)`` for each requested layer (see module doc).
 
     Args:
@@ -230,12 +273,19 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
         max_length: tokens kept per document (and length of sampled documents).
         max_tokens: optional total token budget over all documents.
         cache_dir: statistics cache (default ``$EDITLENS_STATS_DIR`` or ``editlens.lm.cache_dir()/"stats"``).
-        progress: tqdm progress bars.
+        progress: progress of both phases (sampling the corpus, in generated tokens; accumulation, in batches)
+            through :mod:`editlens.progress` — a tqdm bar on a terminal, a plain line every 30 s in logs, nothing
+            in mode ``off`` — and a line saying what is computed before it starts. Whatever ``progress`` is, a
+            computation (not a cache hit) is logged at INFO level on the ``editlens.edit.stats`` logger when it
+            starts and when it ends, with its figures.
         one_pass: record all missing layers in one forward pass per batch (``False``: one pass per layer, for
             benchmarking).
         seed: seed of the sampled corpus.
         use_cache: read/write the disk cache.
         out_dtype: dtype of the returned matrices (accumulation is always float64).
+        info: a dict filled with what was done: ``computed`` / ``cached`` (layers), ``documents``, ``tokens``
+            (counted in the accumulation; 0 when every layer came from the cache), ``sampling_s`` (wall time
+            spent sampling the corpus; 0 when it came from the cache or a file), ``accumulation_s``, ``total_s``.
 
     Returns:
         ``{layer: C [d_in, d_in]}`` on CPU.
@@ -267,13 +317,34 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
                 out[l] = mom2.to(out_dtype)
                 continue
         missing.append(l)
+    t_start = time.perf_counter()
+    sampling_s = accumulation_s = 0.0
+    count = 0
     if missing:
+        what = (f"{n_samples} documents x {max_length} tokens sampled from the model" if corpus is None
+                else f"{len(docs or [])} documents of {corpus if isinstance(corpus, (str, os.PathLike)) else 'a list'}"
+                     f" (at most {max_length} tokens each)")
+        where = str(cache) if use_cache else "not cached"
+        log.info("second-moment statistics of %s, layers %s: computing over %s (%s)", lm.name, missing, what, where)
+        if progress:
+            from editlens.progress import echo
+
+            echo(f"editlens: second-moment statistics of layers {', '.join(map(str, missing))} over {what} "
+                 f"(first use; cached in {where})" if use_cache else
+                 f"editlens: second-moment statistics of layers {', '.join(map(str, missing))} over {what}")
         if docs is None:
+            t0 = time.perf_counter()
             docs, _ = _docs_and_key(lm, None, n_samples, max_length, cache if use_cache else None, seed, progress)
+            sampling_s = time.perf_counter() - t0
         groups = [missing] if one_pass else [[l] for l in missing]
+        t0 = time.perf_counter()
         sums, count = _accumulate(lm, docs, groups, max_length, max_tokens, batch_tokens, progress)
+        accumulation_s = time.perf_counter() - t0
         if count == 0:
             raise StatsError("the corpus produced no tokens")
+        log.info("second-moment statistics of %s, layers %s: %d tokens of %d documents in %.1f s (sampling %.1f s, "
+                 "accumulation %.1f s)", lm.name, missing, count, len(docs), time.perf_counter() - t_start,
+                 sampling_s, accumulation_s)
         for l in missing:
             mom2 = (sums[l] / count).cpu()
             if use_cache:
@@ -285,6 +356,10 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
                             "fingerprint": lm.fingerprint}, tmp)
                 os.replace(tmp, path)
             out[l] = mom2.to(out_dtype)
+    if info is not None:
+        info.update(computed=list(missing), cached=[l for l in layers if l not in missing],
+                    documents=len(docs) if (missing and docs is not None) else 0, tokens=count,
+                    sampling_s=sampling_s, accumulation_s=accumulation_s, total_s=time.perf_counter() - t_start)
     return {l: out[l] for l in layers}
 
 
