@@ -11,17 +11,23 @@ Parts:
    at a time) and MEMIT (one batch), first in float32 on the CPU, then in bfloat16 on CUDA, both with the same
    statistics corpus (sampled once on the CPU and written to a file). The sets of facts whose greedy answer flips to
    the new object must be equal, and ``undo()`` must restore every tensor bit for bit on both devices.
-2. ``eval:<config>`` — the bulk evaluator against the naive per-probe loop (``benchmarks.bench_eval``) on randomly
+2. ``device_map`` — a model larger than one device, simulated: SmolLM2-135M (tiny-llama when it is not installed)
+   loaded with ``device_map`` across ``cuda:0``, ``cpu`` (offloaded: weights in CPU memory, computed on the GPU) and
+   ``disk`` (offloaded to a folder), with the edited layers offloaded, against the same model on ``cuda:0`` alone,
+   both float32: the second moments, ROME's and MEMIT's edited weights and the logits after each edit must be equal
+   (``edits_equal``: bit for bit), and ``undo()`` must restore every tensor, offloaded copies included
+   (``undo_exact``). See :mod:`editlens.lm.placement`.
+3. ``eval:<config>`` — the bulk evaluator against the naive per-probe loop (``benchmarks.bench_eval``) on randomly
    initialised GPT2-XL and Llama-3-8B configurations: speed-up and fraction of the forward FLOP bound.
-3. ``edit:<config>`` — ROME seconds per edit (3 edits after a warm-up; statistics cached first) and a 1,000-case
+4. ``edit:<config>`` — ROME seconds per edit (3 edits after a warm-up; statistics cached first) and a 1,000-case
    MEMIT batch: wall time and peak CUDA memory.
 
 Targets (issue 19): bulk ≥ 30× the naive loop and ≥ 60% of the FLOP bound on Llama-3-8B, ≥ 35% on GPT2-XL; ROME
 ≤ 3 s/edit on Llama-3-8B on an H100-class GPU; consistency equal and undo exact.
 
 ``--dry-run`` runs the same orchestration on the CPU at toy size (tiny-llama instead of SmolLM2, float32 vs bfloat16
-on the CPU, the paper-size configurations only built on the meta device and counted, one evaluation and one
-editing part on tiny-llama) so that a CPU machine checks the script's own setup; ``make test`` runs it
+on the CPU, ``device_map`` across ``cpu`` and ``disk`` on tiny-llama, the paper-size configurations only built on
+the meta device and counted, one evaluation and one editing part on tiny-llama) so that a CPU machine checks the script's own setup; ``make test`` runs it
 (tests/unit/test_gpu_check.py). Without ``--dry-run`` and without CUDA the script stops at once with exit code 2.
 """
 from __future__ import annotations
@@ -48,6 +54,8 @@ TARGETS = {  # (part, figure, comparison, threshold)
     "rome_s_per_edit_llama": ("edit:config:llama-3-8b", "rome_s_per_edit", "<=", 3.0),
     "flips_equal": ("consistency", "flips_equal", ">=", 1.0),
     "undo_exact": ("consistency", "undo_exact", ">=", 1.0),
+    "device_map_edits_equal": ("device_map", "edits_equal", ">=", 1.0),
+    "device_map_undo_exact": ("device_map", "undo_exact", ">=", 1.0),
 }
 
 
@@ -130,6 +138,85 @@ def part_consistency(dry_run: bool, workdir: Path) -> dict:
     return out
 
 
+def _device_map(n_layers: int, edited: set[int], dry_run: bool) -> dict:
+    """Embeddings, head and most layers on GPU 0; the edited layers offloaded to ``cpu`` (to ``disk`` in the dry
+    run, where ``cpu`` is the main device and not an offload); the two layers after them on ``disk``."""
+    main = "cpu" if dry_run else 0
+    after = {max(edited) + 1, max(edited) + 2} & set(range(n_layers))
+    dmap = {"model.embed_tokens": main, "model.rotary_emb": main, "model.norm": main, "lm_head": main}
+    for l in range(n_layers):
+        dmap[f"model.layers.{l}"] = ("disk" if dry_run else "cpu") if l in edited else "disk" if l in after else main
+    return dmap
+
+
+def part_device_map(dry_run: bool, workdir: Path) -> dict:
+    import torch
+
+    import editlens
+    from editlens.data.schema import Rewrite, make_case
+    from editlens.edit import edit
+    from editlens.edit.stats import sampled_corpus, second_moment
+    from editlens.lm import placement
+    from editlens.lm.load import installed_models
+
+    model = "smollm2-135m" if not dry_run and installed_models().get("smollm2-135m") == "installed" else "tiny-llama"
+    device = "cpu" if dry_run else "cuda"
+    ref = editlens.load_model(model, device, "float32")
+    facts = FACTS[:1] if dry_run else FACTS[:4]
+    cases = [make_case(f"d{i}", Rewrite(t, s, new, old)) for i, (t, s, old, new) in enumerate(facts)]
+    n_docs, length = (16, 32) if dry_run else (64, 64)
+    corpus = workdir / "device-map-corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in sampled_corpus(ref, n_docs, length, seed=0)))
+    hp = dict(stats_corpus=str(corpus), stats_n_samples=n_docs, stats_max_length=length,
+              stats_dir=str(workdir / "stats-device-map"))
+    if dry_run:
+        hp.update(n_prefixes=1, prefix_length=4, v_num_grad_steps=4)
+    from editlens.edit import get_method
+
+    hps = {m: get_method(m).hparams_class.for_model(ref) for m in ("rome", "memit")}
+    edited = {hps["rome"].layer, *hps["memit"].layers}
+    dmap = _device_map(ref.n_layers, edited, dry_run)
+    lm = editlens.load_model(model, dtype="float32", device_map=dmap, offload_dir=workdir / "offload")
+    out: dict = {"model": model, "device_map": {str(k): str(v) for k, v in dmap.items()},
+                 "offloaded_modules": len(placement.offloaded_modules(lm.model)), "edited_layers": sorted(edited)}
+
+    def values(m) -> dict:
+        return {k: v.detach().to("cpu", copy=True) for k, v in placement.state_tensors(m.model)}
+
+    def logits(m):
+        enc = m.tokenizer([c.rewrite.text for c in cases], return_tensors="pt", padding=True).to(m.device)
+        with torch.no_grad():
+            return m.model(**enc).logits.float().cpu()
+
+    before = values(ref)
+    layers = sorted(edited)
+    a = second_moment(ref, layers, corpus=str(corpus), n_samples=n_docs, max_length=length, use_cache=False,
+                      progress=False, out_dtype=torch.float64)
+    b = second_moment(lm, layers, corpus=str(corpus), n_samples=n_docs, max_length=length, use_cache=False,
+                      progress=False, out_dtype=torch.float64)
+    out["second_moment_max_abs_diff"] = max(float((a[l].cpu() - b[l].cpu()).abs().max()) for l in layers)
+    equal, exact, diffs = out["second_moment_max_abs_diff"] == 0.0, True, []
+    for method in ("rome", "memit"):
+        t0 = time.perf_counter()
+        e = edit(lm, cases, method, **hp)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[f"{method}_dispatched_s"] = time.perf_counter() - t0
+        e_ref = edit(ref, cases, method, **hp)
+        va, vb = values(ref), values(lm)
+        diff = max(float((va[k] - vb[k]).abs().max()) for k in va)
+        ldiff = float((logits(ref) - logits(lm)).abs().max())
+        out[f"{method}_weight_max_abs_diff"], out[f"{method}_logits_max_abs_diff"] = diff, ldiff
+        equal = equal and diff == 0.0 and ldiff == 0.0
+        e.undo()
+        e_ref.undo()
+        vb = values(lm)
+        exact = exact and all(torch.equal(vb[k], before[k]) for k in before)
+    out["edits_equal"] = float(equal)
+    out["undo_exact"] = float(exact)
+    return out
+
+
 def part_eval(config: str, dry_run: bool) -> dict:
     from benchmarks import bench_eval
     from benchmarks.common import config_n_params
@@ -183,6 +270,8 @@ def _run_part(name: str, dry_run: bool, workdir: str) -> dict:
     wd = Path(workdir)
     if name == "consistency":
         return part_consistency(dry_run, wd)
+    if name == "device_map":
+        return part_device_map(dry_run, wd)
     kind, config = name.split(":", 1)
     if kind == "eval":
         return part_eval(config, dry_run)
@@ -193,7 +282,7 @@ def _run_part(name: str, dry_run: bool, workdir: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- driver
 def parts() -> list[str]:
-    return ["consistency", *(f"eval:{c}" for c in reversed(CONFIGS)), *(f"edit:{c}" for c in reversed(CONFIGS))]
+    return ["consistency", "device_map", *(f"eval:{c}" for c in reversed(CONFIGS)), *(f"edit:{c}" for c in reversed(CONFIGS))]
 
 
 def check_targets(results: dict) -> dict[str, dict]:
@@ -227,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
               "machine", file=sys.stderr)
         return 2
     # the dry run checks each code path once: one configuration per part kind (both are counted in meta)
-    todo = args.only or ([p for p in parts() if p == "consistency" or p.endswith(CONFIGS[-1])] if args.dry_run
+    todo = args.only or ([p for p in parts() if p in ("consistency", "device_map") or p.endswith(CONFIGS[-1])]
+                         if args.dry_run
                          else parts())
     unknown = [p for p in todo if p not in parts()]
     if unknown:

@@ -241,7 +241,8 @@ def _accumulate(lm: "LM", docs: Sequence[str], layer_groups: Iterable[Sequence[i
             with torch.no_grad(), record_io(lm.model, list(modules), kind="input") as rec:
                 lm.model(**batch, logits_to_keep=1, use_cache=False)
                 for name, l in modules.items():
-                    k = rec.pop(name)[mask]  # [tokens, d_in], padding removed
+                    k = rec.pop(name)
+                    k = k[mask.to(k.device)]  # [tokens, d_in], padding removed; on the layer's own device
                     # per-batch product: float64 on accelerators; float32 on CPU (float64 matmul is ~3x slower
                     # there), the running sum is always float64
                     k = k.double() if k.device.type != "cpu" else k.float()

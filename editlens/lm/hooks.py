@@ -80,13 +80,15 @@ def add_to_output(model: nn.Module, module: str, delta: torch.Tensor,
     equal length), ``delta`` (``[d]`` or ``[len(rows), d]``) is added at ``output[rows[i], positions[i]]``.
     """
     def fn(out: torch.Tensor) -> torch.Tensor:
+        # the module may compute on another device than delta's (a model dispatched over devices)
         if rows is None:
-            return out + delta.to(out.dtype)
-        d = delta.to(out.dtype)
+            return out + delta.to(device=out.device, dtype=out.dtype)
+        d = delta.to(device=out.device, dtype=out.dtype)
         if d.dim() == 1:
             d = d.expand(len(rows), -1)
+        r, p = rows.to(out.device), positions.to(out.device)
         out = out.clone()
-        out[rows, positions] = out[rows, positions] + d
+        out[r, p] = out[r, p] + d
         return out
 
     with patch_output(model, module, fn):

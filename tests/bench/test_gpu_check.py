@@ -70,11 +70,14 @@ def test_dry_run_runs_every_part_kind_and_writes_the_json(tmp_path):
     assert rep["meta"]["dry_run"] is True
     assert set(rep["meta"]["config_n_params"]) == set(gpu_check.CONFIGS)
     parts = rep["parts"]
-    assert set(parts) == {"consistency", "eval:config:llama-3-8b", "edit:config:llama-3-8b"}
+    assert set(parts) == {"consistency", "device_map", "eval:config:llama-3-8b", "edit:config:llama-3-8b"}
     assert all(r["status"] == "ok" for r in parts.values()), parts
     c = parts["consistency"]
     assert c["undo_exact"] == 1.0 and c["ref"] == "cpu/float32" and c["test"] == "cpu/bfloat16"
     assert parts["eval:config:llama-3-8b"]["eval_max_abs_diff"] < 1e-3  # bulk == naive on the toy run too
     assert parts["edit:config:llama-3-8b"]["memit_batch"] == 3
+    d = parts["device_map"]  # tiny-llama over cpu and disk, the edited layers offloaded
+    assert d["offloaded_modules"] > 0 and "disk" in d["device_map"].values()
+    assert d["edits_equal"] == 1.0 and d["undo_exact"] == 1.0 and d["rome_weight_max_abs_diff"] == 0.0
     assert set(rep["targets"]) == set(gpu_check.TARGETS)
     assert "== targets ==" in p.stdout

@@ -23,15 +23,20 @@ DOCS = ["The quick brown fox jumps over the lazy dog.", "Paris is the capital of
         "Alice Smith lives in a small town near the sea.", "Numbers: one two three four five six seven."]
 
 
-@pytest.fixture(autouse=True)
-def _stats_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDITLENS_STATS_DIR", str(tmp_path_factory.getbasetemp() / "stats"))
+@pytest.fixture(autouse=True, scope="module")
+def _stats_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDITLENS_STATS_DIR", str(tmp_path_factory.getbasetemp() / "stats"))
+        yield
 
 
-@pytest.fixture()
-def pair(tmp_path):
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(undispatched, dispatched) tiny LLaMA, shared by the module: every test undoes its edits."""
     ref = editlens.load_model("tiny-llama")
-    lm = editlens.load_model("tiny-llama", device_map=DMAP, offload_dir=tmp_path / "offload")
+    offload = tmp_path_factory.mktemp("placement") / "offload"
+    lm = editlens.load_model("tiny-llama", device_map=DMAP, offload_dir=offload)
+    lm.offload_dir = offload  # for test_dispatch_places_and_offloads
     return ref, lm
 
 
@@ -52,13 +57,13 @@ def _logits(lm) -> torch.Tensor:
         return lm.model(**enc.to(lm.device)).logits
 
 
-def test_dispatch_places_and_offloads(pair, tmp_path):
+def test_dispatch_places_and_offloads(pair):
     ref, lm = pair
     assert lm.device_map == DMAP and lm.device == torch.device("cpu")
     down = lm.module("model.layers.1.mlp.down_proj")
     assert down.weight.device.type == "meta" and placement.is_offloaded(down)  # the parameter holds no data
     assert not placement.is_offloaded(lm.module("model.layers.0.mlp.down_proj"))
-    assert (tmp_path / "offload" / "index.json").is_file()  # accelerate wrote layers 1-2 there
+    assert (lm.offload_dir / "index.json").is_file()  # accelerate wrote layers 1-2 there
     assert lm.base_fingerprint == ref.base_fingerprint  # read through the weights map, placement-free
     ref_values = _values(ref)
     values = _values(lm)
