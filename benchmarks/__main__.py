@@ -24,6 +24,7 @@ SUITES = {
     "scr": "benchmarks.bench_scr",  # SCR latency per query vs a weight-edited model
     "trace": "benchmarks.bench_trace",  # causal tracing: bulk (batched, layer reuse) vs one restoration per forward
     "trained": "benchmarks.bench_trained",  # MEND/MALMEN: training cost, edit s vs ROME, MALMEN batch vs MEND singles
+    "stats": "benchmarks.bench_stats",  # second-moment statistics on a cold cache: default vs the old 256 x 128
 }
 
 

@@ -16,6 +16,8 @@ EXPECTED = [
     "edit.rome_s_per_edit", "edit.rome_speedup_vs_naive", "edit.memit_naive_per_case_s",
     "edit.memit_batch", "edit.alphaedit_s_per_seq_edit", "seq.alphaedit_s_per_edit_at_10", "seq.alphaedit_growth",
     "seq.naive_growth", "scr", "trace.speedup_vs_loop", "trace.bulk_s", "trace.loop_s",
+    "stats.default_s", "stats.previous_s", "stats.speedup_vs_previous", "stats.default_sampling_s",
+    "stats.default_accumulation_s", "stats.default_tokens",
 ]
 
 
