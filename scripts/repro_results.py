@@ -76,7 +76,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "teacher forcing; memory methods and in-context SCR stay stable.",
         ("repro_sequential_collapse",),
         ("rewrite/t_acc", "rewrite/ar_em", "paraphrase/ar_em", "neighborhood/kl", "multihop/mh_acc",
-         "hidden_rank*"),
+         "*hidden_rank*"),
         ("rewrite/ar_em", "n_edits=100")),
     Experiment(
         "specificity", 2, "Specificity metrics and their sensitivity",
@@ -96,8 +96,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "the most stable; instruction-tuned models decline more slowly than base models; safety suffers early; "
         "at large edit counts the model mutes.",
         ("repro_general_abilities", "repro_general_abilities_gemma"),
-        ("ppl", "downstream_acc*", "muting_rate", "refusal_rate", "rewrite/t_acc"),
-        ("ppl", "n_edits=200")),
+        ("*ppl", "*downstream_acc*", "*muting_rate", "*refusal_rate", "rewrite/t_acc"),
+        ("*ppl", "n_edits=200")),
     Experiment(
         "pitfalls_conflict", 4, "Pitfalls: knowledge conflict (ConflictEdit)",
         "Unveiling the Pitfalls of Knowledge Editing (Li et al., ICLR 2024); survey Table 3",
