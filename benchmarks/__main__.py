@@ -1,7 +1,8 @@
 """``python -m benchmarks all [--quick] --device cpu|cuda [--model NAME] [--json PATH]``
 
 Runs every benchmark, prints one table of flat figures (each with its naive baseline measured in the same run
-and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``, ``trained``.
+and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``, ``trained``,
+``scale`` (options, resume: ``python -m benchmarks.bench_scale --help``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SUITES = {
     "scr": "benchmarks.bench_scr",  # SCR latency per query vs a weight-edited model
     "trace": "benchmarks.bench_trace",  # causal tracing: bulk (batched, layer reuse) vs one restoration per forward
     "trained": "benchmarks.bench_trained",  # MEND/MALMEN: training cost, edit s vs ROME, MALMEN batch vs MEND singles
+    "scale": "benchmarks.bench_scale",  # MEMIT/AlphaEdit 1,000-fact batch vs 100, eval 2,000 vs 200 cases, 1,000 seq edits (peak RSS)
     "stats": "benchmarks.bench_stats",  # second-moment statistics on a cold cache: default vs the old 256 x 128
 }
 

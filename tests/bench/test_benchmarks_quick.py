@@ -18,6 +18,8 @@ EXPECTED = [
     "seq.naive_growth", "scr", "trace.speedup_vs_loop", "trace.bulk_s", "trace.loop_s",
     "stats.default_s", "stats.previous_s", "stats.speedup_vs_previous", "stats.default_sampling_s",
     "stats.default_accumulation_s", "stats.default_tokens",
+    "scale.memit_peak_ratio", "scale.alphaedit_peak_ratio", "scale.memit_time_ratio", "scale.eval_peak_ratio",
+    "scale.seq_growth", "scale.seq_s_per_edit_at_10",
 ]
 
 
@@ -37,3 +39,5 @@ def test_benchmarks_quick_run_prints_every_row(tmp_path):
             assert k in proc.stdout, k  # printed in the table
             assert math.isfinite(figures[k]), (k, figures[k])
     assert figures["meta"]["quick"] is True
+    assert figures["scale.seq_resumed"] == 1.0  # the quick sequential run is stopped half-way and resumed
+    assert figures["scale.eval24_rows"] > figures["scale.eval12_rows"] > 0  # rows read back from the store

@@ -1,0 +1,369 @@
+"""Paper-size runs in bounded memory (issue 19 §2): MEMIT/AlphaEdit batches of N facts, evaluation of many cases,
+a sequential run to 1,000 edits — each against its small counterpart measured in the same run.
+
+``python -m benchmarks scale [--quick] --device cpu`` (defaults) or, with every option,
+``python -m benchmarks.bench_scale [--quick] [--device cpu] [--model NAME] [--state DIR] [--n 1000] [--base-n 100]
+[--eval-cases 2000] [--eval-base 200] [--eval-chunk 100] [--seq-edits 1000] [--v-steps K] [--seq-v-steps 5]
+[--only edit,eval,seq]`` prints and returns:
+
+* ``scale.{memit,alphaedit}_batch{n}_s`` / ``..._peak_mib`` for the small batch (100) and the large one (N =
+  1,000), ``scale.{method}_time_ratio`` (large / small; linear scaling gives N/100) and
+  ``scale.{method}_peak_ratio`` (target: the large batch's peak ≤ 8 GiB; the value optimisation runs in chunks
+  of ``v_chunk_size`` facts, so its memory does not grow with N);
+* ``scale.eval{n}_s`` / ``..._peak_mib`` for 200 and 2,000 cases evaluated with ``gt`` + ``gtfree`` against the
+  base (``evaluate(chunk_cases=..., on_rows=...)``, rows written to a SQLite store chunk by chunk, no base cache),
+  and ``scale.eval_peak_ratio`` (target ≈ 1: peak independent of the number of cases);
+* ``scale.seq_s_per_edit_at_10`` (mean over edits 1–10), ``scale.seq_s_per_edit_at_{N}`` (mean over the last 10)
+  and ``scale.seq_growth`` (target ≤ 1.5) of a sequential AlphaEdit run of N edits (1,000);
+* ``scale.v_num_grad_steps_batch`` / ``scale.v_num_grad_steps_seq``: the value optimisation's step budget used
+  (the sequential run is shortened to 5 steps and 2 prefixes by default, as ``bench_seq``: growth, not speed, is
+  measured there; ``--v-steps`` shortens the batches too, and the output says so).
+
+Every configuration runs in its own subprocess, so each peak RSS (``VmHWM`` after the model is loaded and the
+statistics are cached: the edit or the evaluation alone, model weights included) is its own. Results go to the
+state directory (``--state``, default ``~/.cache/editlens/bench-scale/<model>``, a temporary one with
+``--quick``) as one JSON file per configuration; a configuration with a result file is not run again, and the
+sequential run saves its weights and AlphaEdit's accumulated state every ``--seq-save-every`` edits and resumes
+from there. So the full run (hours on 2 CPU cores) can be started in the background and restarted after an
+interruption: ``nohup python -m benchmarks.bench_scale --state DIR > scale.log 2>&1 &``; ``--only`` picks parts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: statistics for editing, as in bench_edit (cached before any timing)
+FAST = dict(stats_n_samples=128, stats_max_length=64)
+QUICK_FAST = dict(stats_n_samples=16, stats_max_length=32)
+
+
+# ============================================================================================ workers (subprocess)
+def _cases(n: int, seed: int):
+    from editlens.data import synthetic_cases
+
+    cases = list(synthetic_cases(n, seed=seed))[:n]
+    if len(cases) < n:
+        raise ValueError(f"the synthetic generator gave {len(cases)} cases, the benchmark needs {n}")
+    return cases
+
+
+def _load(args):
+    from benchmarks.common import load_bench_model
+
+    return load_bench_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _hp(args, seq: bool = False) -> dict[str, Any]:
+    hp = dict(QUICK_FAST if args.quick else FAST)
+    steps = args.seq_v_steps if seq else args.v_steps
+    if steps:
+        hp["v_num_grad_steps"] = int(steps)
+    if seq:
+        hp["n_prefixes"] = 2
+    elif args.quick:
+        hp["v_chunk_size"] = 4  # the quick batches (6 and 12 facts) go through the chunked value optimisation
+    return hp
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def worker_prepare(args) -> dict:
+    """Second moments and context prefixes into the statistics cache (not timed by any configuration)."""
+    from editlens.edit import edit
+
+    lm = _load(args)
+    edit(lm, _cases(1, 0), "memit", progress=False, **_hp(args)).undo()
+    return {"ok": 1.0}
+
+
+def worker_edit(args) -> dict:
+    from benchmarks.common import peak_memory, sync
+    from editlens.edit import edit
+
+    lm = _load(args)
+    cases = _cases(args.n, 0)
+    hp = _hp(args)
+    with peak_memory(args.device) as mem:
+        t0 = time.perf_counter()
+        e = edit(lm, cases, args.method, progress=not args.quick, **hp)
+        sync(args.device)
+        wall = time.perf_counter() - t0
+    diag = e.diagnostics
+    e.undo()
+    return {"s": wall, "peak_mib": mem["mib"], "n": args.n, "v_chunk_size": float(e.hparams.v_chunk_size),
+            "v_num_grad_steps": float(e.hparams.v_num_grad_steps), "loss_nll": float(diag.get("loss/nll", "nan"))}
+
+
+def worker_eval(args) -> dict:
+    from benchmarks.common import peak_memory
+    from editlens.evaluate import evaluate
+    from editlens.runs.store import Store
+    from editlens.system import ModelSystem
+
+    lm = _load(args)
+    cases = _cases(args.n, 2)
+    system, base = ModelSystem(lm), ModelSystem(lm)  # two systems: base and evaluated answered separately
+    db = Path(args.out).with_suffix(".sqlite")
+    if db.exists():
+        db.unlink()
+    store = Store(db)
+    run_id, unit = f"scale-eval-{args.n}", "eval"
+    store.start_run(run_id, {"benchmark": "scale", "cases": args.n})
+    store.start_unit(run_id, unit)
+    chunks = [0]
+
+    def sink(rows) -> None:  # one transaction per chunk of cases (benchmark layout: step = chunk index)
+        chunks[0] += 1
+        store.commit_step(run_id, unit, chunks[0], [(chunks[0], 0, *r) for r in rows])
+
+    with peak_memory(args.device) as mem:
+        t0 = time.perf_counter()
+        res = evaluate(system, cases, base=base, metrics=["gt", "gtfree"], cache=False, progress=False,
+                       chunk_cases=args.eval_chunk, on_rows=sink)
+        wall = time.perf_counter() - t0
+    n_rows = int(store.rows(run_id).shape[0])
+    store.close()
+    if n_rows != res.meta["n_rows"] or n_rows == 0:
+        raise RuntimeError(f"store holds {n_rows} rows, the evaluation produced {res.meta['n_rows']}")
+    return {"s": wall, "peak_mib": mem["mib"], "n": args.n, "rows": float(n_rows), "chunks": float(chunks[0])}
+
+
+def worker_seq(args) -> dict:
+    """A sequential AlphaEdit run of ``args.n`` edits, checkpointed every ``args.seq_save_every`` edits into
+    ``<state>/seq-ckpt.pt`` (edited weights + the run's accumulated method state + per-edit seconds) and resumed
+    from there; ``args.stop_after`` ends the process after that many edits in total (for testing the resume)."""
+    import torch
+
+    from benchmarks.common import peak_memory, sync
+    from editlens.edit import edit_sequential
+    from editlens.edit.base import get_method
+
+    lm = _load(args)
+    cases = _cases(args.n, 1)
+    ckpt = Path(args.out).with_name("seq-ckpt.pt")
+    done, times, data, resumed = 0, [], None, 0
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        if saved["n"] != args.n or saved["hp"] != _hp(args, True) or saved["model"] != args.model:
+            raise RuntimeError(f"{ckpt} belongs to another configuration ({saved['n']} edits, {saved['hp']}); "
+                               "remove it or use another --state")
+        done, times, data = saved["done"], list(saved["times"]), saved["data"]
+        with torch.no_grad():
+            for pname, w in saved["weights"].items():
+                lm.model.get_parameter(pname).copy_(w)
+        resumed = 1
+    cls = get_method("alphaedit")
+    orig_begin = cls.begin_sequence
+
+    def begin(self, lm_, hp, *, seed=0):  # resume: the run's accumulated K_p K_pᵀ, projections, statistics
+        st = orig_begin(self, lm_, hp, seed=seed)
+        if data is not None:
+            st.data.update(data)
+        return st
+
+    cls.begin_sequence = begin
+    names = {p.data_ptr(): n for n, p in lm.model.named_parameters()}
+    stamp = [time.perf_counter()]
+    stop = args.stop_after or args.n
+
+    def save(so_far, n_total: int) -> None:
+        st = so_far.state
+        weights = {names[live.data_ptr()]: live.detach().clone() for live, _ in st.snapshot.pairs()}
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"n": args.n, "hp": _hp(args, True), "model": args.model, "done": n_total, "times": times,
+                    "weights": weights, "data": st.data}, tmp)
+        os.replace(tmp, ckpt)
+
+    class _Stop(Exception):
+        pass
+
+    def cb(step: int, n_edits: int, so_far) -> None:
+        sync(args.device)
+        now = time.perf_counter()
+        times.append(now - stamp[0])
+        n_total = done + n_edits
+        if n_total % args.seq_save_every == 0 or n_total in (args.n, stop):
+            save(so_far, n_total)
+        if not args.quick and n_total % 50 == 0:
+            print(f"seq: {n_total}/{args.n} edits, last edit {times[-1]:.2f} s", flush=True)
+        if n_total >= stop and n_total < args.n:
+            raise _Stop
+        stamp[0] = time.perf_counter()  # the checkpoint's save is not part of the next edit's time
+
+    todo = cases[done:]
+    if todo and done < stop:
+        with peak_memory(args.device) as mem:
+            stamp[0] = time.perf_counter()
+            try:
+                edit_sequential(lm, todo, "alphaedit", batch_size=1, callback=cb, progress=False,
+                                **_hp(args, True))
+            except _Stop:
+                pass
+        peak = mem["mib"]
+    else:
+        peak = float("nan")
+    cls.begin_sequence = orig_begin
+    return {"done": float(len(times)), "times": times,
+            "n": args.n, "resumed": float(resumed), "peak_mib": peak, "complete": float(len(times) >= args.n)}
+
+
+WORKERS = {"prepare": worker_prepare, "edit": worker_edit, "eval": worker_eval, "seq": worker_seq}
+
+
+# ============================================================================================ driver
+def _spawn(args, kind: str, out: Path, **extra: Any) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--worker", kind, "--out", str(out),
+           "--device", args.device, "--model", args.model]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    if args.quick:
+        cmd.append("--quick")
+    for k in ("v_steps", "seq_v_steps", "eval_chunk", "seq_save_every"):
+        v = getattr(args, k)
+        if v is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "EDITLENS_STATS_DIR": os.environ.get("EDITLENS_STATS_DIR", str(Path(args.state) / "stats"))}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker {kind} {extra} failed (exit {proc.returncode})")
+    return json.loads(out.read_text())
+
+
+def _cached(args, kind: str, name: str, **extra: Any) -> dict:
+    out = Path(args.state) / f"{name}.json"
+    if out.exists():
+        got = json.loads(out.read_text())
+        print(f"scale: {name} from {out} (measured earlier)", flush=True)
+        return got
+    print(f"scale: running {name} ...", flush=True)
+    return _spawn(args, kind, out, **extra)
+
+
+def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, dtype: str | None = None,
+        state: str | None = None, n: int | None = None, base_n: int | None = None, eval_cases: int | None = None,
+        eval_base: int | None = None, eval_chunk: int | None = None, seq_edits: int | None = None,
+        v_steps: int | None = None, seq_v_steps: int | None = 5, seq_save_every: int | None = None,
+        only: str = "edit,eval,seq") -> dict[str, float]:
+    """Run (or resume) the scale benchmark; returns ``{figure: value}``."""
+    if quick:
+        n, base_n = n or 12, base_n or 6
+        eval_cases, eval_base, eval_chunk = eval_cases or 24, eval_base or 12, eval_chunk or 6
+        seq_edits, v_steps, seq_save_every = seq_edits or 24, v_steps or 3, seq_save_every or 7
+        seq_v_steps = 2
+    n, base_n = n or 1000, base_n or 100
+    eval_cases, eval_base, eval_chunk = eval_cases or 2000, eval_base or 200, eval_chunk or 100
+    seq_edits, seq_save_every = seq_edits or 1000, seq_save_every or 50
+    if state is None:
+        state = (tempfile.mkdtemp(prefix="editlens-scale-") if quick else
+                 str(Path.home() / ".cache" / "editlens" / "bench-scale" / model.replace("/", "_").replace(":", "_")))
+    Path(state).mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(device=device, model=model, quick=quick, dtype=dtype, state=state, v_steps=v_steps,
+                              seq_v_steps=seq_v_steps, eval_chunk=eval_chunk, seq_save_every=seq_save_every)
+    parts = {p.strip() for p in only.split(",") if p.strip()}
+    bad = parts - {"edit", "eval", "seq"}
+    if bad:
+        raise ValueError(f"--only: unknown part(s) {sorted(bad)}; use edit, eval, seq")
+    print(f"scale: state in {state}", flush=True)
+    if v_steps:
+        print(f"scale: value optimisation shortened to v_num_grad_steps={v_steps} in the batches (speed and memory "
+              "are measured, not edit quality)", flush=True)
+    if "seq" in parts:
+        print(f"scale: sequential run with v_num_grad_steps={seq_v_steps or 'default'} and 2 prefixes (per-edit "
+              "time growth is measured, not edit quality)", flush=True)
+    out: dict[str, float] = {}
+    if parts & {"edit", "seq"}:
+        _cached(args, "prepare", "prepare")
+    if "edit" in parts:
+        for method in ("memit", "alphaedit"):
+            got = {k: _cached(args, "edit", f"edit-{method}-{k}", method=method, n=k) for k in (base_n, n)}
+            for k, g in got.items():
+                out[f"scale.{method}_batch{k}_s"] = g["s"]
+                out[f"scale.{method}_batch{k}_peak_mib"] = g["peak_mib"]
+            out[f"scale.{method}_time_ratio"] = got[n]["s"] / got[base_n]["s"]
+            out[f"scale.{method}_peak_ratio"] = got[n]["peak_mib"] / got[base_n]["peak_mib"]
+            out[f"scale.{method}_v_chunk_size"] = got[n]["v_chunk_size"]
+            out["scale.v_num_grad_steps_batch"] = got[n]["v_num_grad_steps"]
+    if "eval" in parts:
+        got = {k: _cached(args, "eval", f"eval-{k}", n=k) for k in (eval_base, eval_cases)}
+        for k, g in got.items():
+            out[f"scale.eval{k}_s"] = g["s"]
+            out[f"scale.eval{k}_peak_mib"] = g["peak_mib"]
+            out[f"scale.eval{k}_rows"] = g["rows"]
+        out["scale.eval_time_ratio"] = got[eval_cases]["s"] / got[eval_base]["s"]
+        out["scale.eval_peak_ratio"] = got[eval_cases]["peak_mib"] / got[eval_base]["peak_mib"]
+    if "seq" in parts:
+        out_path = Path(state) / f"seq-{seq_edits}.json"
+        if out_path.exists() and json.loads(out_path.read_text()).get("complete"):
+            g = json.loads(out_path.read_text())
+            print(f"scale: seq-{seq_edits} from {out_path} (measured earlier)", flush=True)
+        else:
+            if quick:  # exercise the resume: stop half-way, then a second process finishes the run
+                _spawn(args, "seq", out_path, n=seq_edits, stop_after=seq_edits // 2)
+            g = _spawn(args, "seq", out_path, n=seq_edits)
+        times = g["times"]
+        if len(times) < seq_edits:
+            raise RuntimeError(f"sequential run stopped at {len(times)} of {seq_edits} edits")
+        early, late = sum(times[:10]) / 10, sum(times[-10:]) / 10
+        out["scale.seq_s_per_edit_at_10"] = early
+        out[f"scale.seq_s_per_edit_at_{seq_edits}"] = late
+        out["scale.seq_growth"] = late / early
+        out["scale.seq_resumed"] = g["resumed"]
+        out["scale.v_num_grad_steps_seq"] = float(seq_v_steps or 0)
+    from benchmarks.common import print_figures
+
+    print_figures(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--state", default=None, help="directory of results and the sequential checkpoint (resume)")
+    ap.add_argument("--n", type=int, default=None, help="large batch / number of cases of a worker")
+    ap.add_argument("--base-n", type=int, default=None, help="small batch (100)")
+    ap.add_argument("--eval-cases", type=int, default=None)
+    ap.add_argument("--eval-base", type=int, default=None)
+    ap.add_argument("--eval-chunk", type=int, default=None, help="cases per evaluation chunk (100)")
+    ap.add_argument("--seq-edits", type=int, default=None)
+    ap.add_argument("--v-steps", type=int, default=None, help="v_num_grad_steps of the batches (default: method's)")
+    ap.add_argument("--seq-v-steps", type=int, default=5, help="v_num_grad_steps of the sequential run (5)")
+    ap.add_argument("--seq-save-every", type=int, default=None, help="checkpoint the sequential run every K edits")
+    ap.add_argument("--only", default="edit,eval,seq", help="comma-separated parts: edit, eval, seq")
+    # worker mode (internal: one configuration per subprocess)
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--method", default="memit", help=argparse.SUPPRESS)
+    ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        import torch
+
+        torch.manual_seed(0)
+        res = WORKERS[a.worker](a)
+        _write(Path(a.out), res)
+        return 0
+    run(device=a.device, model=a.model, quick=a.quick, dtype=a.dtype, state=a.state, n=a.n, base_n=a.base_n,
+        eval_cases=a.eval_cases, eval_base=a.eval_base, eval_chunk=a.eval_chunk, seq_edits=a.seq_edits,
+        v_steps=a.v_steps, seq_v_steps=a.seq_v_steps, seq_save_every=a.seq_save_every, only=a.only)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
