@@ -64,7 +64,7 @@ class LocateHParams(HParams):
     v_decay: str = "reference"
     early_stop_on: str = "total"
     stats_corpus: str = ""
-    stats_n_samples: int = 256
+    stats_n_samples: int = 128  # editlens.edit.stats.DEFAULT_N_SAMPLES (256 before issue 19)
     stats_max_length: int = 128
     stats_dir: str = ""
     batch_tokens: int = 2048

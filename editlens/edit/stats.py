@@ -18,6 +18,20 @@ Corpus: a list of strings, a ``.txt`` file (one document per blank-line-separate
 seeded, deterministic on CPU (cached beside the statistics). The papers use Wikipedia (MEMIT: 100,000 samples);
 model-sampled text keeps editlens offline and is a documented deviation — pass a corpus file to follow them.
 
+Default size (issue 19): ``DEFAULT_N_SAMPLES × DEFAULT_MAX_LENGTH`` = 128 × 128 tokens, half the previous 256 × 128
+(``PREVIOUS_*``, still reachable: ``stats_n_samples=256``). Where the time goes (SmolLM2-135M, CPU, process CPU
+time on one thread): sampling ≈ 9–15 ms per generated token (``model.generate`` with its KV cache, batches of up
+to ``SAMPLING_BATCH`` documents; larger batches are cheaper per token), accumulation ≈ 4 ms per token — sampling
+is about 70% of the cost. With two threads on a busy machine the sampling steps (small matrices, many kernel
+launches) spend most of their time waiting on each other: 2,048 tokens cost 228 s of CPU time — the 35 minutes the
+issue reports for the old default. How C converges (``scripts/stats_convergence.py``,
+``results/stats_convergence/``): the error of the estimate falls like ``tokens^-0.5`` (≈ √(d/tokens), d the key
+width) and is still about 23% at the old default's 32,768 tokens, so no practical token count is *converged*;
+halving the tokens raises it by √2 (to 32%), and ROME's update with the new default differs from the old
+default's by 35% on average (cosine ≥ 0.94), less than two disjoint corpora of the new size differ from each
+other (61%) — the old default was no reference either. For edits that must follow the papers closely, pass a large
+corpus (``stats_corpus``) or more samples.
+
 ``||Δk||`` diagnostic: with ``C`` in hand, the expected squared change of the output on a preserved key is
 ``E||ΔW k||² = tr(ΔW C ΔWᵀ)``; :func:`dk_norm` returns its square root (the RMS of ``||ΔW k_j||`` over the
 corpus keys), the quantity MEMIT's λ-term penalises (``λ Σ_j ||ΔW k_j||²``).
@@ -47,7 +61,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: seed prompts of the model-sampled default corpus
 CORPUS_SEEDS = ("The", "In", "A", "It", "This", "He", "She", "We", "There", "When", "According to", "On",
                 "After", "His", "Her", "One of the")
-DEFAULT_N_SAMPLES = 256
+#: the default sampled corpus: 128 documents x 128 tokens (16,384 tokens; half the previous default, see the
+#: module docstring and results/stats_convergence/)
+DEFAULT_N_SAMPLES = 128
 DEFAULT_MAX_LENGTH = 128
 #: editlens's defaults before issue 19 (``stats_n_samples=256, stats_max_length=128``: 32,768 tokens), still
 #: reachable through the hyperparameters; ``benchmarks/bench_stats.py`` times them against the default
