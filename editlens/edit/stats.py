@@ -23,8 +23,8 @@ Default size (issue 19): ``DEFAULT_N_SAMPLES × DEFAULT_MAX_LENGTH`` = 128 × 12
 time on one thread): sampling ≈ 9–15 ms per generated token (``model.generate`` with its KV cache, batches of up
 to ``SAMPLING_BATCH`` documents; larger batches are cheaper per token), accumulation ≈ 4 ms per token — sampling
 is about 70% of the cost. With two threads on a busy machine the sampling steps (small matrices, many kernel
-launches) spend most of their time waiting on each other: 2,048 tokens cost 228 s of CPU time — the 35 minutes the
-issue reports for the old default. How C converges (``scripts/stats_convergence.py``,
+launches) spend most of their time waiting on each other: 2,048 tokens cost 228 s of CPU time, 15 times the
+one-thread cost — how the old default could take over 35 minutes (issue 19). How C converges (``scripts/stats_convergence.py``,
 ``results/stats_convergence/``): the error of the estimate falls like ``tokens^-0.5`` (≈ √(d/tokens), d the key
 width) and is still about 23% at the old default's 32,768 tokens, so no practical token count is *converged*;
 halving the tokens raises it by √2 (to 32%), and ROME's update with the new default differs from the old
