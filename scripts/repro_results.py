@@ -75,7 +75,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "locality and portability within 100 sequential edits, and autoregressive evaluation shows much less than "
         "teacher forcing; memory methods and in-context SCR stay stable.",
         ("repro_sequential_collapse",),
-        ("rewrite/t_acc", "rewrite/ar_em", "paraphrase/ar_em", "neighborhood/kl", "multihop/mh_acc",
+        ("rewrite/t_acc", "rewrite/ar_em", "paraphrase/ar_em", "neighborhood/kl", "multihop/mh_acc", "*portability_ar",
          "*hidden_rank*"),
         ("rewrite/ar_em", "n_edits=100")),
     Experiment(
@@ -120,7 +120,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "EVK-Align raises embedding and text stability of ROME, MEMIT and AlphaEdit (EVK-Bench) without costing "
         "edit efficacy.",
         ("repro_evk_align",),
-        ("rewrite/c_acc", "paraphrase/c_acc", "*evk_kl*", "*evk_text_kl", "*evk_text_topk"),
+        ("rewrite/c_acc", "paraphrase/c_acc", "rewrite/evk_kl@full", "neighborhood/evk_kl@full",
+         "rewrite/evk_topk@full", "neighborhood/evk_text_kl", "neighborhood/evk_text_topk"),
         ("rewrite/c_acc", "weight=100")),
 )
 
@@ -288,6 +289,8 @@ class SpecResult:
     summary: pd.DataFrame | None = None
     extras: dict[str, pd.DataFrame] = field(default_factory=dict)
     store_bytes: int = 0
+    units_done: int = 0  #: units of the run marked done in the store
+    units_planned: int = 0  #: units the spec plans now
 
 
 def process_spec(spec_path: Path, results_dir: Path, *, report: bool = True,
@@ -311,6 +314,9 @@ def process_spec(spec_path: Path, results_dir: Path, *, report: bool = True,
             res.exists = False
             return res
         res.run_id = ids[-1]  # the latest run, as the report shows it (runs are never pooled)
+        units = st.units(res.run_id)
+        res.units_done = int((units["status"] == "done").sum()) if len(units) else 0
+        res.units_planned = len(spec.plan())
         df = results_frame(st, res.run_id)
         out = results_dir / name
         out.mkdir(parents=True, exist_ok=True)
@@ -441,6 +447,8 @@ def render_docs(found: dict[str, list[SpecResult]], verdicts: dict[str, dict[str
         v = verdicts.get(e.key)
         verdict = v["verdict"] if v else ("not run yet" if not ran else "no verdict yet")
         reason = v["reason"] if v else ""
+        if any(r.units_done < r.units_planned for r in ran):
+            verdict += " (run incomplete)"
         specs = ", ".join(f"[{s}]({examples_rel}/{s}.toml)" for s in e.specs)
         out.append(f"| {e.number} | {_md_escape(e.title)} | {specs} | {_md_escape(our_figure(e, ran))} | "
                    f"{verdict} | {_md_escape(reason)} |")
@@ -456,7 +464,10 @@ def render_docs(found: dict[str, list[SpecResult]], verdicts: dict[str, dict[str
             if not r.exists or r.summary is None:
                 out += [f"Not run yet (no store at `{_rel(r.store)}`).", ""]
                 continue
-            out += [f"Run `{r.run_id}`; [summary.csv]({results_rel}/{r.spec}/summary.csv), "
+            done = (f"all {r.units_planned} units done" if r.units_done >= r.units_planned else
+                    f"**incomplete: {r.units_done} of {r.units_planned} units done** (a partial unit's checkpoints "
+                    "are shown)")
+            out += [f"Run `{r.run_id}` ({done}); [summary.csv]({results_rel}/{r.spec}/summary.csv), "
                     f"[report]({results_rel}/{r.spec}/report/index.md).", ""]
             out.append(_headline_table(r.summary, e.headline))
             for fname, frame in r.extras.items():

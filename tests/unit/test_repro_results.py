@@ -44,6 +44,8 @@ path = "synthetic:4"
 name = "none"
 [[methods]]
 name = "memit"
+[[methods]]
+name = "ft-m"
 [regime]
 kind = "batch"
 sizes = [4]
@@ -154,6 +156,11 @@ def test_docs_and_readme_rendering(R, tmp_path, capsys):
     row1 = next(line for line in text.splitlines() if line.startswith("| 1 |"))
     assert row1.count("not run yet") == 2  # no store for experiment 1: figure and verdict
     assert "rank stability τ" in text and "table1_split.csv" in text
+    assert "all 6 units done" in text  # 3 methods x 2 datasets planned, 6 units done in the store
+    found = R.collect(ex, tmp_path / "results", report=False)
+    found["specificity"][0].units_done = 5  # as while a run is still going
+    partial = R.render_docs(found, {})
+    assert "incomplete: 5 of 6 units done" in partial and "no verdict yet (run incomplete)" in partial
     out = readme.read_text()
     assert out.startswith("# x\n\nbefore\n" + R.BEGIN) and out.endswith(R.END + "\nafter\n")
     assert "old table" not in out and "partly: tiny data" in out
