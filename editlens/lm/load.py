@@ -663,8 +663,8 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
             ``"auto"`` (or ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``; resolved by
             :func:`accelerate.infer_auto_device_map` under ``max_memory``) or a dict ``{module path: device}`` with
             devices a GPU index, ``"cuda:N"``, ``"cpu"`` or ``"disk"`` (offloaded to ``offload_dir``, default a new
-            temporary folder). The model is read into CPU memory first, then dispatched; ``device`` is then ignored
-            (``lm.device`` is the device of the input embeddings) and ``dtype`` defaults as for ``device``.
+            temporary folder). The model is read into CPU memory first, then dispatched; ``device`` must then be left
+            unset (``lm.device`` is the device of the input embeddings); ``dtype`` defaults as without a map.
         offload_dir: folder for the weights a ``device_map`` sends to ``"disk"``.
         max_memory: ``{device: bytes or "10GiB"}`` limits for ``device_map="auto"``.
 
@@ -678,6 +678,9 @@ def load_model(name_or_path: str, device: str | torch.device | None = None, dtyp
         problem = device_map_problem(device_map)
         if problem is not None:
             raise ModelLoadError(problem)
+        if device is not None and device != "auto":
+            raise ModelLoadError(f"pass either device={str(device)!r} or device_map=..., not both: a device map "
+                                 f"places every module itself")
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
     placed = dict(device_map=device_map, offload_dir=offload_dir, max_memory=max_memory)

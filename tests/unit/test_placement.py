@@ -169,6 +169,11 @@ def test_bad_device_maps_name_the_entry(dmap, match):
         editlens.load_model("tiny-llama", device_map=dmap)
 
 
+def test_device_and_device_map_together_are_refused():
+    with pytest.raises(ModelLoadError, match="either device='cpu' or device_map"):
+        editlens.load_model("tiny-llama", "cpu", device_map=DMAP)
+
+
 def test_auto_map_on_a_cpu_machine_runs(tmp_path):
     lm = editlens.load_model("tiny-llama", device_map="auto", dtype="float32")
     ref = editlens.load_model("tiny-llama")
