@@ -62,7 +62,7 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
     s = load_validated_spec(spec)
     if eval_cases is not None and eval_cases < 1:
         raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
-    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate)
+    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate).for_spec(s)
     store = store_path if store_path is not None else default_store_path(s)
     if dry_run:
         click.echo(s.describe_plan())

@@ -55,7 +55,7 @@ import argparse
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -111,6 +111,12 @@ class RunOptions:
         if d["truncate"] is None:
             del d["truncate"]
         return {**d, "runner_version": RUNNER_VERSION}
+
+    def for_spec(self, spec: "Spec") -> "RunOptions":
+        """These options with ``eval_cases`` taken from the spec's ``[regime] eval_cases`` when not set here."""
+        if self.eval_cases is None and spec.regime.eval_cases is not None:
+            return replace(self, eval_cases=spec.regime.eval_cases)
+        return self
 
     def eval_size(self, unit: Unit) -> int:
         """``K`` for a unit (batch regime: all its cases)."""
@@ -493,7 +499,7 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
     from editlens.runs.store import Store, StoreLock
 
     spec = prepare_spec(spec_or_path)
-    options = options or RunOptions()
+    options = (options or RunOptions()).for_spec(spec)
     restore_threads: int | None = None
     # one writing run per store: taken before any work (model loading included); a second run fails here at once
     lock = StoreLock(store.path if isinstance(store, Store) else

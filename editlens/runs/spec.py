@@ -117,12 +117,15 @@ class MethodSpec:
 @dataclass(frozen=True)
 class RegimeSpec:
     """``batch``: one unit per size in ``sizes`` (all edits applied at once). ``sequential``: edits applied
-    ``batch_size`` at a time, evaluated after ``checkpoints`` edits (cumulative counts)."""
+    ``batch_size`` at a time, evaluated after ``checkpoints`` edits (cumulative counts), each time on the unit's
+    first ``eval_cases`` cases (``None``: as many as the first checkpoint; ``--eval-cases`` of ``editlens bench``
+    overrides it)."""
 
     kind: str
     sizes: tuple[int, ...] = ()
     checkpoints: tuple[int, ...] = ()
     batch_size: int = 1
+    eval_cases: int | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,9 @@ class Spec:
                          **({"trained": _trained_identity(m.trained)} if m.trained else {})}
                         for m in self.methods],
             "regime": {"kind": self.regime.kind, "sizes": list(self.regime.sizes),
-                       "checkpoints": list(self.regime.checkpoints), "batch_size": self.regime.batch_size},
+                       "checkpoints": list(self.regime.checkpoints), "batch_size": self.regime.batch_size,
+                       # only when set: the fingerprints (default run ids) of specs without it do not change
+                       **({"eval_cases": self.regime.eval_cases} if self.regime.eval_cases is not None else {})},
             "metrics": list(self.metrics), "sweep": {k: list(v) for k, v in self.sweep.items()},
             "seeds": list(self.seeds), "report": self.report,
         }
@@ -576,14 +581,14 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
 
     # ---- regime
     regime = None
-    if "regime" in d and ck.table(d, ("regime",), ("kind", "sizes", "checkpoints", "batch_size")):
+    if "regime" in d and ck.table(d, ("regime",), ("kind", "sizes", "checkpoints", "batch_size", "eval_cases")):
         r = d["regime"]
         kind = ck.string(r.get("kind"), ("regime", "kind"), REGIME_KINDS) if "kind" in r else None
         if "kind" not in r:
             ck.err(("regime", "kind"), "required key is missing (batch or sequential)",
                    line=ck.lines.lookup(("regime",)))
         if kind == "batch":
-            for k in ("checkpoints", "batch_size"):
+            for k in ("checkpoints", "batch_size", "eval_cases"):
                 if k in r:
                     ck.err(("regime", k), f"only for kind = \"sequential\"; a batch regime uses `sizes`")
             if "sizes" not in r:
@@ -597,6 +602,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
             if "sizes" in r:
                 ck.err(("regime", "sizes"), "only for kind = \"batch\"; a sequential regime uses `checkpoints`")
             bs = ck.pos_int(r.get("batch_size", 1), ("regime", "batch_size"))
+            k_eval = ck.pos_int(r["eval_cases"], ("regime", "eval_cases")) if "eval_cases" in r else None
             if "checkpoints" not in r:
                 ck.err(("regime", "checkpoints"), "required for kind = \"sequential\" (e.g. [1, 10, 100])",
                        line=ck.lines.lookup(("regime",)))
@@ -611,8 +617,13 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                         off = [c for c in cps if c % bs]
                         if off:
                             ck.err(("regime", "checkpoints"), f"must be multiples of batch_size={bs}; {off} are not")
+                        elif k_eval is not None and k_eval > cps[-1]:
+                            ck.err(("regime", "eval_cases"), f"the evaluation sample ({k_eval} cases) is larger than "
+                                                             f"the number of edits of a unit ({cps[-1]}, the last "
+                                                             "checkpoint); only edited cases can be evaluated")
                         else:
-                            regime = RegimeSpec("sequential", checkpoints=tuple(cps), batch_size=bs)
+                            regime = RegimeSpec("sequential", checkpoints=tuple(cps), batch_size=bs,
+                                                eval_cases=k_eval)
         if regime is not None:
             need = max(regime.sizes or regime.checkpoints)
             key = ("regime", "sizes" if regime.kind == "batch" else "checkpoints")

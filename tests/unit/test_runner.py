@@ -252,6 +252,23 @@ def test_eval_cases_option_and_changed_options_refused(tmp_path, lm):
         run_spec(spec, store=tmp_path / "s.sqlite", lm=lm, progress=False, options=RunOptions(eval_cases=2))
 
 
+def test_eval_cases_from_the_spec_and_the_command_line_overrides_it(tmp_path, lm):
+    from editlens.runs.spec import load_spec
+
+    spec = write(tmp_path, "s.toml", SEQ.replace("batch_size = 2", "batch_size = 2\n    eval_cases = 4"))
+    assert load_spec(spec).regime.eval_cases == 4
+    rid = run_spec(spec, store=tmp_path / "s.sqlite", lm=lm, progress=False)
+    with Store(tmp_path / "s.sqlite", readonly=True) as st:
+        df = st.rows(rid)
+    assert df[df["step"] == 3]["case_id"].nunique() == 4  # not 2, the first checkpoint
+    # an explicit option (editlens bench --eval-cases) wins over the spec's value
+    assert RunOptions(eval_cases=3).for_spec(load_spec(spec)).eval_cases == 3
+    assert RunOptions().for_spec(load_spec(spec)).eval_cases == 4
+    # a spec without the key keeps its fingerprint (default run ids of existing specs do not change)
+    plain = load_spec(write(tmp_path, "p.toml", SEQ))
+    assert "eval_cases" not in plain.to_dict()["regime"]
+
+
 def test_frozen_base_answers_do_not_follow_edits(lm):
     from editlens.edit import edit
     from editlens.evaluate.core import NextToken, freeze_base

@@ -179,6 +179,11 @@ sizes = [10]
     (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [2, 5]\nbatch_size = 2'),
      "regime.checkpoints", 10, "multiples of batch_size"),
     (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"'), "regime.checkpoints", 8, "required"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [2, 5]\neval_cases = 6'),
+     "regime.eval_cases", 11, "larger than the number of edits"),
+    (MINIMAL.replace('kind = "batch"\nsizes = [10]', 'kind = "sequential"\ncheckpoints = [2, 5]\neval_cases = 0'),
+     "regime.eval_cases", 11, ">= 1"),
+    (MINIMAL.replace('sizes = [10]', 'sizes = [10]\neval_cases = 2'), "regime.eval_cases", 11, "sequential"),
     # sweep
     (MINIMAL + '[sweep]\n"rome.lr" = [1, 2]\n', 'sweep."rome.lr"', 12, "not in the spec's methods"),
     (MINIMAL + '[sweep]\nlr = [1, 2]\n', "sweep.lr", 12, "method.param"),
