@@ -100,6 +100,7 @@ def test_sequential_run_and_pinned_base_system(pair):
     run = edit_sequential(lm, _cases(3), "rome", batch_size=1)
     run_ref = edit_sequential(ref, _cases(3), "rome", batch_size=1)
     assert torch.equal(_logits(lm), _logits(ref))
+    assert repr(run.system.teacher_forced(["Alice Smith lives in the city of"], [" Paris"])) != repr(base_logp)
     # the base system swaps the offloaded originals in for its call and the edited values back out
     again = base.teacher_forced(["Alice Smith lives in the city of"], [" Paris"])
     assert repr(again) == repr(base_logp)
