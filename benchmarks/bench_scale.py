@@ -4,7 +4,7 @@ a sequential run to 1,000 edits — each against its small counterpart measured 
 ``python -m benchmarks scale [--quick] --device cpu`` (defaults) or, with every option,
 ``python -m benchmarks.bench_scale [--quick] [--device cpu] [--model NAME] [--state DIR] [--n 1000] [--base-n 100]
 [--eval-cases 2000] [--eval-base 200] [--eval-chunk 100] [--seq-edits 1000] [--v-steps K] [--seq-v-steps 5]
-[--only edit,eval,seq]`` prints and returns:
+[--v-chunk-size C] [--only edit,eval,seq]`` prints and returns:
 
 * ``scale.{memit,alphaedit}_batch{n}_s`` / ``..._peak_mib`` for the small batch (100) and the large one (N =
   1,000), ``scale.{method}_time_ratio`` (large / small; linear scaling gives N/100) and
@@ -68,6 +68,8 @@ def _hp(args, seq: bool = False) -> dict[str, Any]:
         hp["v_num_grad_steps"] = int(steps)
     if seq:
         hp["n_prefixes"] = 2
+    elif getattr(args, "v_chunk_size", None) is not None:
+        hp["v_chunk_size"] = int(args.v_chunk_size)
     elif args.quick:
         hp["v_chunk_size"] = 4  # the quick batches (6 and 12 facts) go through the chunked value optimisation
     return hp
@@ -230,7 +232,7 @@ def _spawn(args, kind: str, out: Path, **extra: Any) -> dict:
         cmd += ["--dtype", args.dtype]
     if args.quick:
         cmd.append("--quick")
-    for k in ("v_steps", "seq_v_steps", "eval_chunk", "seq_save_every"):
+    for k in ("v_steps", "seq_v_steps", "eval_chunk", "seq_save_every", "v_chunk_size"):
         v = getattr(args, k)
         if v is not None:
             cmd += [f"--{k.replace('_', '-')}", str(v)]
@@ -257,7 +259,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
         state: str | None = None, n: int | None = None, base_n: int | None = None, eval_cases: int | None = None,
         eval_base: int | None = None, eval_chunk: int | None = None, seq_edits: int | None = None,
         v_steps: int | None = None, seq_v_steps: int | None = 5, seq_save_every: int | None = None,
-        only: str = "edit,eval,seq") -> dict[str, float]:
+        only: str = "edit,eval,seq", v_chunk_size: int | None = None) -> dict[str, float]:
     """Run (or resume) the scale benchmark; returns ``{figure: value}``."""
     if quick:
         n, base_n = n or 12, base_n or 6
@@ -272,7 +274,8 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
                  str(Path.home() / ".cache" / "editlens" / "bench-scale" / model.replace("/", "_").replace(":", "_")))
     Path(state).mkdir(parents=True, exist_ok=True)
     args = argparse.Namespace(device=device, model=model, quick=quick, dtype=dtype, state=state, v_steps=v_steps,
-                              seq_v_steps=seq_v_steps, eval_chunk=eval_chunk, seq_save_every=seq_save_every)
+                              seq_v_steps=seq_v_steps, eval_chunk=eval_chunk, seq_save_every=seq_save_every,
+                              v_chunk_size=v_chunk_size)
     parts = {p.strip() for p in only.split(",") if p.strip()}
     bad = parts - {"edit", "eval", "seq"}
     if bad:
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-edits", type=int, default=None)
     ap.add_argument("--v-steps", type=int, default=None, help="v_num_grad_steps of the batches (default: method's)")
     ap.add_argument("--seq-v-steps", type=int, default=5, help="v_num_grad_steps of the sequential run (5)")
+    ap.add_argument("--v-chunk-size", type=int, default=None,
+                    help="v_chunk_size of the batches (default: the method's, 100; 0 = unchunked, for comparison)")
     ap.add_argument("--seq-save-every", type=int, default=None, help="checkpoint the sequential run every K edits")
     ap.add_argument("--only", default="edit,eval,seq", help="comma-separated parts: edit, eval, seq")
     # worker mode (internal: one configuration per subprocess)
@@ -361,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run(device=a.device, model=a.model, quick=a.quick, dtype=a.dtype, state=a.state, n=a.n, base_n=a.base_n,
         eval_cases=a.eval_cases, eval_base=a.eval_base, eval_chunk=a.eval_chunk, seq_edits=a.seq_edits,
-        v_steps=a.v_steps, seq_v_steps=a.seq_v_steps, seq_save_every=a.seq_save_every, only=a.only)
+        v_steps=a.v_steps, seq_v_steps=a.seq_v_steps, seq_save_every=a.seq_save_every, only=a.only,
+        v_chunk_size=a.v_chunk_size)
     return 0
 
 
