@@ -53,6 +53,7 @@ class LayerChoice:
         case_ids: the traced cases (``None`` for cases without an id).
         p_clean, p_corrupt: means over the traced cases.
         samples, window, seed, noise: the tracing settings.
+        meta: ``per_case_scores``: each traced case's indirect effects (the rows ``scores`` averages).
     """
 
     layers: list[int]
@@ -154,8 +155,9 @@ def trace_layers(lm: "LM", cases: Sequence["EditCase"], n_layers: int, *, candid
     effects, traces = last_subject_mlp_effects(lm, chosen_cases, samples=samples, window=window, seed=seed,
                                                noise=noise, batch_tokens=batch_tokens)
     layers = choose_layers(effects, n_layers, cand)
+    per_case = [[float(x) for x in t.scores[t.subject_range[1] - 1] - t.p_corrupt] for t in traces]
     return LayerChoice(layers=layers, scores=[float(x) for x in effects], candidates=cand,
                        case_ids=[c.case_id for c in chosen_cases],
                        p_clean=float(np.mean([t.p_clean for t in traces])),
                        p_corrupt=float(np.mean([t.p_corrupt for t in traces])), samples=samples, window=window,
-                       seed=seed, noise=float(traces[0].noise))
+                       seed=seed, noise=float(traces[0].noise), meta={"per_case_scores": per_case})
