@@ -22,7 +22,8 @@ SAMPLES, SEED = 2, 3
 
 @pytest.fixture(autouse=True)
 def _stats_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("EDITLENS_STATS_DIR", str(tmp_path_factory.getbasetemp() / "trace_layers_stats"))
+    # the session's statistics cache, shared with the other edit tests (sampling the corpus is the slow part)
+    monkeypatch.setenv("EDITLENS_STATS_DIR", str(tmp_path_factory.getbasetemp() / "stats"))
 
 
 def _weights(lm):
