@@ -128,7 +128,8 @@ def worker(job_path: str) -> None:
     original_templates = ref_main.get_context_templates
     out = {"deltas": {}, "steps": {}, "templates": {}, "param_hash": param_hash(model), "stubbed": stubbed,
            "torch": str(torch.__version__), "transformers": str(__import__("transformers").__version__)}
-    for setting, templates in job["settings"].items():
+    for setting in [x for x in ("same_prefixes", "own_prefixes") if x in job["settings"]]:
+        templates = job["settings"][setting]
         if templates is None:  # the reference's own: generated once (seeded), then cached by the reference
             ref_main.CONTEXT_TEMPLATES_CACHE = None
             torch.manual_seed(int(job["seed"]))
@@ -325,7 +326,14 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
         ratios = [float(r["norm_ratio"]) for r in rs]
         cos = [float(r["cosine"]) for r in rs]
         lines.append(f"* `{setting}`: {ok}/{len(rs)} facts pass; largest rel_diff {worst_rel:.2e}; norm_ratio "
-                     f"{min(ratios):.3f}–{max(ratios):.3f}; cosine {min(cos):.4f}–{max(cos):.4f}.")
+                     f"{min(ratios):.6f}–{max(ratios):.6f}; cosine {min(cos):.8f}–{max(cos):.8f}.")
+    own = meta["templates"].get("own_prefixes")
+    if own:
+        lines.append(f"* With its own prefixes each tool averages keys and the target loss over a different set of "
+                     f"prompts: editlens {len(meta['editlens_templates'])} (the empty prefix and "
+                     f"{len(meta['editlens_templates']) - 1} sampled texts), the reference {len(own)} (the empty "
+                     f"prefix and {len(own) - 1} texts its generator samples after `<|endoftext|>`); the formulas "
+                     "are compared by `same_prefixes`.")
     lines.append("")
     (out / "README.md").write_text("\n".join(lines))
 
@@ -351,6 +359,8 @@ def main(argv=None) -> int:
                          "it the slowest part)")
     ap.add_argument("--reference-commit", default="",
                     help="the commit the reference tree was exported from (only printed in the README)")
+    ap.add_argument("--stats-n-samples", type=int, default=0,
+                    help="documents of editlens's statistics corpus for C (0: editlens's default)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the ΔW of either side saved in --workdir by an earlier run with the same inputs")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -382,6 +392,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lm = editlens.load_model("smollm2-135m", device=args.device, dtype="float32")
     hp = get_method("rome")().default_hparams(lm)
+    if args.stats_n_samples:
+        hp = hp.replace(stats_n_samples=args.stats_n_samples)
     fact_list = facts(tuple(x.strip() for x in args.sample_cases.split(",") if x.strip()))[: args.limit or None]
     cov, prefixes = locate.prepare(lm, hp, [hp.layer])
     C = cov[hp.layer].double().cpu()
@@ -405,7 +417,9 @@ def main(argv=None) -> int:
     own_hash = param_hash(lm.model)
     job_text = json.dumps(job, indent=1, sort_keys=True)
     e_path, r_path = work / "editlens.pt", work / "reference.pt"
-    e_key = hashlib.sha256((own_hash + json.dumps([fact_list, repr(hp), prefixes])).encode()).hexdigest()
+    e_key = hashlib.sha256((own_hash + json.dumps([fact_list, job["hparams"], prefixes, hp.update_key, hp.v_decay,
+                                                   hp.early_stop_on, hp.early_stop_loss, hp.kl_template])).encode()
+                           + C.numpy().tobytes()).hexdigest()
     saved = torch.load(e_path, weights_only=False) if args.reuse and e_path.is_file() else None
     if saved is not None and saved["key"] == e_key:
         e_deltas, e_steps = saved["deltas"], saved["steps"]
@@ -446,7 +460,7 @@ def main(argv=None) -> int:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
         for row in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            w.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
     with open(out / "deltas.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
