@@ -2,7 +2,7 @@
 
 Runs every benchmark, prints one table of flat figures (each with its naive baseline measured in the same run
 and the ratio), and writes them as JSON. Individual suites: ``eval``, ``edit``, ``seq``, ``scr``, ``trace``, ``trained``,
-``scale`` (options, resume: ``python -m benchmarks.bench_scale --help``).
+``scale`` (options, resume: ``python -m benchmarks.bench_scale --help``), ``stats``.
 """
 from __future__ import annotations
 
