@@ -343,7 +343,8 @@ def _add_figures(rep: Report, df: pd.DataFrame) -> None:
             "unchanged, below 1: collapse); delta_spectrum: ||dW||_F of each edited matrix and the top singular "
             "values of the most changed one, accumulated since the first edit. Means over datasets and seeds. The "
             "series are in the PNG's 'editlens:series' text chunk and in collapse.csv.", data=collapse))
-    plain = plain[~plain["metric"].map(plots.is_collapse_metric)] if "metric" in plain.columns else plain
+    if "metric" in plain.columns:  # .loc with a bool mask: an empty object-dtype mask under [] selects columns
+        plain = plain.loc[~plain["metric"].map(plots.is_collapse_metric).astype(bool)]
     if "n_edits" in plain.columns and pd.to_numeric(plain["n_edits"], errors="coerce").nunique() > 1:
         d = plain[plain["n_edits"].notna()].copy()
         d["n_edits"] = pd.to_numeric(d["n_edits"], errors="coerce")

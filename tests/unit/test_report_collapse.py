@@ -146,3 +146,19 @@ def test_collapse_metric_names():
                                                      "delta_spectrum_s3", "delta_spectrum@attn_out",
                                                      "delta_spectrum@mlp_in_s1"))
     assert not any(plots.is_collapse_metric(m) for m in ("hidden_rank", "t_acc", "delta_spectrumX", None))
+
+
+def test_report_of_a_store_with_only_the_unedited_baseline(tmp_path):
+    """Regression: with no edited rows the collapse filter got an empty object-dtype mask, which ``df[...]`` takes
+    as a column selection; every later figure then lost the 'metric' column (KeyError in ``editlens bench``)."""
+    st = Store(tmp_path / "base.sqlite")
+    st.start_run("r", {"name": "pre-edit"}, {"editlens": "test"}, "fp", [0])
+    meta = {"method": "none", "label": "none", "dataset": "mcf", "regime": "batch", "n_edits": 2, "checkpoints": [2]}
+    st.commit_step("r", "u-none", 0, [(0, 0, f"c{c}", "rewrite", "t_acc", 0.5) for c in range(2)], meta=meta)
+    st.commit_unit("r", "u-none", [], meta=meta)
+    try:
+        rep = build_report(st, cases=False)
+    finally:
+        st.close()
+    assert "collapse" not in [f.name for f in rep.figures]
+    assert rep.tables  # the summary of the baseline rows is there
