@@ -104,6 +104,30 @@ def aggregate(traces: Sequence[Trace]) -> AverageTrace:
                         traces_all=list(traces))
 
 
+def trace_cases(lm: "LM", cases: Sequence[Any], kind: str, *, samples: int, window: int, seed: int,
+                noise: float | None, batch_tokens: int, last_subject_only: bool = False,
+                progress: Callable[[int, int, Trace], None] | None = None) -> list[Trace]:
+    """One trace per case (what :func:`average_trace` and ``layers.trace_layers`` share): every argument and case
+    checked before the first trace, the noise scale (default 3 × the embeddings' std) computed once, each case's
+    noise draws seeded by ``seed``. ``last_subject_only``: only the last subject token's row is computed (the other
+    rows are NaN)."""
+    _check_args(kind, samples, window, noise, seed, batch_tokens)
+    cases = list(cases)
+    if not cases:
+        raise TraceError("no cases to trace")
+    preps = [_prepare(lm, c, None, None) for c in cases]
+    traces = []
+    with lm.lock:
+        scale = 3.0 * embedding_std(lm) if noise is None else float(noise)
+        for k, prep in enumerate(preps):
+            t = _trace(lm, prep, kind, scale, samples, window, seed, batch_tokens, True, loop=False,
+                       tokens=[prep.span[1] - 1] if last_subject_only else None)
+            traces.append(t)
+            if progress is not None:
+                progress(k, len(preps), t)
+    return traces
+
+
 def average_trace(lm: "LM", cases: Sequence["EditCase"], *, kind: str = "hidden", noise: float | None = None,
                   samples: int = 10, window: int = 10, seed: int = 0, known_only: bool = False,
                   batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -116,19 +140,8 @@ def average_trace(lm: "LM", cases: Sequence["EditCase"], *, kind: str = "hidden"
     is the model's greedy prediction (the paper traces known facts); the others are still in ``traces``' source
     but not averaged (``traces_all`` holds every trace). ``progress(i, n, trace)`` is called after each case.
     """
-    _check_args(kind, samples, window, noise, seed, batch_tokens)
-    cases = list(cases)
-    if not cases:
-        raise TraceError("no cases to trace")
-    preps = [_prepare(lm, c, None, None) for c in cases]
-    traces = []
-    with lm.lock:
-        scale = 3.0 * embedding_std(lm) if noise is None else float(noise)
-        for k, prep in enumerate(preps):
-            t = _trace(lm, prep, kind, scale, samples, window, seed, batch_tokens, True, loop=False)
-            traces.append(t)
-            if progress is not None:
-                progress(k, len(preps), t)
+    traces = trace_cases(lm, cases, kind, samples=samples, window=window, seed=seed, noise=noise,
+                         batch_tokens=batch_tokens, progress=progress)
     use = [t for t in traces if t.known] if known_only else traces
     if not use:
         raise TraceError(f"known_only: the model predicts none of the {len(traces)} answers; nothing to average")

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from editlens.lm.ops import DEFAULT_BATCH_TOKENS
-from editlens.localize.trace import TraceError, _check_args, _prepare, _trace, embedding_std
+from editlens.localize.average import trace_cases
+from editlens.localize.trace import TraceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from editlens.data.schema import EditCase
@@ -120,18 +121,8 @@ def last_subject_mlp_effects(lm: "LM", cases: Sequence["EditCase"], *, samples: 
                              batch_tokens: int = DEFAULT_BATCH_TOKENS) -> tuple[np.ndarray, list]:
     """Per layer, the mean over ``cases`` of the MLP indirect effect at the last subject token, and the traces
     (``kind="mlp"``; only the last subject token's row of each trace is computed, the other rows are NaN)."""
-    _check_args("mlp", samples, window, noise, seed, batch_tokens)
-    cases = list(cases)
-    if not cases:
-        raise TraceError("no cases to trace")
-    preps = [_prepare(lm, c, None, None) for c in cases]
-    traces = []
-    with lm.lock:
-        scale = 3.0 * embedding_std(lm) if noise is None else float(noise)
-        for prep in preps:
-            last = prep.span[1] - 1
-            traces.append(_trace(lm, prep, "mlp", scale, samples, window, seed, batch_tokens, True, loop=False,
-                                 tokens=[last]))
+    traces = trace_cases(lm, cases, "mlp", samples=samples, window=window, seed=seed, noise=noise,
+                         batch_tokens=batch_tokens, last_subject_only=True)
     effects = np.mean([t.scores[t.subject_range[1] - 1] - t.p_corrupt for t in traces], axis=0)
     return effects, traces
 
