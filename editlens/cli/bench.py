@@ -7,6 +7,7 @@
   editlens bench spec.toml                                 # again: resumes, finished units are skipped
   editlens bench spec.toml --executor ray                  # one Ray task per unit (pip install editlens[ray])
   editlens bench spec.toml --executor ray --ray-address ray://head:10001   # on an existing cluster
+  editlens bench spec.toml --device-map auto               # spread the model over devices (accelerate)
 
 The report (Markdown tables, CSV, PNG figures and one HTML page) goes to ``<store stem>_report/`` beside the
 store unless ``--no-report``.
@@ -45,14 +46,17 @@ from editlens.cli.progress_option import apply_quiet, quiet_option
 @click.option("--truncate", type=click.Choice(["left"]), default=None,
               help="Let prompts longer than the model's context lose their oldest tokens (recorded with the run). "
                    "Default: such a prompt is an error naming the case and probe.")
+@click.option("--device-map", default=None, metavar="MAP",
+              help="Spread the model over devices with accelerate: auto, balanced, balanced_low_0 or sequential "
+                   "(overrides the spec's [model] device_map; recorded with the run, so it is another run id).")
 @quiet_option
 def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray_address: str | None, ray_cpus: int,
           report: bool, run_id: str | None, eval_cases: int | None, no_baseline: bool, truncate: str | None,
-          quiet: bool) -> None:
+          device_map: str | None, quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
-                                      run_spec)
+                                      run_spec, with_device_map)
 
     apply_quiet(quiet)
     if not spec.is_file():
@@ -60,6 +64,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
     if executor != "ray" and (ray_address is not None or ray_cpus != 1):
         raise click.UsageError("--ray-address and --ray-cpus need --executor ray")
     s = load_validated_spec(spec)
+    if device_map is not None:
+        s = with_device_map(s, device_map)
     if eval_cases is not None and eval_cases < 1:
         raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
     options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate).for_spec(s)

@@ -50,9 +50,14 @@ def prompt_format_of(spec: "Spec", lm: "LM") -> str:
 
 
 def load_spec_model(spec: "Spec", device: str | None = None) -> "LM":
-    """Load the spec's model (``device`` overrides the spec's)."""
+    """Load the spec's model (``device`` overrides the spec's). With ``[model] device_map`` the model is spread
+    over devices by accelerate (``offload_dir`` / ``max_memory`` passed along) and ``device`` is not used: the
+    map places every module."""
     from editlens.lm.load import load_model
 
+    placement = spec.model.load_kwargs()
+    if placement:
+        return load_model(spec.model.name, dtype=_dtype_arg(spec.model.dtype), **placement)
     return load_model(spec.model.name, device=device if device is not None else _device_arg(spec.model.device),
                       dtype=_dtype_arg(spec.model.dtype))
 

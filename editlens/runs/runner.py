@@ -78,7 +78,7 @@ RUNNER_VERSION = 1
 
 __all__ = ["RunOptions", "StepResult", "BaseAnswers", "run_spec", "prepare_spec", "load_validated_spec",
            "check_methods", "load_unit_cases", "dataset_cases", "execute_unit",
-           "default_store_path", "BASELINE_NAMES", "main"]
+           "default_store_path", "with_device_map", "BASELINE_NAMES", "main"]
 
 
 # ============================================================================================ options and results
@@ -142,6 +142,20 @@ class StepResult:
 
 
 # ============================================================================================ spec
+def with_device_map(spec: Spec, device_map: Any) -> Spec:
+    """``spec`` with ``[model] device_map`` set to ``device_map`` (the ``--device-map`` override of ``editlens
+    bench``); a SpecError names the option when the value is not a device map or the spec pins a ``device``."""
+    from editlens.lm.placement import device_map_problem
+
+    problem = device_map_problem(device_map)
+    if problem is not None:
+        raise SpecError(f"--device-map: {problem}")
+    if spec.model.device not in ("auto", "", None):
+        raise SpecError(f"--device-map: the spec sets model.device = {spec.model.device!r}; a device map places "
+                        "every module itself, so leave model.device unset")
+    return replace(spec, model=replace(spec.model, device_map=device_map))
+
+
 def prepare_spec(spec_or_path: Spec | str | Path) -> Spec:
     """A validated :class:`Spec` from a spec or a path (a given Spec is checked against the registries too:
     :func:`editlens.runs.spec.validate_spec`)."""
@@ -471,6 +485,8 @@ def unit_meta(unit: Unit, spec: Spec, options: RunOptions) -> dict[str, Any]:
     """The metadata stored with a unit: :meth:`Unit.meta` plus the model and the evaluation sample size."""
     meta = unit.meta()
     meta["model"] = spec.model.name
+    if spec.model.device_map is not None:  # only when set: the metadata of runs without a map does not change
+        meta["device_map"] = spec.model.to_dict()["device_map"]
     meta["eval_cases"] = options.eval_size(unit)
     return meta
 
@@ -555,10 +571,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run-id", default=None)
     p.add_argument("--eval-cases", type=int, default=None)
     p.add_argument("--truncate", choices=["left"], default=None)
+    p.add_argument("--device-map", default=None)
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
-        rid = run_spec(a.spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
+        spec: Any = a.spec
+        if a.device_map is not None:
+            spec = with_device_map(load_validated_spec(a.spec), a.device_map)
+        rid = run_spec(spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
                        options=RunOptions(eval_cases=a.eval_cases, truncate=a.truncate))
     except EditlensError as e:
         print(f"error: {e}", file=sys.stderr)

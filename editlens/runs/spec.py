@@ -53,7 +53,7 @@ PROMPT_FORMATS = ("raw", "chat", "auto")
 REGIME_KINDS = ("batch", "sequential")
 _TOP_KEYS = ("name", "description", "store", "model", "datasets", "methods", "regime", "metrics", "sweep",
              "seeds", "report")
-_MODEL_KEYS = ("name", "device", "dtype", "prompt_format")
+_MODEL_KEYS = ("name", "device", "dtype", "prompt_format", "device_map", "offload_dir", "max_memory")
 _DATASET_KEYS = ("name", "path", "format", "limit", "sample", "seed")
 _METHOD_KEYS = ("name", "label", "hparams", "evk_align", "trained", "train")
 _TRAIN_KEYS = ("data", "synthetic", "val", "limit", "seed", "hparams")
@@ -63,12 +63,42 @@ _REPORT_KEYS = ("title", "html", "out", "ranges", "reference", "groups", "plots"
 # ============================================================================ spec dataclasses
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model to edit: a built-in name, a HF id or a local path (resolved against the spec's folder)."""
+    """The model to edit: a built-in name, a HF id or a local path (resolved against the spec's folder).
+
+    ``device_map`` / ``offload_dir`` / ``max_memory`` spread the model over several devices
+    (:func:`editlens.lm.load.load_model`'s arguments of those names; ``offload_dir`` is absolute, resolved against
+    the spec's folder). They are ``None`` when not set and then left out of :meth:`to_dict`, so the fingerprints
+    (default run ids, unit ids) of specs without them do not change.
+    """
 
     name: str
     device: str = "auto"
     dtype: str = "auto"
     prompt_format: str = "raw"
+    device_map: Any = None
+    offload_dir: str | None = None
+    max_memory: dict[Any, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model as plain data (the placement keys only when set)."""
+        d = {"name": self.name, "device": self.device, "dtype": self.dtype, "prompt_format": self.prompt_format}
+        for k in ("device_map", "offload_dir", "max_memory"):
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = {str(kk): vv for kk, vv in v.items()} if isinstance(v, Mapping) else v  # JSON: str keys
+        return d
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """The placement arguments of :func:`~editlens.lm.load.load_model` that are set (``{}`` without a map)."""
+        if self.device_map is None:
+            return {}
+        kw: dict[str, Any] = {"device_map": self.device_map if isinstance(self.device_map, str)
+                              else dict(self.device_map)}
+        if self.offload_dir is not None:
+            kw["offload_dir"] = self.offload_dir
+        if self.max_memory is not None:
+            kw["max_memory"] = dict(self.max_memory)
+        return kw
 
 
 @dataclass(frozen=True)
@@ -206,7 +236,7 @@ class Spec:
         """The spec as plain JSON-able data (what the store keeps in ``runs.spec_json``)."""
         return {
             "name": self.name, "description": self.description,
-            "model": vars(self.model).copy(),
+            "model": self.model.to_dict(),
             "datasets": [d.to_dict() for d in self.datasets],
             "methods": [{"name": m.name, "label": m.label, "hparams": m.hparams, "evk_align": m.evk_align,
                          **({"trained": _trained_identity(m.trained)} if m.trained else {})}
@@ -253,7 +283,7 @@ class Spec:
                                        "dataset": {k: v for k, v in ds.to_dict().items() if k != "path"},
                                        "seed": seed, "regime": self.regime.kind, "n_edits": n,
                                        "checkpoints": list(cps), "batch_size": bs, "metrics": list(self.metrics),
-                                       "model": vars(self.model)}
+                                       "model": self.model.to_dict()}
                             if m.trained:  # only then: the ids of units without a trained editor do not change
                                 content["trained"] = _trained_identity(m.trained)
                             uid = f"{m.label}-{_content_hash(content)}"
@@ -279,7 +309,10 @@ class Spec:
         """A human-readable description of the plan (for ``--dry-run``)."""
         s = self.plan_summary()
         lines = [f"spec: {self.source or '<string>'}" + (f" ({self.name})" if self.name else ""),
-                 f"model: {self.model.name} (device={self.model.device}, dtype={self.model.dtype})",
+                 f"model: {self.model.name} (device={self.model.device}, dtype={self.model.dtype}"
+                 + (f", device_map={self.model.device_map!r}" if self.model.device_map is not None else "")
+                 + (f", offload_dir={self.model.offload_dir}" if self.model.offload_dir is not None else "")
+                 + (f", max_memory={self.model.max_memory!r}" if self.model.max_memory is not None else "") + ")",
                  "datasets: " + ", ".join(f"{d.name} [{d.source}]" for d in self.datasets),
                  f"regime: {self.regime.kind} " + (
                      f"sizes={list(self.regime.sizes)}" if self.regime.kind == "batch"
@@ -489,6 +522,64 @@ def parse_spec(text: str, fmt: str = "toml", *, base_dir: str | Path = ".", sour
     return spec
 
 
+_SIZE_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
+_MEM_DEVICE_RE = re.compile(r"^(\d+|cpu|disk|mps|xpu|cuda:\d+)$")
+
+
+def _placement(m: Mapping[str, Any], ck: _Checker, base: Path, device: str) -> tuple[Any, str | None, dict | None]:
+    """``[model] device_map / offload_dir / max_memory``: checked (errors name the key), ``offload_dir`` resolved
+    against the spec's folder, ``max_memory`` keys that are GPU indices made integers."""
+    dmap = m.get("device_map")
+    if "device_map" in m:
+        from editlens.lm.placement import device_map_problem
+
+        problem = device_map_problem(dmap) if isinstance(dmap, (str, Mapping)) else (
+            f"must be a string such as \"auto\" or a table {{module path = device}}, got {_tname(dmap)} {dmap!r}")
+        if problem is not None:
+            ck.err(("model", "device_map"), problem)
+            dmap = None
+        elif device != "auto":
+            ck.err(("model", "device_map"), f"a device map places every module itself: leave model.device unset "
+                                            f"(it is {device!r})")
+            dmap = None
+        elif isinstance(dmap, Mapping):
+            dmap = dict(dmap)
+    offload = None
+    if "offload_dir" in m:
+        v = ck.string(m["offload_dir"], ("model", "offload_dir"))
+        if v is not None:
+            offload = str((base / Path(v).expanduser()).resolve())
+            if Path(offload).exists() and not Path(offload).is_dir():
+                ck.err(("model", "offload_dir"), f"{offload} exists and is not a folder")
+                offload = None
+    mem = None
+    if "max_memory" in m:
+        v = m["max_memory"]
+        if not isinstance(v, Mapping) or not v:
+            ck.err(("model", "max_memory"), "must be a non-empty table {device = size} such as "
+                                            f"{{0 = \"10GiB\", cpu = \"30GiB\"}}, got {_tname(v)} {v!r}")
+        else:
+            mem = {}
+            for key, size in v.items():
+                if not _MEM_DEVICE_RE.match(str(key)):
+                    ck.err(("model", "max_memory", key), "not a device: use a GPU index (\"0\"), cpu, disk, mps, "
+                                                         "xpu or cuda:N")
+                    continue
+                ok = (isinstance(size, int) and not isinstance(size, bool) and size > 0) or (
+                    isinstance(size, str) and _SIZE_RE.match(size) is not None)
+                if not ok:
+                    ck.err(("model", "max_memory", key), f"must be a number of bytes > 0 or a size such as "
+                                                         f"\"10GiB\" / \"500MB\", got {_tname(size)} {size!r}")
+                    continue
+                mem[int(key) if str(key).isdigit() else str(key)] = size.strip() if isinstance(size, str) else size
+    if dmap is None and "device_map" not in m:
+        for k in ("offload_dir", "max_memory"):
+            if k in m:
+                ck.err(("model", k), "only used with model.device_map (e.g. device_map = \"auto\")")
+        return None, None, None
+    return dmap, offload, mem or None
+
+
 def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | None:
     for k in d:
         if k not in _TOP_KEYS:
@@ -541,7 +632,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                 problem = model_name_problem(mname)
                 if problem is not None:
                     ck.err(("model", "name") if isinstance(m, dict) and m is d["model"] else ("model",), problem)
-                model = ModelSpec(mname, device, dtype, pfmt)
+                model = ModelSpec(mname, device, dtype, pfmt, *_placement(m, ck, base, device))
 
     # ---- datasets
     datasets: list[DatasetSpec] = []
