@@ -164,7 +164,7 @@ def _settings(df: pd.DataFrame, cols: Sequence[str]) -> pd.Series:
         return pd.Series([""] * len(df), index=df.index)
     out = []
     for row in zip(*parts):
-        out.append("; ".join(p for p in row if p))
+        out.append("; ".join(p for p in row if isinstance(p, str) and p))  # map() may turn None into NaN
     return pd.Series(out, index=df.index)
 
 
