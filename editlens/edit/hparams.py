@@ -29,6 +29,13 @@ class LocateHParams(HParams):
     Attributes:
         n_prefixes: number of sampled context prefixes (plus the empty one).
         prefix_length: tokens per sampled prefix.
+        prefix_groups: ``[[length, count], ...]``: several groups of sampled prefixes, ``count`` prefixes of
+            ``length`` tokens each (plus the empty one), in place of the single group ``n_prefixes`` ×
+            ``prefix_length``; ``[]`` (the shared default): that single group. The form of the reference code's
+            ``context_template_length_params``: ROME's default is its ``[[5, 10], [10, 10]]`` (21 prefixes), MEMIT
+            and its relatives keep one group of 5 × 10 (their reference's ``[[10, 5]]``). Setting ``n_prefixes`` or
+            ``prefix_length`` (without ``prefix_groups`` in the same call) clears the groups, so that
+            ``n_prefixes=2`` means two prefixes for every method.
         v_num_grad_steps: forward passes of the value optimisation (``−1`` updates at most).
         v_lr: Adam learning rate of the value optimisation.
         v_weight_decay: weight of the decay ``‖δ‖/‖v₀‖²`` (form: ``v_decay``).
@@ -54,6 +61,7 @@ class LocateHParams(HParams):
 
     n_prefixes: int = 5
     prefix_length: int = 10
+    prefix_groups: list[list[int]] = field(default_factory=list)
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
@@ -84,6 +92,8 @@ class LocateHParams(HParams):
         """:meth:`HParams.replace`, where ``layer`` / ``layers`` may also be (or stop being) ``"trace"``."""
         from editlens.edit.base import _coerce
 
+        if ("n_prefixes" in overrides or "prefix_length" in overrides) and "prefix_groups" not in overrides:
+            overrides = {**overrides, "prefix_groups": []}  # the single group they describe (see prefix_groups)
         layer_values: dict[str, Any] = {}
         for key in LAYER_KEYS:
             if key not in overrides or not hasattr(self, key):
@@ -127,6 +137,13 @@ class LocateHParams(HParams):
             v = getattr(self, key)
             if v < (0 if key == "n_prefixes" else 1):
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be positive, got {v}")
+        groups = self.prefix_groups
+        if not isinstance(groups, (list, tuple)) or not all(
+                isinstance(g, (list, tuple)) and len(g) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in g) for g in groups):
+            raise HParamsError(f"hyperparameter 'prefix_groups' of method {self.method!r} must be a list of "
+                               f"[length, count] pairs of integers >= 1 (e.g. [[5, 10], [10, 10]]) or [], got "
+                               f"{groups!r}")
         for key in ("v_lr", "clamp_norm_factor"):
             if getattr(self, key) <= 0:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be > 0")
@@ -139,6 +156,13 @@ class LocateHParams(HParams):
                                    f"{', '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
         if self.kl_template and "{}" not in self.kl_template:
             raise HParamsError(f"hyperparameter 'kl_template' of method {self.method!r} needs a '{{}}'")
+
+    def prefix_plan(self) -> list[tuple[int, int]]:
+        """The groups of sampled context prefixes as ``(length, count)`` pairs: ``prefix_groups``, or the single
+        group ``(prefix_length, n_prefixes)`` (none when ``n_prefixes`` is 0)."""
+        if self.prefix_groups:
+            return [(int(g[0]), int(g[1])) for g in self.prefix_groups]
+        return [(int(self.prefix_length), int(self.n_prefixes))] if self.n_prefixes > 0 else []
 
     def stats_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`editlens.edit.stats.second_moment`."""

@@ -807,10 +807,10 @@ def prepare(lm: "LM", hparams: Any, layers: Sequence[int], sequence: Any = None,
         got = second_moment(lm, missing, progress=True, **hparams.stats_kwargs())
         for l, c in got.items():
             cov[l] = c.to(device=lm.device, dtype=torch.float64)
-    pkey = ("prefixes", hparams.n_prefixes, hparams.prefix_length, hparams.seed)
+    plan = hparams.prefix_plan()
+    pkey = ("prefixes", tuple(plan), hparams.seed)
     if pkey not in data:
-        data[pkey] = cached_prefixes(lm, hparams.n_prefixes, hparams.prefix_length, seed=hparams.seed,
-                                     cache_dir=hparams.stats_dir or None)
+        data[pkey] = planned_prefixes(lm, plan, seed=hparams.seed, cache_dir=hparams.stats_dir or None)
     return {l: cov[l] for l in layers}, data[pkey]
 
 
@@ -899,6 +899,17 @@ def resolved_hparams(hparams: Any, setup: EditSetup) -> Any:
     if hasattr(hparams, "layers") and is_trace(hparams.layers):
         return dc_replace(hparams, layers=list(setup.layers))
     return hparams
+
+
+def planned_prefixes(lm: "LM", plan: Sequence[tuple[int, int]], *, seed: int = 0, cache_dir: Any = None) -> list[str]:
+    """``[""]`` plus, for each group ``(length, count)`` of ``plan`` (:meth:`LocateHParams.prefix_plan`), ``count``
+    prefixes of ``length`` sampled tokens (:func:`cached_prefixes`; group ``g`` samples with seed ``seed + g``, so
+    a longer group does not start with the texts of a shorter one). One group gives :func:`cached_prefixes`'s
+    list unchanged."""
+    out = [""]
+    for g, (length, count) in enumerate(plan):
+        out += cached_prefixes(lm, int(count), int(length), seed=seed + g, cache_dir=cache_dir)[1:]
+    return out
 
 
 def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None) -> list[str]:

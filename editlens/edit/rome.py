@@ -40,7 +40,7 @@ random models 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
@@ -113,6 +113,9 @@ class ROMEHParams(LocateHParams):
     """
 
     layer: int | str = 5
+    #: the reference code's context templates for ROME (``context_template_length_params``): 10 sampled prefixes
+    #: of 5 tokens and 10 of 10 (plus the empty one), 21 in all; see LocateHParams.prefix_groups
+    prefix_groups: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     mom2_update_weight: float = 1.5e4
     mom2_ridge: float = 0.0
     update_key: str = "unprefixed"
