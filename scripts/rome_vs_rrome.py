@@ -15,7 +15,11 @@ default hyperparameters (layer 4). Recorded:
   ``delta_spectrum`` of the edited layer (‖ΔW‖_F and σ₁…σ₄ of the accumulated change), perplexity ratio to the
   base, the number of disabling edits so far and the wall time.
 
-Rows are appended as they are measured, so an interrupted run leaves its partial results.
+Rows are appended as they are measured, so an interrupted run leaves its partial results, and running the same
+command again **resumes** it: a method's edits already in ``per_edit.csv`` are re-applied (the same cases in the same
+order with the same seed: the same weights) without being measured again, and the run goes on from the first edit
+not recorded; a checkpoint row missing from ``summary.csv`` is measured when its edit is reached. (``wall_s`` of a
+resumed run continues from the last recorded figure and so also counts the re-application.)
 
     .venv/bin/python scripts/rome_vs_rrome.py --n 50 --out results/rome_vs_rrome
 """
@@ -63,6 +67,14 @@ def _metric(res, metric: str, kind: str | None = None, case_id: str | None = Non
     return float(df.value.mean()) if len(df) else float("nan")
 
 
+def _recorded(path: Path, method: str) -> list[dict]:
+    """The rows of ``path`` for ``method`` (none when the file does not exist)."""
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [r for r in csv.DictReader(f) if r["method"] == method]
+
+
 def run_method(lm, method: str, cases, args, out: Path) -> None:
     import statistics
 
@@ -72,12 +84,37 @@ def run_method(lm, method: str, cases, args, out: Path) -> None:
     base = ModelSystem(lm)
     layer = get_method(method).hparams_class.for_model(lm).layer
     ppl_base = _metric(evaluate(base, cases[:1], metrics=["ppl"], progress=False), "ppl")
+    # resume: the edits and checkpoints already recorded (rows in edit order, as appended)
+    done = {int(r["edit"]): r for r in _recorded(out / "per_edit.csv", method)}
+    done_marks = {int(r["n_edits"]) for r in _recorded(out / "summary.csv", method)}
+    if list(done) != list(range(1, len(done) + 1)):
+        raise SystemExit(f"{out / 'per_edit.csv'}: the rows of {method!r} are not edits 1..N in order; remove them "
+                         f"to rerun that method")
     state = {"ppl_prev": ppl_base, "norms": [], "disabling": 0, "t0": time.monotonic()}
+    if done:
+        last = done[len(done)]
+        state["t0"] -= float(last["wall_s"])
+        print(f"[{method}] resuming after edit {len(done)} (re-applying the recorded edits)", flush=True)
     checkpoints = set(args.checkpoints)
+    if len(done) >= len(cases) and checkpoints <= done_marks:
+        print(f"[{method}] complete: {len(done)} edits recorded", flush=True)
+        return
 
     def callback(step, n_edits, run):
         case = cases[n_edits - 1]
         norm = float(run.diagnostics.get(f"delta_norm/{layer}", float("nan")))
+        if n_edits in done:  # recorded before: restore the running figures from the row, measure nothing
+            r = done[n_edits]
+            if abs(float(r["step_delta_norm"]) - norm) > 1e-4 * max(1.0, abs(norm)):
+                raise SystemExit(f"[{method}] edit {n_edits}: ‖ΔW_i‖ = {norm:.6g} re-applied, {r['step_delta_norm']} "
+                                 f"recorded: the resumed run does not reproduce the recorded one")
+            state["norms"].append(norm)
+            state["disabling"] += int(r["disabling"])
+            state["ppl_prev"] = float(r["ppl"])
+            if n_edits in checkpoints and n_edits not in done_marks:  # killed between the two rows: measure it
+                ppl_now = _metric(evaluate(run.system, cases[:1], metrics=["ppl"], progress=False), "ppl")
+                _checkpoint(run, n_edits, ppl_now, time.monotonic() - state["t0"])
+            return
         state["norms"].append(norm)
         gen = run.system.generate([case.rewrite.text], max_new_tokens=6)[0]
         took = gen.strip().startswith(case.rewrite.target_new)
@@ -94,6 +131,9 @@ def run_method(lm, method: str, cases, args, out: Path) -> None:
               f"{wall:.0f}s", flush=True)
         if n_edits not in checkpoints:
             return
+        _checkpoint(run, n_edits, ppl, wall)
+
+    def _checkpoint(run, n_edits: int, ppl: float, wall: float) -> None:
         early = cases[:min(args.early, n_edits)]
         res = evaluate(run.system, early, base=base, metrics=["s_acc", "c_acc"], progress=False)
         col = evaluate(run.system, cases[:1], base=base, metrics=[f"hidden_rank@{layer}", "delta_spectrum"],
@@ -115,8 +155,76 @@ def run_method(lm, method: str, cases, args, out: Path) -> None:
     run.undo()
 
 
+README_BEGIN, README_END = "<!-- rrome:begin -->", "<!-- rrome:end -->"
+
+
+def _fmt(x: str, spec: str) -> str:
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return "—"
+
+
+def render_table(out: Path, n_target: int | None = None) -> str:
+    """The comparison table (Markdown) generated from ``summary.csv`` and ``per_edit.csv`` in ``out``, with a line
+    saying how many edits each method has recorded (and PARTIAL when fewer than ``n_target``)."""
+    summary = {m: _recorded(out / "summary.csv", m) for m in ("rome", "r-rome")}
+    per_edit = {m: _recorded(out / "per_edit.csv", m) for m in ("rome", "r-rome")}
+    done = {m: len(rows) for m, rows in per_edit.items()}
+    lines = ["| method | edits | early `s_acc` | early `c_acc` | `hidden_rank` (edited / base) | ‖ΣΔW‖_F | σ₁ / σ₂ of ΣΔW "
+             "| ppl / base | disabling edits | max ‖ΔW_i‖ | median ‖ΔW_i‖ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m, rows in summary.items():
+        for r in sorted(rows, key=lambda r: int(r["n_edits"])):
+            try:
+                ratio = float(r["delta_s1"]) / float(r["delta_s2"])
+                s12 = f"{ratio:.3g}"
+            except (ValueError, ZeroDivisionError):
+                s12 = "—"
+            lines.append(f"| `{m}` | {r['n_edits']} (first {r['early_n']}) | {_fmt(r['early_s_acc'], '.2f')} | "
+                         f"{_fmt(r['early_c_acc'], '.2f')} | {_fmt(r['hidden_rank'], '.4f')} | "
+                         f"{_fmt(r['delta_fro'], '.4g')} | {s12} | {_fmt(r['ppl_ratio'], '.3f')} | "
+                         f"{r['n_disabling']} | {_fmt(r['max_step_norm'], '.4g')} | "
+                         f"{_fmt(r['median_step_norm'], '.4g')} |")
+    status = ", ".join(f"`{m}` {n} edit{'s' if n != 1 else ''}" for m, n in done.items())
+    partial = n_target is not None and any(n < n_target for n in done.values())
+    head = (f"**PARTIAL** (of {n_target} edits per method): {status} recorded so far; rerun the same command to "
+            f"resume." if partial else f"Recorded: {status}.")
+    took = {m: sum(int(r["took"]) for r in rows) for m, rows in per_edit.items()}
+    took_line = "Edits that took when written (greedy continuation starts with the new object): " + ", ".join(
+        f"`{m}` {took[m]}/{done[m]}" for m in per_edit) + "."
+    return "\n".join([head, "", *lines, "", took_line])
+
+
+def render(out: Path, n_target: int | None, readme: Path | None) -> None:
+    """Write ``out/README.md`` (generated) and, with ``readme``, the table between :data:`README_BEGIN` and
+    :data:`README_END` of that file."""
+    table = render_table(out, n_target)
+    (out / "README.md").write_text(
+        "# rome vs r-rome, sequential (scripts/rome_vs_rrome.py)\n\n"
+        "Generated by `python scripts/rome_vs_rrome.py --render` from `summary.csv` (checkpoint rows) and "
+        "`per_edit.csv` (one row per edit); do not edit by hand. SmolLM2-135M, default hyperparameters (layer 4), "
+        "the six known facts then fictional synthetic facts, written one after the other. Early efficacy is on "
+        "the first 10 facts (fewer before 10 edits); `hidden_rank` is the effective rank of the edited layer's "
+        "hidden states on the shipped held-out text, edited / base; ΣΔW is the accumulated change of the edited "
+        "matrix; a *disabling* edit multiplies the held-out perplexity by ≥ 2 at once (Gupta et al.).\n\n"
+        f"{table}\n\nRerun / resume: `.venv/bin/python scripts/rome_vs_rrome.py --n 50 --out results/rome_vs_rrome`, "
+        "then `--render --readme`.\n")
+    if readme is not None:
+        text = readme.read_text()
+        if README_BEGIN not in text or README_END not in text:
+            raise SystemExit(f"{readme}: markers {README_BEGIN} / {README_END} not found")
+        a, rest = text.split(README_BEGIN, 1)
+        _, b = rest.split(README_END, 1)
+        readme.write_text(f"{a}{README_BEGIN}\n{table}\n{README_END}{b}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--render", action="store_true", help="only write the generated README.md of --out (and, with "
+                    "--readme, the README table) from the recorded CSV files; run nothing")
+    ap.add_argument("--readme", nargs="?", const=ROOT / "README.md", type=Path, default=None,
+                    help="with --render: also replace the table between the rrome markers of this README")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=50, help="number of sequential edits")
     ap.add_argument("--methods", default="rome,r-rome")
@@ -126,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "rome_vs_rrome")
     args = ap.parse_args(argv)
     args.checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= args.n} | {args.n})
+    if args.render:
+        render(args.out, args.n, args.readme)
+        return 0
     import editlens
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = cases_for(args.n)
     for method in args.methods.split(","):
         run_method(lm, method.strip(), cases, args, args.out)
+    render(args.out, args.n, None)
     return 0
 
 
