@@ -8,6 +8,7 @@
   editlens bench spec.toml --executor ray                  # one Ray task per unit (pip install editlens[ray])
   editlens bench spec.toml --executor ray --ray-address ray://head:10001   # on an existing cluster
   editlens bench spec.toml --device-map auto               # spread the model over devices (accelerate)
+  editlens bench spec.toml --eval-chunk 100                # stream evaluations 100 cases at a time
 
 The report (Markdown tables, CSV, PNG figures and one HTML page) goes to ``<store stem>_report/`` beside the
 store unless ``--no-report``.
@@ -42,6 +43,10 @@ from editlens.cli.progress_option import apply_quiet, quiet_option
 @click.option("--eval-cases", type=int, default=None,
               help="Sequential regime: size K of the fixed evaluation sample (the first K cases; default: the "
                    "first checkpoint).")
+@click.option("--eval-chunk", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Stream every evaluation over chunks of at most N cases, writing each chunk's rows to the store "
+                   "at once (memory independent of the number of cases; overrides [regime] eval_chunk; local "
+                   "executor only).")
 @click.option("--no-baseline", is_flag=True, help="Sequential regime: do not evaluate the unedited model at step 0.")
 @click.option("--truncate", type=click.Choice(["left"]), default=None,
               help="Let prompts longer than the model's context lose their oldest tokens (recorded with the run). "
@@ -51,8 +56,8 @@ from editlens.cli.progress_option import apply_quiet, quiet_option
                    "(overrides the spec's [model] device_map; recorded with the run, so it is another run id).")
 @quiet_option
 def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray_address: str | None, ray_cpus: int,
-          report: bool, run_id: str | None, eval_cases: int | None, no_baseline: bool, truncate: str | None,
-          device_map: str | None, quiet: bool) -> None:
+          report: bool, run_id: str | None, eval_cases: int | None, eval_chunk: int | None, no_baseline: bool,
+          truncate: str | None, device_map: str | None, quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
@@ -68,7 +73,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
         s = with_device_map(s, device_map)
     if eval_cases is not None and eval_cases < 1:
         raise click.BadParameter("must be >= 1", param_hint="--eval-cases")
-    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate).for_spec(s)
+    options = RunOptions(eval_cases=eval_cases, baseline=not no_baseline, truncate=truncate,
+                         eval_chunk=eval_chunk).for_spec(s)
     store = store_path if store_path is not None else default_store_path(s)
     if dry_run:
         click.echo(s.describe_plan())
@@ -76,6 +82,9 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
             k = options.eval_size(s.plan()[0])
             click.echo(f"sequential evaluation sample: the first {k} case(s) of each unit"
                        + (", plus the unedited model at step 0" if options.baseline else ""))
+        if options.eval_chunk is not None:
+            click.echo(f"evaluation streamed in chunks of {options.eval_chunk} case(s): each chunk's rows are written "
+                       "to the store at once")
         for line in judge_endpoint_lines(s, s.plan(), options):
             click.echo(f"judge endpoint: {line}")
         click.echo(f"store: {store}")

@@ -9,7 +9,8 @@ the store; an executor hands it :class:`~editlens.runs.runner.StepResult` object
   loads the model and the dataset itself, runs the unit exactly as the local executor does, and returns its
   StepResults; the driver commits them as tasks finish (a sequential unit's checkpoints are committed when its
   task returns). Results equal the local executor's: base answers are computed per unit request set in both.
-  Dataset files and the model must be readable from the workers (same paths).
+  Dataset files and the model must be readable from the workers (same paths). A streamed evaluation
+  (``RunOptions.eval_chunk``) is refused: its rows go to the store chunk by chunk, which a task cannot do.
 
 An executor has ``name``, ``prepare(spec, options) -> model fingerprint`` (loads or probes the model and checks
 the spec's hyperparameters against it) and ``run(spec, units, options, sink, *, done_steps, progress)``.
@@ -206,6 +207,12 @@ class RayExecutor:
         return 0.0
 
     def prepare(self, spec: "Spec", options: "RunOptions") -> str:
+        if getattr(options, "eval_chunk", None) is not None:
+            raise EditlensError(
+                f"eval_chunk = {options.eval_chunk}: a streamed evaluation writes each chunk's rows to the store as "
+                "it is computed, and only the driver writes the store, while a Ray task hands its unit's results "
+                "back when it ends (they would all be held in memory anyway); run a streamed evaluation with the "
+                "local executor, or drop [regime] eval_chunk / --eval-chunk to use Ray")
         self._init()
         self.num_gpus = self._gpus_for(spec)
         fn = self.ray.remote(_ray_prepare).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus)

@@ -36,7 +36,7 @@ resumed run ends with exactly the rows of an uninterrupted run because:
   evaluation cases), on the unedited model, in a fixed order (sorted, the same batches every time), frozen
   (:func:`editlens.evaluate.core.freeze_base`) and kept for the whole run by :class:`BaseAnswers` under the
   evaluator's :func:`~editlens.evaluate.core.cache_key` — units that evaluate the same cases share them, and which
-  units ran before does not change a value;
+  units ran before does not change a value (with ``eval_chunk``: per chunk, see "Streaming" below);
 * the edited system's requests are likewise answered in sorted batches that depend only on the unit.
 * the run records the torch thread count it started with (``versions["torch_threads"]``); a resumed run with the
   local executor computes with that count (CPU reductions are split by thread count, so another count would give
@@ -44,6 +44,34 @@ resumed run ends with exactly the rows of an uninterrupted run because:
 
 The unit's cases: the dataset's cases (after its ``limit``/``sample``), in file order for seed 0 and in the
 order of a ``random.Random(seed)`` shuffle for any other seed; the first ``n_edits`` of them are edited.
+
+Streaming (``RunOptions.eval_chunk`` = N; ``[regime] eval_chunk``, ``editlens bench --eval-chunk N``)
+------------------------------------------------------------------------------------------------------
+Without it (the default) an evaluation answers all its cases at once and its rows are committed with the step,
+and the base answers of every unit stay in :class:`BaseAnswers` until the run ends. With it, memory does not grow
+with the number of cases:
+
+* every evaluation (a batch unit after its edit, the ``none`` unit, step 0 and each checkpoint of a sequential
+  unit) runs over consecutive chunks of at most N cases for the per-case metrics
+  (:func:`~editlens.evaluate.core.streams_per_case`), then once over all cases for the metrics that read every case
+  (general-ability benchmarks, TF-IDF fits). Each chunk's rows go to the driver as a ``StepResult(chunk=True)`` and
+  into the store at once, in their own transaction (:meth:`~editlens.runs.store.Store.append_rows`); then the step
+  is committed without rows (``streamed=True``: diagnostics plus the checkpoint record, or the ``done`` mark);
+* the base answers of a chunk are frozen for that chunk only (the chunk's request set, in its sorted batches;
+  :class:`_ChunkBases`), never put in :class:`BaseAnswers`: computed when needed for the unedited model, and, for a
+  unit that edits, computed before the edit one chunk at a time and spilled to a private temporary folder (one
+  entry in memory), read back chunk by chunk after the edit, and removed with the unit;
+* the per-case answers record (:data:`~editlens.runs.answers.ANSWERS_KEY`, the report's per-case view) holds
+  every case, so a streamed unit does not store it; the diagnostics gain ``eval_chunk``; a batch unit of staged
+  ConflictEdit / RoundEdit records is evaluated as without chunks.
+
+Rows equal those of the unchunked run up to float32 summation order (a chunk's prompts are batched together
+instead of all prompts: ~1e-7 in KL), and two runs with the same N give the same rows bit for bit; N is recorded
+with the run (resuming with another N is refused). Resume stays exact: rows of a unit that is not done, at a step
+without a committed checkpoint, are leftovers of an evaluation that stopped after some chunks; the transaction
+that starts the unit again deletes them (:meth:`~editlens.runs.store.Store.start_unit` with ``discard_partial``)
+and the unit redoes that step. Only the local executor streams: the Ray executor refuses ``eval_chunk`` (a task
+hands its unit's results back when it ends).
 
 Rows are ``(step, n_edits, case_id, probe_kind, metric, value)``; diagnostics come from ``Edit.diagnostics``
 (``delta_norm/<layer>``, ``dk_norm/<layer>`` = ||Δ k_j||, losses, ``wall_time_s``) plus ``eval_time_s``; the
@@ -94,29 +122,40 @@ class RunOptions:
         truncate: ``None`` (a prompt longer than the model's context is an error naming the case and probe) or
             ``"left"`` (such prompts lose their oldest tokens; see :mod:`editlens.lm.context`). Recorded with the run
             only when set, so runs recorded before the option existed still resume.
+        eval_chunk: stream each evaluation over chunks of at most this many cases, writing every chunk's rows to
+            the store at once (see "Streaming" in the module docstring); ``None`` (default): every case of an
+            evaluation at once, rows committed with the step. Recorded only when set, like ``truncate``.
     """
 
     eval_cases: int | None = None
     baseline: bool = True
     batch_tokens: int = 4096
     truncate: str | None = None
+    eval_chunk: int | None = None
 
     def __post_init__(self) -> None:
         from editlens.lm.context import check_truncate
 
         object.__setattr__(self, "truncate", check_truncate(self.truncate))
+        c = self.eval_chunk
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise SpecError(f"eval_chunk must be an integer >= 1 (cases per streamed evaluation chunk), got {c!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["truncate"] is None:
-            del d["truncate"]
+        for k in ("truncate", "eval_chunk"):
+            if d[k] is None:
+                del d[k]
         return {**d, "runner_version": RUNNER_VERSION}
 
     def for_spec(self, spec: "Spec") -> "RunOptions":
-        """These options with ``eval_cases`` taken from the spec's ``[regime] eval_cases`` when not set here."""
-        if self.eval_cases is None and spec.regime.eval_cases is not None:
-            return replace(self, eval_cases=spec.regime.eval_cases)
-        return self
+        """These options with ``eval_cases`` / ``eval_chunk`` taken from the spec's ``[regime]`` when not set here."""
+        out = self
+        if out.eval_cases is None and spec.regime.eval_cases is not None:
+            out = replace(out, eval_cases=spec.regime.eval_cases)
+        if out.eval_chunk is None and getattr(spec.regime, "eval_chunk", None) is not None:
+            out = replace(out, eval_chunk=spec.regime.eval_chunk)
+        return out
 
     def eval_size(self, unit: Unit) -> int:
         """``K`` for a unit (batch regime: all its cases)."""
@@ -131,6 +170,9 @@ class StepResult:
     """What one evaluation point of a unit produced (what an executor hands to the driver).
 
     ``final`` marks the unit's last step: the driver then commits it together with the ``done`` mark.
+    ``chunk`` marks rows of one chunk of a streamed evaluation (``eval_chunk``): the driver appends them to the store
+    at once, in their own transaction, and marks nothing. ``streamed``: the step's rows came before as chunks (this
+    result has none): the driver commits the step's diagnostics and its checkpoint / ``done`` mark, keeping them.
     """
 
     unit: str
@@ -139,6 +181,8 @@ class StepResult:
     rows: list[tuple] = field(default_factory=list)
     diagnostics: dict[str, Any] = field(default_factory=dict)
     final: bool = False
+    chunk: bool = False
+    streamed: bool = False
 
 
 # ============================================================================================ spec
@@ -287,19 +331,235 @@ def _evaluate(system: Any, cases: Sequence["EditCase"], base: "FrozenBase", metr
                         truncate=options.truncate)
 
 
+# ============================================================================================ streamed evaluation
+def _chunk_parts(cases: Sequence["EditCase"], metrics: Sequence[str], chunk: int) -> list[tuple[list, list]]:
+    """The ``(cases, metric objects)`` evaluations of a streamed evaluation: the per-case metrics
+    (:func:`~editlens.evaluate.core.streams_per_case`) over consecutive chunks of at most ``chunk`` cases, then the
+    metrics that read all cases at once (a TF-IDF fit over every case, general-ability benchmarks) once over all."""
+    from editlens.evaluate.core import resolve_metrics, streams_per_case
+
+    objs = resolve_metrics(list(metrics))
+    stream = [m for m in objs if streams_per_case(m)]
+    whole = [m for m in objs if not streams_per_case(m)]
+    cases = list(cases)
+    parts: list[tuple[list, list]] = []
+    if stream:
+        parts += [(cases[i:i + chunk], stream) for i in range(0, len(cases), chunk)]
+    if whole and cases:
+        parts.append((cases, whole))
+    return parts
+
+
+class _ChunkBases:
+    """The unedited model's answers for each part of a streamed evaluation (:func:`_chunk_parts`), frozen part by
+    part in that part's sorted batches (:func:`editlens.evaluate.core.freeze_base`), never all at once.
+
+    Every prompt of every part is checked against the context (both roles, as the model poses it) in the
+    constructor, before any model call. ``spill=True`` (the unit edits the model afterwards): each part is frozen
+    now and written to a private temporary folder (a :class:`~editlens.evaluate.core.BaseCache` directory keeping
+    at most one entry in memory), read back by :meth:`get` after the edit, and the folder is removed by
+    :meth:`close`. ``spill=False`` (the model stays unedited): :meth:`get` freezes the part when asked. Nothing goes
+    to the run's :class:`BaseAnswers`, so memory holds one part's answers at a time, whatever the number of cases.
+    """
+
+    def __init__(self, lm: "LM", parts: Sequence[tuple[list, list]], *, with_edited: bool, prompt_format: str,
+                 batch_tokens: int, spill: bool):
+        from editlens.evaluate.core import BASE, EDITED, BaseCache, request_set
+        from editlens.lm.context import check_requests, current_truncation
+        from editlens.system import ModelSystem
+
+        if lm.fingerprint != lm.base_fingerprint:
+            raise EditlensError("internal: the base answers must be computed on the unedited model")
+        self.lm = lm
+        self.parts = list(parts)
+        self.roles = (BASE, EDITED) if with_edited else (BASE,)
+        self.live = ModelSystem(lm, prompt_format=prompt_format, batch_tokens=batch_tokens)
+        for part, mets in self.parts:  # prompts longer than the context: ContextLengthError before any model call
+            reqs = request_set(mets, part, (BASE, EDITED))
+            check_requests({BASE: self.live}, {BASE: reqs}, part, mets, current_truncation())
+            del reqs
+        self.dir: str | None = None
+        self.cache: Any = None
+        if spill:
+            import tempfile
+
+            self.dir = tempfile.mkdtemp(prefix="editlens-eval-chunks-")
+            self.cache = BaseCache(directory=self.dir, max_bytes=0)  # memory: the last entry only
+            try:
+                for i in range(len(self.parts)):
+                    self._freeze(i)
+            except BaseException:
+                self.close()
+                raise
+
+    def _freeze(self, i: int) -> "FrozenBase":
+        from editlens.evaluate.core import freeze_base, request_set
+
+        part, mets = self.parts[i]
+        return freeze_base(self.live, request_set(mets, part, self.roles), cache=self.cache)
+
+    def get(self, i: int) -> "FrozenBase":
+        """The frozen base of part ``i`` (read back from the folder, or computed now on the unedited model)."""
+        from editlens.evaluate.core import FrozenBase, cache_key, request_set
+
+        if self.cache is None:
+            if self.lm.fingerprint != self.lm.base_fingerprint:
+                raise EditlensError("internal: the base answers must be computed on the unedited model")
+            return self._freeze(i)
+        part, mets = self.parts[i]
+        reqs = request_set(mets, part, self.roles)
+        answers = self.cache.get(cache_key(self.live.fingerprint, self.live.prompt_format, reqs), reqs)
+        if answers is None:  # pragma: no cover - the folder is private to this unit
+            raise EditlensError(f"internal: the frozen base answers of evaluation chunk {i} are missing from "
+                                f"{self.dir}")
+        return FrozenBase(answers, f"{self.live.fingerprint}:frozen", self.live.prompt_format, cache_hit=True)
+
+    def close(self) -> None:
+        if self.dir is not None:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+            self.cache = None
+
+    def __enter__(self) -> "_ChunkBases":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _stream(system: Any, bases: _ChunkBases, options: RunOptions, fmt: str, emit: Callable[[list], None],
+            *, self_base: bool = False) -> None:
+    """Evaluate ``system`` part by part against ``bases`` (``self_base``: the frozen base is the evaluated system
+    too: the unedited model) and hand each part's rows to ``emit`` at once; one part's answers in memory at a time.
+    The evaluator's "no rows" warning is given once, over all cases, as without chunks."""
+    import warnings
+
+    from editlens.evaluate.core import _NO_ROWS, _no_rows_message
+
+    counts: dict[str, int] = {}
+    metrics: dict[str, Any] = {}
+    for i, (part, mets) in enumerate(bases.parts):
+        fb = bases.get(i)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_ROWS)
+            res = _evaluate(fb if self_base else system, part, fb, mets, options, fmt)
+        del fb
+        for m in mets:
+            metrics.setdefault(m.name, m)
+        for r in res.rows:
+            counts[r.metric] = counts.get(r.metric, 0) + 1
+        emit(res.rows)
+        del res
+    empty = [m for name, m in metrics.items() if not counts.get(name)]
+    all_cases = {c.case_id: c for part, _ in bases.parts for c in part}
+    if empty and all_cases:
+        warnings.warn(_no_rows_message(empty, list(all_cases.values())), UserWarning, stacklevel=2)
+
+
+def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sink: Callable[[StepResult], None],
+                     done: set, prompt_format: str, trained: Any, evk: Any, is_none: bool) -> None:
+    """:func:`execute_unit` with ``options.eval_chunk`` (see "Streaming" in the module docstring); called inside
+    the unit's ``fork_rng`` / truncation context, right after the unit's seed is set."""
+    from editlens.edit.base import edit, edit_sequential
+
+    chunk = int(options.eval_chunk)  # type: ignore[arg-type]
+    kw = dict(prompt_format=prompt_format, batch_tokens=options.batch_tokens)
+
+    def emitter(step: int, n_edits: int) -> Callable[[list], None]:
+        return lambda rows: sink(StepResult(unit.id, step, n_edits, [(step, n_edits, r.case_id, r.probe_kind,
+                                                                      r.metric, float(r.value)) for r in rows],
+                                            chunk=True))
+
+    def finish(step: int, n_edits: int, diag: dict, final: bool) -> None:
+        diag["eval_chunk"] = chunk
+        sink(StepResult(unit.id, step, n_edits, [], diag, final=final, streamed=True))
+
+    if unit.regime != "sequential":
+        parts = _chunk_parts(cases, unit.metrics, chunk)
+        n = len(cases)
+        if is_none:
+            bases = _ChunkBases(lm, parts, with_edited=True, spill=False, **kw)
+            t0 = time.perf_counter()
+            _stream(None, bases, options, prompt_format, emitter(0, 0), self_base=True)
+            finish(0, 0, {"eval_time_s": time.perf_counter() - t0}, True)
+            return
+        with _ChunkBases(lm, parts, with_edited=False, spill=True, **kw) as bases:
+            e = edit(lm, cases, unit.method, hparams=dict(unit.hparams), evk_align=evk, prompt_format=prompt_format,
+                     trained=trained, progress=True)
+            try:
+                diag = _plain_diagnostics(e.diagnostics)
+                t1 = time.perf_counter()
+                _stream(e.system, bases, options, prompt_format, emitter(1, n))
+                diag["eval_time_s"] = time.perf_counter() - t1
+            finally:
+                e.undo()
+        finish(1, n, diag, True)
+        return
+
+    # ---- sequential: the fixed evaluation sample, streamed at step 0 and at every checkpoint
+    sample = cases[:options.eval_size(unit)]
+    marks = list(unit.checkpoints)
+    bs = unit.batch_size
+    step_of = {n: n // bs for n in marks}
+    last = marks[-1]
+    parts = _chunk_parts(sample, unit.metrics, chunk)
+    if is_none:  # the unedited model: evaluated once, its rows repeated at every checkpoint not yet committed
+        bases = _ChunkBases(lm, parts, with_edited=True, spill=False, **kw)
+        if options.baseline and 0 not in done:
+            t0 = time.perf_counter()
+            _stream(None, bases, options, prompt_format, emitter(0, 0), self_base=True)
+            finish(0, 0, {"eval_time_s": time.perf_counter() - t0}, False)
+        todo = [n for n in marks if step_of[n] not in done]
+        t0 = time.perf_counter()
+
+        def repeat(rows: list) -> None:
+            for n in todo:
+                emitter(step_of[n], n)(rows)
+
+        _stream(None, bases, options, prompt_format, repeat, self_base=True)
+        for n in todo:
+            finish(step_of[n], n, {"eval_time_s": time.perf_counter() - t0}, n == last)
+        return
+
+    with _ChunkBases(lm, parts, with_edited=options.baseline, spill=True, **kw) as bases:
+        if options.baseline and 0 not in done:
+            t0 = time.perf_counter()
+            _stream(None, bases, options, prompt_format, emitter(0, 0), self_base=True)
+            finish(0, 0, {"eval_time_s": time.perf_counter() - t0}, False)
+
+        def callback(step: int, n_edits: int, so_far: Any) -> None:
+            if step in done:
+                return
+            diag = _plain_diagnostics(so_far.diagnostics)
+            t1 = time.perf_counter()
+            _stream(so_far.system, bases, options, prompt_format, emitter(step, n_edits))
+            diag["eval_time_s"] = time.perf_counter() - t1
+            finish(step, n_edits, diag, n_edits == last)
+
+        run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
+                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
+                              prompt_format=prompt_format, trained=trained, progress=True)
+        run.undo()
+
+
 def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options: RunOptions,
                  sink: Callable[[StepResult], None], *, done_steps: Iterable[int] = (),
                  base_answers: BaseAnswers | None = None, prompt_format: str = "raw") -> None:
     """Run one unit on ``lm`` (unedited on entry and on return) and hand every evaluation point to ``sink``.
 
     ``done_steps`` are the steps already committed for this unit (resume): they are not re-evaluated, but the
-    edits are re-applied so that the later steps start from the same weights.
+    edits are re-applied so that the later steps start from the same weights. With ``options.eval_chunk`` every
+    evaluation is streamed (:func:`_execute_chunked`; a batch unit of staged ConflictEdit / RoundEdit records is
+    evaluated as without it).
     """
     from editlens.edit.base import edit, edit_sequential
     from editlens.runs.answers import ANSWERS_KEY, CaseAnswers
 
     done = set(int(s) for s in done_steps)
-    base_answers = base_answers or BaseAnswers(prompt_format, options.batch_tokens)
+    if base_answers is None:  # (an empty BaseAnswers is falsy: `or` would drop the one the executor shares)
+        base_answers = BaseAnswers(prompt_format, options.batch_tokens)
     cases = load_unit_cases(unit, all_cases)
     is_none = unit.method.lower() in BASELINE_NAMES
     trained = None
@@ -317,6 +577,12 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
 
     with torch.random.fork_rng(devices=_rng_devices(lm)), truncation(options.truncate):
         torch.manual_seed(unit.seed)
+        if options.eval_chunk is not None:
+            from editlens.data.formats.pitfalls import is_staged
+
+            if unit.regime == "sequential" or is_none or not any(is_staged(c) for c in cases):
+                _execute_chunked(lm, unit, cases, options, sink, done, prompt_format, trained, evk, is_none)
+                return
         if unit.regime != "sequential":
             fb = base_answers.get(lm, cases, unit.metrics, with_edited=is_none)
             t0 = time.perf_counter()
@@ -463,21 +729,28 @@ class _Committer:
         self.progress = progress
         self.total = total
         self.finished = 0
+        self.streamed: dict[tuple[str, int], int] = {}  # rows appended so far per (unit, step) of a streamed step
         self.t0 = time.perf_counter()
 
     def __call__(self, r: StepResult) -> None:
         meta = self.metas[r.unit]
+        if r.chunk:  # one chunk of a streamed evaluation: its own transaction, nothing marked
+            self.store.append_rows(self.run_id, r.unit, r.rows)
+            self.streamed[(r.unit, r.step)] = self.streamed.get((r.unit, r.step), 0) + len(r.rows)
+            return
+        n_rows = self.streamed.pop((r.unit, r.step), 0) if r.streamed else len(r.rows)
         if r.final:
             self.store.commit_unit(self.run_id, r.unit, r.rows, diagnostics=r.diagnostics, meta=meta, step=r.step)
             self.finished += 1
             if self.progress:
-                print(f"[{self.finished}/{self.total}] {r.unit} done: {len(r.rows)} rows at {r.n_edits} edits "
+                print(f"[{self.finished}/{self.total}] {r.unit} done: {n_rows} rows at {r.n_edits} edits "
                       f"({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr, flush=True)
         else:
             self.store.commit_step(self.run_id, r.unit, r.step, r.rows, diagnostics=r.diagnostics, meta=meta,
-                                   n_edits=r.n_edits, state={"n_edits": r.n_edits, "step": r.step})
+                                   n_edits=r.n_edits, state={"n_edits": r.n_edits, "step": r.step},
+                                   replace_rows=not r.streamed)
             if self.progress:
-                print(f"      {r.unit} checkpoint step {r.step} ({r.n_edits} edits): {len(r.rows)} rows",
+                print(f"      {r.unit} checkpoint step {r.step} ({r.n_edits} edits): {n_rows} rows",
                       file=sys.stderr, flush=True)
 
 
@@ -543,8 +816,11 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
                   f"({ex.name} executor) -> {st.path}", file=sys.stderr, flush=True)
         for line in judge_endpoint_lines(spec, todo, options):  # what leaves this machine, always said
             print(f"judge endpoint: {line}", file=sys.stderr, flush=True)
-        for u in todo:
-            st.start_unit(rid, u.id, metas[u.id])
+        for u in todo:  # rows a streamed evaluation wrote before the run stopped, at no committed step, go
+            dropped = st.start_unit(rid, u.id, metas[u.id], discard_partial=True)
+            if dropped and progress:
+                print(f"  {u.id}: deleted {dropped} rows of an evaluation that did not finish; redoing it",
+                      file=sys.stderr, flush=True)
         sink = _Committer(st, rid, metas, progress, len(todo))
         from editlens.progress import settings as progress_settings
 
@@ -570,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=["local", "ray"])
     p.add_argument("--run-id", default=None)
     p.add_argument("--eval-cases", type=int, default=None)
+    p.add_argument("--eval-chunk", type=int, default=None)
     p.add_argument("--truncate", choices=["left"], default=None)
     p.add_argument("--device-map", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -579,7 +856,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.device_map is not None:
             spec = with_device_map(load_validated_spec(a.spec), a.device_map)
         rid = run_spec(spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
-                       options=RunOptions(eval_cases=a.eval_cases, truncate=a.truncate))
+                       options=RunOptions(eval_cases=a.eval_cases, truncate=a.truncate,
+                                          eval_chunk=a.eval_chunk))
     except EditlensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -149,13 +149,17 @@ class RegimeSpec:
     """``batch``: one unit per size in ``sizes`` (all edits applied at once). ``sequential``: edits applied
     ``batch_size`` at a time, evaluated after ``checkpoints`` edits (cumulative counts), each time on the unit's
     first ``eval_cases`` cases (``None``: as many as the first checkpoint; ``--eval-cases`` of ``editlens bench``
-    overrides it)."""
+    overrides it).
+
+    ``eval_chunk`` (both kinds): evaluate at most this many cases at a time and write each chunk's rows to the
+    store at once (:class:`editlens.runs.runner.RunOptions`; ``None``: every case of an evaluation at once)."""
 
     kind: str
     sizes: tuple[int, ...] = ()
     checkpoints: tuple[int, ...] = ()
     batch_size: int = 1
     eval_cases: int | None = None
+    eval_chunk: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +248,8 @@ class Spec:
             "regime": {"kind": self.regime.kind, "sizes": list(self.regime.sizes),
                        "checkpoints": list(self.regime.checkpoints), "batch_size": self.regime.batch_size,
                        # only when set: the fingerprints (default run ids) of specs without it do not change
-                       **({"eval_cases": self.regime.eval_cases} if self.regime.eval_cases is not None else {})},
+                       **({"eval_cases": self.regime.eval_cases} if self.regime.eval_cases is not None else {}),
+                       **({"eval_chunk": self.regime.eval_chunk} if self.regime.eval_chunk is not None else {})},
             "metrics": list(self.metrics), "sweep": {k: list(v) for k, v in self.sweep.items()},
             "seeds": list(self.seeds), "report": self.report,
         }
@@ -672,8 +677,10 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
 
     # ---- regime
     regime = None
-    if "regime" in d and ck.table(d, ("regime",), ("kind", "sizes", "checkpoints", "batch_size", "eval_cases")):
+    if "regime" in d and ck.table(d, ("regime",), ("kind", "sizes", "checkpoints", "batch_size", "eval_cases",
+                                                   "eval_chunk")):
         r = d["regime"]
+        chunk = ck.pos_int(r["eval_chunk"], ("regime", "eval_chunk")) if "eval_chunk" in r else None
         kind = ck.string(r.get("kind"), ("regime", "kind"), REGIME_KINDS) if "kind" in r else None
         if "kind" not in r:
             ck.err(("regime", "kind"), "required key is missing (batch or sequential)",
@@ -688,7 +695,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
             else:
                 sizes = ck.int_list(r["sizes"], ("regime", "sizes"))
                 if sizes:
-                    regime = RegimeSpec("batch", sizes=tuple(sizes))
+                    regime = RegimeSpec("batch", sizes=tuple(sizes), eval_chunk=chunk)
         elif kind == "sequential":
             if "sizes" in r:
                 ck.err(("regime", "sizes"), "only for kind = \"batch\"; a sequential regime uses `checkpoints`")
@@ -714,7 +721,7 @@ def _validate(d: dict, ck: _Checker, base: Path, source: Path | None) -> Spec | 
                                                              "checkpoint); only edited cases can be evaluated")
                         else:
                             regime = RegimeSpec("sequential", checkpoints=tuple(cps), batch_size=bs,
-                                                eval_cases=k_eval)
+                                                eval_cases=k_eval, eval_chunk=chunk)
         if regime is not None:
             need = max(regime.sizes or regime.checkpoints)
             key = ("regime", "sizes" if regime.kind == "batch" else "checkpoints")

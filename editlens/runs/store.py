@@ -33,6 +33,12 @@ Atomicity and resume
   saved them and put the path in ``state``), skips the evaluations of the committed steps and goes on
   from the next checkpoint. When the last checkpoint is done it calls ``commit_unit`` (possibly with no
   rows) to mark the unit ``done``.
+* A **streamed** evaluation (the runner's ``eval_chunk``) writes the rows of each chunk of cases with
+  :meth:`Store.append_rows` in its own transaction, then commits the step: :meth:`Store.commit_step` with
+  ``replace_rows=False`` (diagnostics and the ``checkpoints`` record) or :meth:`Store.commit_unit` with no rows
+  (diagnostics and the ``done`` mark). Rows of a not-done unit at a step without a checkpoint are therefore
+  leftovers of an evaluation that did not finish: :meth:`Store.start_unit` with ``discard_partial=True`` deletes
+  them (and the diagnostics at such steps) in the transaction that starts the unit again. No schema change.
 * Only one process (the driver) writes; any number of readers may read concurrently (WAL).
   ``synchronous=NORMAL`` in WAL mode is durable across application crashes; pass
   ``synchronous="FULL"`` to also survive power loss.
@@ -349,8 +355,14 @@ class Store:
             raise StoreError(f"store {self.path}: no run {run_id!r}; call start_run() first")
 
     # ------------------------------------------------------------------ units
-    def start_unit(self, run_id: str, unit: str, meta: Mapping[str, Any] | None = None) -> None:
-        """Mark a unit ``running`` (records its start time and metadata). Optional: commit does it too."""
+    def start_unit(self, run_id: str, unit: str, meta: Mapping[str, Any] | None = None, *,
+                   discard_partial: bool = False) -> int:
+        """Mark a unit ``running`` (records its start time and metadata). Optional: commit does it too.
+
+        ``discard_partial``: in the same transaction, delete the rows and diagnostics of this (not done) unit at
+        steps without a committed checkpoint -- what :meth:`append_rows` wrote for an evaluation that did not
+        finish -- so the unit can be run again from its last checkpoint without duplicates. Returns the number of
+        rows deleted (0 for a done unit, whose rows are never touched)."""
         meta_json = _json(dict(meta or {}), "unit meta", self.path)
         with self._write() as con:
             self._require_run(con, run_id)
@@ -360,6 +372,32 @@ class Store:
                                                                       meta_json))
             elif old[0] != "done" and meta:
                 con.execute("UPDATE units SET meta_json=? WHERE run_id=? AND unit=?", (meta_json, run_id, unit))
+            if not discard_partial or (old is not None and old[0] == "done"):
+                return 0
+            kept = "(SELECT step FROM checkpoints WHERE run_id=? AND unit=?)"
+            n = con.execute(f"DELETE FROM rows WHERE run_id=? AND unit=? AND (step IS NULL OR step NOT IN {kept})",
+                            (run_id, unit, run_id, unit)).rowcount
+            con.execute(f"DELETE FROM diagnostics WHERE run_id=? AND unit=? AND (step IS NULL OR step NOT IN {kept})",
+                        (run_id, unit, run_id, unit))
+            return int(n)
+
+    def append_rows(self, run_id: str, unit: str, rows: Iterable[Any] | pd.DataFrame) -> int:
+        """Add rows to a unit that is not done, in one transaction, without marking anything: one chunk of a
+        streamed evaluation (``RunOptions.eval_chunk``). The rows count only once the step they belong to is
+        committed (:meth:`commit_step` with ``replace_rows=False``, or :meth:`commit_unit`); until then
+        :meth:`start_unit` with ``discard_partial`` deletes them. Returns the number of rows written."""
+        tuples = list(self._row_tuples(run_id, unit, rows))
+        with self._write() as con:
+            self._require_run(con, run_id)
+            old = con.execute("SELECT status FROM units WHERE run_id=? AND unit=?", (run_id, unit)).fetchone()
+            if old is not None and old[0] == "done":
+                raise StoreError(f"store {self.path}: unit {unit!r} of run {run_id!r} is already done; "
+                                 "cannot add rows")
+            if old is None:
+                con.execute("INSERT INTO units VALUES(?,?,?,?,?,?)", (run_id, unit, "running", time.time(), None,
+                                                                      "{}"))
+            con.executemany("INSERT INTO rows VALUES(?,?,?,?,?,?,?,?)", tuples)
+        return len(tuples)
 
     def is_done(self, run_id: str, unit: str) -> bool:
         """Whether the unit was committed completely."""
@@ -439,12 +477,14 @@ class Store:
     def commit_step(self, run_id: str, unit: str, step: int, rows: Iterable[Any] | pd.DataFrame = (), *,
                     diagnostics: Iterable[Any] | Mapping[str, Any] | pd.DataFrame | None = None,
                     meta: Mapping[str, Any] | None = None, n_edits: int | None = None,
-                    state: Mapping[str, Any] | None = None) -> int:
+                    state: Mapping[str, Any] | None = None, replace_rows: bool = True) -> int:
         """Commit one checkpoint of a sequential unit (rows, diagnostics, checkpoint record) atomically.
 
         Rows without a step take ``step``; rows must not carry another step. The unit stays ``running``.
         Re-committing the same step replaces its rows and diagnostics. ``state`` is any small JSON dict the
-        runner needs to resume (returned by :meth:`last_checkpoint`). Returns the number of rows written.
+        runner needs to resume (returned by :meth:`last_checkpoint`). ``replace_rows=False`` keeps the rows
+        already in the store at ``step`` (a streamed evaluation wrote them with :meth:`append_rows`; this commit
+        makes them count). Returns the number of rows written.
         """
         if isinstance(step, bool) or not isinstance(step, int):
             raise StoreError(f"store {self.path}: step must be an int, got {step!r}")
@@ -470,7 +510,7 @@ class Store:
                             (run_id, unit, "running", now, None, meta_json or "{}"))
             elif meta_json is not None:
                 con.execute("UPDATE units SET meta_json=? WHERE run_id=? AND unit=?", (meta_json, run_id, unit))
-            self._replace_steps(con, run_id, unit, {step}, {step})
+            self._replace_steps(con, run_id, unit, {step} if replace_rows else set(), {step})
             con.executemany("INSERT INTO rows VALUES(?,?,?,?,?,?,?,?)", tuples)
             con.executemany("INSERT INTO diagnostics VALUES(?,?,?,?,?,?)", diags)
             con.execute("INSERT OR REPLACE INTO checkpoints VALUES(?,?,?,?,?,?)",
