@@ -70,7 +70,7 @@ def render(out: Path) -> str:
     """``out/README.md`` from ``flips.csv``; returns the table."""
     rows = _rows(out / "flips.csv")
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = ["| method | flipped (of the 6 known facts, one batch) | undo bit-exact | edit time (s, 2 CPU cores) "
+    lines = ["| method | flipped (of the 6 known facts, one batch) | undo bit-exact | edit wall time (s; a shared machine: not a benchmark) "
              "| settings |", "|---|---|---|---|---|"]
     for m in methods:
         rs = [r for r in rows if r["method"] == m]
