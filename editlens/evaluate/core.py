@@ -938,7 +938,7 @@ def metric_probe_kinds(metric: Metric) -> tuple[str, ...] | None:
     return None
 
 
-def _no_rows_message(metrics: Sequence[Metric], cases: Sequence["EditCase"]) -> str:
+def no_rows_message(metrics: Sequence[Metric], cases: Sequence["EditCase"]) -> str:
     present = sorted({k for c in cases for k in c.kinds})
     parts = []
     for m in metrics:
@@ -1075,7 +1075,7 @@ def evaluate(system: "System", cases: Sequence["EditCase"], base: "System | None
         if len(rows) == n0 and cases:
             empty.append(m)
     if empty:
-        warnings.warn(_no_rows_message(empty, cases), UserWarning, stacklevel=2)
+        warnings.warn(no_rows_message(empty, cases), UserWarning, stacklevel=2)
     timings["metrics_s"] = time.perf_counter() - tc
     timings["total_s"] = time.perf_counter() - t0
 
@@ -1106,7 +1106,8 @@ def streams_per_case(metric: Metric) -> bool:
     return type(metric).rows is Metric.rows and type(metric).requests is Metric.requests
 
 
-_NO_ROWS = r"\d+ metric\(s\) produced no rows"
+#: the message pattern of the "no rows" warning (callers that stream chunks silence it per chunk and warn once)
+NO_ROWS_PATTERN = r"\d+ metric\(s\) produced no rows"
 
 
 def _evaluate_chunked(system: "System", cases: Sequence["EditCase"], base: "System | None", metrics: Any, *,
@@ -1167,7 +1168,7 @@ def _evaluate_chunked(system: "System", cases: Sequence["EditCase"], base: "Syst
         if not mets:
             continue
         with _w.catch_warnings():
-            _w.filterwarnings("ignore", message=_NO_ROWS)  # warned once below, over all cases
+            _w.filterwarnings("ignore", message=NO_ROWS_PATTERN)  # warned once below, over all cases
             res = evaluate(system, part, metrics=list(mets), **kw)
         metas.append(res.meta)
         for r in res.rows:
@@ -1181,7 +1182,7 @@ def _evaluate_chunked(system: "System", cases: Sequence["EditCase"], base: "Syst
         del res
     empty = [m for m in metric_objs if counts.get(m.name, 0) == 0]
     if empty and cases:
-        warnings.warn(_no_rows_message(empty, cases), UserWarning, stacklevel=3)
+        warnings.warn(no_rows_message(empty, cases), UserWarning, stacklevel=3)
     rows = [] if on_rows is not None else [r for m in metric_objs for r in by_metric.pop(m.name, [])]
     first = metas[0] if metas else {}
     timings: dict[str, float] = {}

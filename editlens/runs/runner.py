@@ -436,14 +436,14 @@ def _stream(system: Any, bases: _ChunkBases, options: RunOptions, fmt: str, emit
     The evaluator's "no rows" warning is given once, over all cases, as without chunks."""
     import warnings
 
-    from editlens.evaluate.core import _NO_ROWS, _no_rows_message
+    from editlens.evaluate.core import NO_ROWS_PATTERN, no_rows_message
 
     counts: dict[str, int] = {}
     metrics: dict[str, Any] = {}
     for i, (part, mets) in enumerate(bases.parts):
         fb = bases.get(i)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NO_ROWS)
+            warnings.filterwarnings("ignore", message=NO_ROWS_PATTERN)
             res = _evaluate(fb if self_base else system, part, fb, mets, options, fmt)
         del fb
         for m in mets:
@@ -455,7 +455,7 @@ def _stream(system: Any, bases: _ChunkBases, options: RunOptions, fmt: str, emit
     empty = [m for name, m in metrics.items() if not counts.get(name)]
     all_cases = {c.case_id: c for part, _ in bases.parts for c in part}
     if empty and all_cases:
-        warnings.warn(_no_rows_message(empty, list(all_cases.values())), UserWarning, stacklevel=2)
+        warnings.warn(no_rows_message(empty, list(all_cases.values())), UserWarning, stacklevel=2)
 
 
 def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sink: Callable[[StepResult], None],
