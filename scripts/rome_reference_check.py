@@ -315,9 +315,9 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
         lines.append(f"| {r['fact']} | {r['setting']} | {float(r['norm_editlens']):.4f} | "
                      f"{float(r['norm_reference']):.4f} | {float(r['rel_diff']):.2e} | {float(r['norm_ratio']):.4f} "
                      f"| {float(r['cosine']):.5f} | {r['steps_editlens']}/{r['steps_reference']} | "
-                     f"{'yes' if verdict(r) else '**no**'} |")
+                     f"{mark(r)} |")
     lines += ["", "## Summary", ""]
-    for setting in ("same_prefixes", "own_prefixes"):
+    for setting in ("same_prefixes", "own_prefixes", "reference_vs_itself"):
         rs = [r for r in rows if r["setting"] == setting]
         if not rs:
             continue
@@ -325,8 +325,10 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
         worst_rel = max(float(r["rel_diff"]) for r in rs)
         ratios = [float(r["norm_ratio"]) for r in rs]
         cos = [float(r["cosine"]) for r in rs]
-        lines.append(f"* `{setting}`: {ok}/{len(rs)} facts pass; largest rel_diff {worst_rel:.2e}; norm_ratio "
-                     f"{min(ratios):.6f}–{max(ratios):.6f}; cosine {min(cos):.8f}–{max(cos):.8f}.")
+        lines.append(f"* `{setting}`: {ok}/{len(rs)} facts " + ("within the own_prefixes thresholds"
+                                                                if setting == "reference_vs_itself" else "pass")
+                     + f"; largest rel_diff {worst_rel:.2e}; norm_ratio {min(ratios):.6f}–{max(ratios):.6f}; "
+                     f"cosine {min(cos):.8f}–{max(cos):.8f}.")
     own = meta["templates"].get("own_prefixes")
     if own:
         lines.append(f"* With its own prefixes each tool averages keys and the target loss over a different set of "
@@ -334,8 +336,39 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
                      f"{len(meta['editlens_templates']) - 1} sampled texts), the reference {len(own)} (the empty "
                      f"prefix and {len(own) - 1} texts its generator samples after `<|endoftext|>`); the formulas "
                      "are compared by `same_prefixes`.")
+    yard = {r["fact"]: float(r["cosine"]) for r in rows if r["setting"] == "reference_vs_itself"}
+    if yard:
+        own_cos = {r["fact"]: float(r["cosine"]) for r in rows if r["setting"] == "own_prefixes"}
+        both = [f for f in own_cos if f in yard]
+        at_least = sum(own_cos[f] >= yard[f] for f in both)
+        lines += [
+            "",
+            "## Yardstick: the reference against itself",
+            "",
+            f"`reference_vs_itself` runs the reference twice with its own prefixes, sampled with torch seed "
+            f"{meta['seed']} and {meta['yardstick_seed']} (same model, C, hyperparameters and code; only the "
+            f"{len(meta['yardstick_templates'] or [])} context templates differ), and compares the two ΔW "
+            f"(`‖ΔW‖ editlens` holds the second run there). It measures how far ΔW moves when ROME's context "
+            f"templates are sampled again: the floor under any own_prefixes comparison.",
+            "",
+            "| fact | cosine editlens vs reference | cosine reference vs itself |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {f} | {own_cos[f]:.5f} | {yard[f]:.5f} |" for f in both]
+        lines += [
+            "",
+            f"* editlens's cosine to the reference is at least the reference's cosine to itself on {at_least}/"
+            f"{len(both)} facts; mean {sum(own_cos[f] for f in both) / max(len(both), 1):.4f} vs "
+            f"{sum(yard[f] for f in both) / max(len(both), 1):.4f}.",
+        ]
     lines.append("")
     (out / "README.md").write_text("\n".join(lines))
+
+
+def mark(row: dict) -> str:
+    if row["setting"] == "reference_vs_itself":
+        return "(yardstick)"
+    return "yes" if verdict(row) else "**no**"
 
 
 def main(argv=None) -> int:
@@ -347,6 +380,10 @@ def main(argv=None) -> int:
                     help="scratch directory outside the repository (model checkpoint, C, patched tree)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0, help="torch seed of the reference's own context templates")
+    ap.add_argument("--yardstick-seed", type=int, default=None,
+                    help="also run the reference's own templates with this torch seed and compare the reference "
+                         "with itself (setting reference_vs_itself): how far two samples of its own prefixes move "
+                         "ΔW, the yardstick for own_prefixes")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of each process (1 is fastest on a busy machine)")
     ap.add_argument("--settings", default="same_prefixes,own_prefixes",
@@ -415,7 +452,6 @@ def main(argv=None) -> int:
                out_path=str(work / "reference.pt"))
 
     own_hash = param_hash(lm.model)
-    job_text = json.dumps(job, indent=1, sort_keys=True)
     e_path, r_path = work / "editlens.pt", work / "reference.pt"
     e_key = hashlib.sha256((own_hash + json.dumps([fact_list, job["hparams"], prefixes, hp.update_key, hp.v_decay,
                                                    hp.early_stop_on, hp.early_stop_loss, hp.kl_template])).encode()
@@ -429,21 +465,19 @@ def main(argv=None) -> int:
         e_deltas, e_steps = editlens_deltas(lm, hp, fact_list)
         torch.save(dict(key=e_key, deltas=e_deltas, steps=e_steps), e_path)
         print(f"editlens side: {time.time() - t0:.0f} s", flush=True)
-    job_path = work / "job.json"
-    if not (args.reuse and r_path.is_file() and job_path.is_file() and job_path.read_text() == job_text):
-        job_path.write_text(job_text)
-        r_path.unlink(missing_ok=True)
-        t0 = time.time()
-        r = subprocess.run([str(py), str(Path(__file__).resolve()), "--worker", str(job_path)], cwd=str(work),
-                           env={**os.environ, "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": str(args.threads)})
-        if r.returncode != 0:
-            raise SystemExit(f"the reference worker failed (exit {r.returncode})")
-        print(f"reference side: {time.time() - t0:.0f} s", flush=True)
-    else:
-        print(f"reference side: reused {r_path}", flush=True)
-    ref = torch.load(r_path, weights_only=False)  # written by the worker of this run (or a reused identical job)
+    ref = run_worker(py, job, work / "job.json", r_path, work, args.threads, args.reuse, "reference side")
     if ref["param_hash"] != own_hash:
         raise SystemExit("the reference process loaded other weights than editlens's (parameter hashes differ)")
+    alt = None
+    if args.yardstick_seed is not None:
+        if "own_prefixes" not in settings or args.yardstick_seed == args.seed:
+            raise SystemExit("--yardstick-seed needs the own_prefixes setting and a seed other than --seed")
+        alt_job = dict(job, seed=args.yardstick_seed, settings={"own_prefixes": None},
+                       out_path=str(work / "reference_alt.pt"))
+        alt = run_worker(py, alt_job, work / "job_alt.json", work / "reference_alt.pt", work, args.threads,
+                         args.reuse, "reference side (yardstick seed)")
+        if alt["param_hash"] != own_hash:
+            raise SystemExit("the reference process loaded other weights than editlens's (parameter hashes differ)")
 
     rows = []
     for setting in settings:
@@ -454,6 +488,13 @@ def main(argv=None) -> int:
                        **compare(e_deltas[f["fact"]], ref["deltas"][f"{setting}|{f['fact']}"]),
                        steps_editlens=e_steps[f["fact"]], steps_reference=ref["steps"][f"{setting}|{f['fact']}"])
             rows.append(row)
+    if alt is not None:  # the reference (yardstick seed) against the reference (--seed): same formulas, other prompts
+        for f in fact_list:
+            k = f"own_prefixes|{f['fact']}"
+            if k in ref["deltas"] and k in alt["deltas"]:
+                rows.append(dict(fact=f["fact"], setting="reference_vs_itself", **compare(alt["deltas"][k],
+                                                                                           ref["deltas"][k]),
+                                 steps_editlens=alt["steps"][k], steps_reference=ref["steps"][k]))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "deltas.csv", "w", newline="") as fh:
@@ -477,6 +518,7 @@ def main(argv=None) -> int:
         stats=f"sampled corpus, {hp.stats_n_samples} documents × {hp.stats_max_length} tokens, seed {hp.seed}",
         command="scripts/rome_reference_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         templates=ref["templates"], editlens_templates=templates, seed=args.seed, patches=patches,
+        yardstick_seed=args.yardstick_seed, yardstick_templates=(alt or {}).get("templates", {}).get("own_prefixes"),
         stubbed=ref["stubbed"])
     (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     write_readme(out, rows, meta)
@@ -484,6 +526,27 @@ def main(argv=None) -> int:
         print(f"{row['fact']:28s} {row['setting']:14s} rel_diff {float(row['rel_diff']):.2e} ratio "
               f"{float(row['norm_ratio']):.4f} cos {float(row['cosine']):.5f} {'ok' if verdict(row) else 'FAIL'}")
     return 0
+
+
+def run_worker(py: Path, job: dict, job_path: Path, out_path: Path, work: Path, threads: int, reuse: bool,
+               label: str) -> dict:
+    """Run the reference worker on ``job`` in its own python (or reuse ``out_path`` when ``reuse`` and the job
+    file holds the same job); returns what the worker saved."""
+    import torch
+
+    job_text = json.dumps(job, indent=1, sort_keys=True)
+    if not (reuse and out_path.is_file() and job_path.is_file() and job_path.read_text() == job_text):
+        job_path.write_text(job_text)
+        out_path.unlink(missing_ok=True)
+        t0 = time.time()
+        r = subprocess.run([str(py), str(Path(__file__).resolve()), "--worker", str(job_path)], cwd=str(work),
+                           env={**os.environ, "PYTHONNOUSERSITE": "1", "OMP_NUM_THREADS": str(threads)})
+        if r.returncode != 0:
+            raise SystemExit(f"the reference worker failed (exit {r.returncode})")
+        print(f"{label}: {time.time() - t0:.0f} s", flush=True)
+    else:
+        print(f"{label}: reused {out_path}", flush=True)
+    return torch.load(out_path, weights_only=False)  # written by the worker of this run (or a reused identical job)
 
 
 def _tree_digest(src: Path) -> str:

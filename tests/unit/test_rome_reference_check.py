@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -114,3 +115,24 @@ def test_committed_results_agree_with_their_readme(mod):
         # the figures are consistent with each other
         assert float(r["norm_ratio"]) == pytest.approx(float(r["norm_editlens"]) / float(r["norm_reference"]),
                                                        rel=1e-4)
+
+
+def test_readme_reports_the_yardstick(mod, tmp_path):
+    """reference_vs_itself rows are marked as the yardstick (never pass/fail) and set beside own_prefixes."""
+    meta = json.loads((RESULTS / "meta.json").read_text()) if (RESULTS / "meta.json").is_file() else None
+    if meta is None:
+        pytest.skip("results/rome_reference not generated")
+    meta = dict(meta, yardstick_seed=1, yardstick_templates=["{}", "a. {}"])
+
+    def row(fact, setting, cos):
+        return dict(fact=fact, setting=setting, norm_editlens="1.0", norm_reference="1.0", rel_diff="0.5",
+                    norm_ratio="1.0", cosine=str(cos), steps_editlens="20", steps_reference="20")
+
+    rows = [row("f1", "own_prefixes", 0.80), row("f2", "own_prefixes", 0.90),
+            row("f1", "reference_vs_itself", 0.82), row("f2", "reference_vs_itself", 0.85)]
+    mod.write_readme(tmp_path, rows, meta)
+    text = (tmp_path / "README.md").read_text()
+    assert "| f1 | reference_vs_itself | 1.0000 |" in text and "(yardstick)" in text
+    assert "| f1 | 0.80000 | 0.82000 |" in text and "| f2 | 0.90000 | 0.85000 |" in text
+    assert "at least the reference's cosine to itself on 1/2 facts" in text
+    assert "torch seed 0 and 1" in text
