@@ -36,6 +36,12 @@ class LocateHParams(HParams):
             and its relatives keep one group of 5 × 10 (their reference's ``[[10, 5]]``). Setting ``n_prefixes`` or
             ``prefix_length`` (without ``prefix_groups`` in the same call) clears the groups, so that
             ``n_prefixes=2`` means two prefixes for every method.
+        prefix_start: what the sampled prefixes are generated after (:data:`editlens.edit.locate.PREFIX_STARTS`):
+            ``"words"`` (MEMIT's reference: the seed words "The", "Therefore", "Because", "I", "You", kept in the
+            prefix; ``prefix_length`` new tokens) or ``"document"`` (ROME's reference: the end-of-document token
+            ``<|endoftext|>``, or the tokenizer's EOS token when its vocabulary has no such token; ``length − 1``
+            new tokens, as the reference counts the start token in the length; the start token is not kept).
+            ROME and R-ROME default to ``"document"``, every other method to ``"words"``.
         v_num_grad_steps: forward passes of the value optimisation (``−1`` updates at most).
         v_lr: Adam learning rate of the value optimisation.
         v_weight_decay: weight of the decay ``‖δ‖/‖v₀‖²`` (form: ``v_decay``).
@@ -62,6 +68,7 @@ class LocateHParams(HParams):
     n_prefixes: int = 5
     prefix_length: int = 10
     prefix_groups: list[list[int]] = field(default_factory=list)
+    prefix_start: str = "words"
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
     v_weight_decay: float = 0.5
@@ -150,7 +157,8 @@ class LocateHParams(HParams):
         for key in ("v_weight_decay", "kl_factor", "early_stop_loss"):
             if getattr(self, key) < 0:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be >= 0")
-        for key, allowed in (("v_decay", ("reference", "squared")), ("early_stop_on", ("total", "nll"))):
+        for key, allowed in (("v_decay", ("reference", "squared")), ("early_stop_on", ("total", "nll")),
+                             ("prefix_start", ("words", "document"))):
             if getattr(self, key) not in allowed:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be one of "
                                    f"{', '.join(map(repr, allowed))}, got {getattr(self, key)!r}")

@@ -57,6 +57,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: seed texts of the sampled context prefixes (as in MEMIT)
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")
+#: what sampled context prefixes start from (``LocateHParams.prefix_start``): MEMIT's seed words, or the
+#: end-of-document token (the reference ROME's ``<|endoftext|>``)
+PREFIX_STARTS = ("words", "document")
+#: the reference ROME's start text
+DOCUMENT_START = "<|endoftext|>"
 
 
 @dataclass(frozen=True)
@@ -113,14 +118,48 @@ def sample_texts(lm: "LM", seeds: Sequence[str], max_new_tokens: int, *, seed: i
     return out
 
 
-def context_prefixes(lm: "LM", n: int = 5, length: int = 10, *, seed: int = 0) -> list[str]:
-    """``[""]`` plus ``n`` texts of ``length`` sampled tokens (seeded, top-k 5 sampling), each + ``". "``.
+def document_start(tokenizer: Any) -> str:
+    """The text the ``"document"`` prefixes are sampled after: :data:`DOCUMENT_START` when it is one token of the
+    vocabulary (GPT-2, SmolLM2, Qwen, ...), else the tokenizer's EOS token (the document boundary of most
+    pretraining corpora), else its BOS token. Raises :class:`~editlens.errors.MethodError` when it has none."""
+    ids = tokenizer(DOCUMENT_START, add_special_tokens=False).input_ids
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if len(ids) == 1 and ids[0] != unk:
+        return DOCUMENT_START
+    for name in ("eos_token", "bos_token"):
+        tok = getattr(tokenizer, name, None)
+        if isinstance(tok, str) and tok:
+            return tok
+    raise MethodError(f"hyperparameter prefix_start='document': the tokenizer has no {DOCUMENT_START!r}, EOS or BOS "
+                      "token to sample the context prefixes after; use prefix_start='words'")
 
-    These are ROME's/MEMIT's context templates ``x_j`` (MEMIT: ``"{generated}. {}"``). Braces and newlines are
-    removed from the generated text.
+
+def context_prefixes(lm: "LM", n: int = 5, length: int = 10, *, seed: int = 0, start: str = "words") -> list[str]:
+    """``[""]`` plus ``n`` sampled texts (seeded, top-k 5 sampling), each + ``". "``: ROME's/MEMIT's context
+    templates ``x_j`` (``"{generated}. {}"``).
+
+    ``start="words"`` (MEMIT's reference): each text is one of :data:`PREFIX_SEEDS` and ``length`` tokens sampled
+    after it; braces and newlines are removed, runs of whitespace collapsed and a final ``"."`` dropped before
+    ``". "`` is added. ``start="document"`` (ROME's reference, ``get_context_templates``): ``length − 1`` tokens
+    (at least 1) sampled after :func:`document_start`, which is not kept (the reference counts it in the length
+    and removes it from the text); the text is cleaned as the reference cleans it (NFKD normalisation, ``"\n\n"``
+    → ``" "``) and its braces removed (editlens's only change: a brace cannot reach a template).
     """
+    if start not in PREFIX_STARTS:
+        raise MethodError(f"context prefixes: start must be one of {', '.join(map(repr, PREFIX_STARTS))}, got "
+                          f"{start!r}")
     if n <= 0:
         return [""]
+    if start == "document":
+        import unicodedata
+
+        head = document_start(lm.tokenizer)
+        texts = sample_texts(lm, [head] * n, max(int(length) - 1, 1), seed=seed, temperature=1.0, top_k=5)
+        clean = []
+        for t in texts:
+            t = unicodedata.normalize("NFKD", t[len(head):]).replace("\n\n", " ")
+            clean.append(t.replace("{", "").replace("}", "") + ". ")
+        return ["", *clean]
     seeds = [PREFIX_SEEDS[i % len(PREFIX_SEEDS)] for i in range(n)]
     texts = sample_texts(lm, seeds, length, seed=seed, temperature=1.0, top_k=5)
     clean = []
@@ -808,9 +847,10 @@ def prepare(lm: "LM", hparams: Any, layers: Sequence[int], sequence: Any = None,
         for l, c in got.items():
             cov[l] = c.to(device=lm.device, dtype=torch.float64)
     plan = hparams.prefix_plan()
-    pkey = ("prefixes", tuple(plan), hparams.seed)
+    start = getattr(hparams, "prefix_start", "words")
+    pkey = ("prefixes", tuple(plan), hparams.seed, start)
     if pkey not in data:
-        data[pkey] = planned_prefixes(lm, plan, seed=hparams.seed, cache_dir=hparams.stats_dir or None)
+        data[pkey] = planned_prefixes(lm, plan, seed=hparams.seed, cache_dir=hparams.stats_dir or None, start=start)
     return {l: cov[l] for l in layers}, data[pkey]
 
 
@@ -901,24 +941,27 @@ def resolved_hparams(hparams: Any, setup: EditSetup) -> Any:
     return hparams
 
 
-def planned_prefixes(lm: "LM", plan: Sequence[tuple[int, int]], *, seed: int = 0, cache_dir: Any = None) -> list[str]:
+def planned_prefixes(lm: "LM", plan: Sequence[tuple[int, int]], *, seed: int = 0, cache_dir: Any = None,
+                     start: str = "words") -> list[str]:
     """``[""]`` plus, for each group ``(length, count)`` of ``plan`` (:meth:`LocateHParams.prefix_plan`), ``count``
     prefixes of ``length`` sampled tokens (:func:`cached_prefixes`; group ``g`` samples with seed ``seed + g``, so
-    a longer group does not start with the texts of a shorter one). One group gives :func:`cached_prefixes`'s
-    list unchanged."""
+    a longer group does not start with the texts of a shorter one), generated after ``start``
+    (:func:`context_prefixes`). One group gives :func:`cached_prefixes`'s list unchanged."""
     out = [""]
     for g, (length, count) in enumerate(plan):
-        out += cached_prefixes(lm, int(count), int(length), seed=seed + g, cache_dir=cache_dir)[1:]
+        out += cached_prefixes(lm, int(count), int(length), seed=seed + g, cache_dir=cache_dir, start=start)[1:]
     return out
 
 
-def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None) -> list[str]:
+def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: Any = None,
+                    start: str = "words") -> list[str]:
     """:func:`context_prefixes`, cached as JSON beside the statistics (keyed by ``lm.fingerprint`` and the settings)."""
     import json
 
     from editlens.edit.stats import stats_dir
 
-    path = stats_dir(cache_dir) / f"prefixes-{lm.fingerprint}-n{n}-t{length}-s{seed}.json"
+    tag = "" if start == "words" else f"-{start}"  # the words' files keep their name of before prefix_start
+    path = stats_dir(cache_dir) / f"prefixes-{lm.fingerprint}-n{n}-t{length}-s{seed}{tag}.json"
     if path.is_file():
         try:
             got = json.loads(path.read_text())
@@ -926,7 +969,7 @@ def cached_prefixes(lm: "LM", n: int, length: int, *, seed: int = 0, cache_dir: 
                 return got
         except (OSError, json.JSONDecodeError):
             pass
-    out = context_prefixes(lm, n, length, seed=seed)
+    out = context_prefixes(lm, n, length, seed=seed, start=start)
     try:
         from editlens.edit.stats import _atomic_write_text
 

@@ -116,6 +116,8 @@ class ROMEHParams(LocateHParams):
     #: the reference code's context templates for ROME (``context_template_length_params``): 10 sampled prefixes
     #: of 5 tokens and 10 of 10 (plus the empty one), 21 in all; see LocateHParams.prefix_groups
     prefix_groups: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    #: and generated after the end-of-document token, as the reference's get_context_templates does
+    prefix_start: str = "document"
     mom2_update_weight: float = 1.5e4
     mom2_ridge: float = 0.0
     update_key: str = "unprefixed"

@@ -70,9 +70,11 @@ def test_known_facts_are_rewritten(smollm, base, method):
             kl = (base.exp() * (base - after)).sum(-1)
             # ROME computes its update as the reference code does (unprefixed key, decay |d|/|v0|^2, stop on the
             # total loss): measurably less local than editlens's earlier objective — issue 16 reports neighbourhood
-            # KL .092 (reference) vs .018 on six CounterFact facts; here the largest of ten unrelated prompts is
-            # 0.109 (2026-11-30). The bound stays 0.1 for the batch methods.
-            bound = 0.15 if method == "rome" else 0.1
+            # KL .092 (reference) vs .018 on six CounterFact facts; here the largest of ten unrelated prompts was
+            # 0.109 with prefixes sampled after MEMIT's seed words (2026-11-30) and 0.156 with the reference's
+            # prefixes sampled after <|endoftext|> (prefix_start="document", ROME's default since 2026-12-01; the
+            # other nine stay below 0.13). The bound stays 0.1 for the batch methods.
+            bound = 0.2 if method == "rome" else 0.1
             assert float(kl.max()) < bound, (method, kl.tolist())
             top2 = base.topk(2, dim=-1).values
             clear = (top2[:, 0] - top2[:, 1]) > 0.2

@@ -79,4 +79,68 @@ def test_a_rome_edit_optimises_over_every_group(tiny_llama, monkeypatch, tmp_pat
     finally:
         e.undo()
     # sampled from the unedited model (the edited one has another fingerprint, so another cache entry)
-    assert seen[0] == locate.planned_prefixes(tiny_llama, [(2, 2), (3, 1)], seed=0, cache_dir=tmp_path)
+    assert seen[0] == locate.planned_prefixes(tiny_llama, [(2, 2), (3, 1)], seed=0, cache_dir=tmp_path,
+                                              start="document")
+
+
+# ------------------------------------------------------------------ where the sampled prefixes start (prefix_start)
+def test_rome_samples_after_the_document_start_memit_after_the_seed_words():
+    for m in ("rome", "r-rome"):
+        assert _hp(m).prefix_start == "document"
+    for m in ("memit", "alphaedit", "emmet", "pmet"):
+        assert _hp(m).prefix_start == "words"
+    with pytest.raises(HParamsError, match="prefix_start"):
+        _hp("rome").replace(prefix_start="bos")
+
+
+class _Tok:
+    """A stand-in tokenizer: ``vocab`` maps whole special-token texts to one id; anything else is one id per
+    character."""
+
+    def __init__(self, vocab, eos=None, bos=None):
+        self.vocab, self.eos_token, self.bos_token, self.unk_token_id = vocab, eos, bos, None
+
+    def __call__(self, text, add_special_tokens=True):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[self.vocab[text]] if text in self.vocab else [ord(c) for c in text])
+
+
+def test_document_start_is_endoftext_else_eos_else_bos():
+    from editlens.errors import MethodError
+
+    assert locate.document_start(_Tok({"<|endoftext|>": 0}, eos="</s>")) == "<|endoftext|>"
+    assert locate.document_start(_Tok({}, eos="</s>", bos="<s>")) == "</s>"
+    assert locate.document_start(_Tok({}, bos="<s>")) == "<s>"
+    with pytest.raises(MethodError, match="prefix_start='words'"):
+        locate.document_start(_Tok({}))
+
+
+def test_document_prefixes_are_what_the_reference_keeps(tiny_llama):
+    """length − 1 tokens sampled after the start text, the start text dropped, NFKD and "\\n\\n" → " " as the
+    reference cleans them, braces removed, + ". " (checked against sample_texts itself)."""
+    import unicodedata
+
+    lm = tiny_llama
+    got = locate.context_prefixes(lm, 3, 4, seed=5, start="document")
+    head = locate.document_start(lm.tokenizer)
+    raw = locate.sample_texts(lm, [head] * 3, 3, seed=5, temperature=1.0, top_k=5)
+    want = ["", *(unicodedata.normalize("NFKD", t[len(head):]).replace("\n\n", " ").replace("{", "")
+                  .replace("}", "") + ". " for t in raw)]
+    assert got == want
+    assert all(t.startswith(head) for t in raw)
+    words = locate.context_prefixes(lm, 3, 4, seed=5)
+    assert words != got and words[1].startswith(locate.PREFIX_SEEDS[0])
+    with pytest.raises(Exception, match="start must be one of"):
+        locate.context_prefixes(lm, 3, 4, start="nope")
+
+
+def test_document_prefixes_have_their_own_cache_entry(tiny_llama, tmp_path):
+    lm = tiny_llama
+    w = locate.cached_prefixes(lm, 2, 4, seed=1, cache_dir=tmp_path)
+    d = locate.cached_prefixes(lm, 2, 4, seed=1, cache_dir=tmp_path, start="document")
+    assert w != d
+    names = sorted(x.name for x in tmp_path.glob("prefixes-*.json"))
+    assert len(names) == 2 and any(n.endswith("-s1.json") for n in names) and any(n.endswith("-s1-document.json")
+                                                                                   for n in names)
+    assert locate.cached_prefixes(lm, 2, 4, seed=1, cache_dir=tmp_path, start="document") == d
