@@ -61,6 +61,14 @@ REFERENCE_TEMPLATE_LENGTHS = [[5, 10], [10, 10]]
 #: textual patches applied to a copy of the reference tree (file, old, new, expected count): the reference moves
 #: its tensors to the literal device "cuda"; on a machine without one they go to the device of the run instead
 DEVICE_PATCHES = (("rome/compute_v.py", '"cuda"', 4), ("rome/compute_u.py", '"cuda"', 1))
+#: the reference's sampler of context templates (util/generate.py, generate_fast) passes, with the KV cache, only the
+#: attention-mask column of the new token. The GPT-2 of the transformers it was written for broadcast that column over
+#: every key (all ones: nothing masked); transformers 5 reads it as "only the newest key is visible" on a Llama-layout
+#: model, so each token is sampled nearly without its context (checked: the next-token logits differ by up to 19 from
+#: a full forward pass) and the templates come out as fragments like '--,-.'. Patched to pass the mask of every
+#: position up to the new token, which is what the code computes in its own environment.
+COMPAT_PATCHES = (("util/generate.py", "attention_mask=attention_mask[:, cur_context],",
+                   "attention_mask=attention_mask[:, : cur_context.stop],", 1),)
 COLUMNS = ["fact", "setting", "norm_editlens", "norm_reference", "rel_diff", "norm_ratio", "cosine",
            "steps_editlens", "steps_reference"]
 
@@ -177,6 +185,18 @@ def patched_reference_tree(src: Path, dst: Path, device: str) -> list[str]:
         if device != "cuda":
             path.write_text(text.replace(old, json.dumps(device)))
             done.append(f"`{rel}`: the {count} literal device {old} replaced by \"{device}\"")
+    for rel, old, new, count in COMPAT_PATCHES:
+        path = dst / rel
+        if not path.is_file():
+            continue  # a tree without the sampler (the tests' stand-in): nothing to patch
+        text = path.read_text()
+        if text.count(old) != count:
+            raise SystemExit(f"{src / rel}: expected {count} occurrence(s) of {old!r} (the reference at commit "
+                             f"0874014), found {text.count(old)}: another version of the reference code?")
+        path.write_text(text.replace(old, new))
+        done.append(f"`{rel}`: `{old}` replaced by `{new}` (generate_fast passed only the new token's mask column "
+                    "with the KV cache; transformers 5 then hides the context from each sampled token on this "
+                    "model, which the GPT-2 of the reference's transformers did not)")
     return done
 
 
@@ -451,7 +471,7 @@ def main(argv=None) -> int:
     job = dict(src=str(work / "reference_src"), model_dir=str(model_dir), device=args.device,
                attn_implementation=lm.model.config._attn_implementation, cov_path=str(work / "C.pt"),
                hparams=reference_hparams(hp, lm.n_layers), facts=fact_list, seed=args.seed, threads=args.threads,
-               own_limit=args.own_limit,
+               own_limit=args.own_limit, patches=patches,  # in the job, so that a reused result had the same patches
                settings={k: v for k, v in (("same_prefixes", templates), ("own_prefixes", None)) if k in settings},
                out_path=str(work / "reference.pt"))
 

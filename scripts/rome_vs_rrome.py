@@ -198,15 +198,28 @@ def render_table(out: Path, n_target: int | None = None) -> str:
     return "\n".join([head, "", *lines, "", took_line])
 
 
+def _recorded_settings(path: Path) -> dict:
+    """``settings.json``; a run recorded before ``prefix_start`` existed sampled its prefixes after MEMIT's seed
+    words (the only start then), which is said explicitly here so that it resumes with the same prefixes."""
+    settings = json.loads(path.read_text())
+    hp = settings.get("hparams") or {}
+    if "prefix_groups" in hp and "prefix_start" not in hp:
+        settings["hparams"] = {**hp, "prefix_start": "words"}
+    return settings
+
+
 def render(out: Path, n_target: int | None, readme: Path | None) -> None:
     """Write ``out/README.md`` (generated) and, with ``readme``, the table between :data:`README_BEGIN` and
     :data:`README_END` of that file."""
     table = render_table(out, n_target)
-    settings = json.loads((out / "settings.json").read_text()) if (out / "settings.json").exists() else {}
+    settings = _recorded_settings(out / "settings.json") if (out / "settings.json").exists() else {}
     groups = (settings.get("hparams") or {}).get("prefix_groups")
-    prefixes = (f"**context prefixes `prefix_groups={groups}`** for both methods ({1 + sum(c for _, c in groups)} "
-                "prompts with the empty one, instead of the reference ROME's 21, to fit the CPU budget; R-ROME changes "
-                "the key, not the prefixes)") if groups else "the methods' default context prefixes"
+    start = (settings.get("hparams") or {}).get("prefix_start")
+    prefixes = (f"**context prefixes `prefix_groups={groups}`, `prefix_start={start!r}`** for both methods "
+                f"({1 + sum(c for _, c in groups)} prompts with the empty one"
+                + (", sampled after MEMIT's seed words" if start == "words" else "")
+                + ", instead of the reference ROME's 21 sampled after `<|endoftext|>`, to fit the CPU budget; R-ROME "
+                "changes the key, not the prefixes)") if groups else "the methods' default context prefixes"
     table = f"Settings: {settings.get('model', '?')}, {prefixes}.\n\n{table}"
     (out / "README.md").write_text(
         "# rome vs r-rome, sequential (scripts/rome_vs_rrome.py)\n\n"
@@ -243,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefixes", default="",
                     help="context prefix groups LENGTH:COUNT[,LENGTH:COUNT...] for both methods (default: the methods' "
                          "own, the reference ROME's 5:10,10:10); e.g. 10:5 for MEMIT's six prompts, 3.5x cheaper")
+    ap.add_argument("--prefix-start", choices=("words", "document"), default=None,
+                    help="what the context prefixes are sampled after, for both methods (default: the methods' own, "
+                         "'document', with their default prefixes; 'words', MEMIT's, with --prefixes)")
     args = ap.parse_args(argv)
     try:
         groups = [[int(x) for x in g.split(":")] for g in args.prefixes.split(",") if g.strip()]
@@ -251,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"--prefixes {args.prefixes!r}: expected LENGTH:COUNT[,LENGTH:COUNT...], e.g. 10:5") from None
     args.hparams = {"prefix_groups": groups} if groups else {}
+    start = args.prefix_start or ("words" if groups else None)
+    if start is not None:
+        args.hparams["prefix_start"] = start
     args.checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= args.n} | {args.n})
     if args.render:
         render(args.out, args.n, args.readme)
@@ -261,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = args.out / "settings.json"
     settings = {"model": args.model, "n": args.n, "hparams": args.hparams, "disable_factor": args.disable_factor,
                 "early": args.early}
-    if meta_path.exists() and json.loads(meta_path.read_text()) != settings:
+    if meta_path.exists() and _recorded_settings(meta_path) != settings:
         raise SystemExit(f"{meta_path} records other settings ({meta_path.read_text().strip()}); use another --out or "
                          f"remove that folder")
     meta_path.write_text(json.dumps(settings, sort_keys=True) + "\n")

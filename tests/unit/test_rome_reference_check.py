@@ -136,3 +136,19 @@ def test_readme_reports_the_yardstick(mod, tmp_path):
     assert "| f1 | 0.80000 | 0.82000 |" in text and "| f2 | 0.90000 | 0.85000 |" in text
     assert "at least the reference's cosine to itself on 1/2 facts" in text
     assert "torch seed 0 and 1" in text
+
+
+def test_sampler_mask_patch(mod, tmp_path):
+    """generate_fast's mask of the new token alone becomes the mask of every position up to it; another version of
+    the sampler is refused."""
+    src = _fake_tree(tmp_path / "src")
+    (src / "util").mkdir()
+    line = "            attention_mask=attention_mask[:, cur_context],\n"
+    (src / "util" / "generate.py").write_text("x = 1\n" + line)
+    done = mod.patched_reference_tree(src, tmp_path / "patched", "cuda")
+    text = (tmp_path / "patched" / "util" / "generate.py").read_text()
+    assert "attention_mask=attention_mask[:, : cur_context.stop]," in text and "[:, cur_context]" not in text
+    assert len(done) == 1 and "generate.py" in done[0]
+    (src / "util" / "generate.py").write_text("x = 1\n")
+    with pytest.raises(SystemExit, match="generate.py: expected 1"):
+        mod.patched_reference_tree(src, tmp_path / "patched2", "cuda")
