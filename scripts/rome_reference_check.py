@@ -175,25 +175,24 @@ def patched_reference_tree(src: Path, dst: Path, device: str) -> list[str]:
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
     done = []
-    for rel, old, count in DEVICE_PATCHES:
-        path = dst / rel
-        text = path.read_text()
-        got = text.count(old)
-        if got != count:
+
+    def checked_text(rel: str, old: str, count: int) -> str:
+        """The text of ``dst / rel``; fails unless it holds ``old`` exactly ``count`` times (another version)."""
+        text = (dst / rel).read_text()
+        if text.count(old) != count:
             raise SystemExit(f"{src / rel}: expected {count} occurrence(s) of {old} (the reference at commit "
-                             f"0874014), found {got}: another version of the reference code?")
+                             f"0874014), found {text.count(old)}: another version of the reference code?")
+        return text
+
+    for rel, old, count in DEVICE_PATCHES:
+        text = checked_text(rel, old, count)
         if device != "cuda":
-            path.write_text(text.replace(old, json.dumps(device)))
+            (dst / rel).write_text(text.replace(old, json.dumps(device)))
             done.append(f"`{rel}`: the {count} literal device {old} replaced by \"{device}\"")
     for rel, old, new, count in COMPAT_PATCHES:
-        path = dst / rel
-        if not path.is_file():
+        if not (dst / rel).is_file():
             continue  # a tree without the sampler (the tests' stand-in): nothing to patch
-        text = path.read_text()
-        if text.count(old) != count:
-            raise SystemExit(f"{src / rel}: expected {count} occurrence(s) of {old!r} (the reference at commit "
-                             f"0874014), found {text.count(old)}: another version of the reference code?")
-        path.write_text(text.replace(old, new))
+        (dst / rel).write_text(checked_text(rel, old, count).replace(old, new))
         done.append(f"`{rel}`: `{old}` replaced by `{new}` (generate_fast passed only the new token's mask column "
                     "with the KV cache; transformers 5 then hides the context from each sampled token on this "
                     "model, which the GPT-2 of the reference's transformers did not)")
