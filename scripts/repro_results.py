@@ -417,7 +417,8 @@ def our_figure(exp: Experiment, found: Sequence[SpecResult]) -> str:
         return "see the tables"
     metric, setting = exp.figure
     s = pd.concat(summaries, ignore_index=True)
-    s = s[[_match(metric, m) for m in s["metric"]]]
+    # a boolean Series, not a list: an empty list would select no *columns* (a summary with no rows yet)
+    s = s[s["metric"].map(lambda m: _match(metric, str(m))).astype(bool)]
     if setting:
         s = s[s["setting"].str.contains(re.escape(setting))]
     if s.empty:
@@ -504,9 +505,16 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
+#: specs reused from the README's examples, whose committed store is the one scripts/example_results.py reads
+#: (``results/examples/<stem>/store.sqlite``, run with ``--store``: docs/experiments.md) rather than the spec's
+#: default store beside it; used when that file exists under the results folder
+COMMITTED_STORES = {"locality_sweep": Path("examples") / "locality_sweep" / "store.sqlite"}
+
+
 def collect(examples: Path, results: Path, *, report: bool = True,
             experiments: Sequence[Experiment] = EXPERIMENTS) -> dict[str, list[SpecResult]]:
-    """Process every spec of ``experiments`` found under ``examples``."""
+    """Process every spec of ``experiments`` found under ``examples`` (a reused example spec's committed store,
+    :data:`COMMITTED_STORES`, when it exists)."""
     found: dict[str, list[SpecResult]] = {}
     for e in experiments:
         for s in e.specs:
@@ -514,7 +522,9 @@ def collect(examples: Path, results: Path, *, report: bool = True,
             if not path.is_file():
                 found.setdefault(e.key, []).append(SpecResult(s, path, False))
                 continue
-            found.setdefault(e.key, []).append(process_spec(path, results, report=report))
+            committed = results / COMMITTED_STORES[s] if s in COMMITTED_STORES else None
+            store = committed if committed is not None and committed.is_file() else None
+            found.setdefault(e.key, []).append(process_spec(path, results, report=report, store=store))
     return found
 
 

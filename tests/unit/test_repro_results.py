@@ -208,3 +208,43 @@ def test_issue17_specs_dry_run(R, name, units, methods):
     assert any(name in e.specs for e in R.EXPERIMENTS)
     if spec.regime.kind == "sequential":
         assert max(spec.regime.checkpoints) >= (200 if "general" in name else 100)
+
+
+def test_our_figure_with_a_run_that_has_no_rows_yet(R):
+    """A spec whose store holds a started run with no committed row yet (a long run's first unit still going) has
+    an empty summary: the compact figure must say so, not fail (an empty list used as a mask selects no columns)."""
+    exp = next(e for e in R.EXPERIMENTS if e.key == "pitfalls_distortion")
+    empty = R.SpecResult("repro_pitfalls_distortion", Path("s.sqlite"), True, run_id="r",
+                         summary=pd.DataFrame(columns=R.SUMMARY_COLUMNS), units_done=0, units_planned=8)
+    assert R.our_figure(exp, [empty]) == "see the tables"
+    some = R.SpecResult("repro_pitfalls_distortion", Path("s.sqlite"), True, run_id="r", units_done=1,
+                        units_planned=8, summary=pd.DataFrame(
+                            [{"method": "ft", "setting": "dataset=hard; n_edits=20", "metric": "rewrite/distortion",
+                              "mean": 0.25, "sem": 0.1, "n": 20},
+                             {"method": "ft", "setting": "dataset=easy; n_edits=20", "metric": "rewrite/distortion",
+                              "mean": 0.75, "sem": 0.1, "n": 20}]))
+    assert R.our_figure(exp, [some]) == "distortion at hard: ft 0.25"
+
+
+def test_reused_example_reads_its_committed_store(R, tmp_path):
+    """locality_sweep (experiment 2's Tables 2-3) is an example spec whose committed store is
+    results/examples/locality_sweep/store.sqlite (written with --store, read by scripts/example_results.py): the
+    reproduction script reads it from there, and says 'not run yet' when neither it nor the default store exists."""
+    ex = tmp_path / "examples"
+    ex.mkdir()
+    (ex / "locality_sweep.toml").write_text(SPEC.replace('"repro_specificity"', '"locality_sweep"')
+                                            .replace('store = "store.sqlite"\n', ""))
+    exp = next(e for e in R.EXPERIMENTS if e.key == "specificity")
+    results = tmp_path / "results"
+    found = R.collect(ex, results, report=False, experiments=[exp])
+    assert [r.exists for r in found["specificity"]] == [False, False]
+    committed = results / "examples" / "locality_sweep" / "store.sqlite"
+    committed.parent.mkdir(parents=True)
+    with Store(committed) as st:
+        st.start_run("r", {"name": "locality_sweep"}, {}, "fp", [0])
+        st.commit_unit("r", "memit-cf", [(1, 4, "c0", "neighborhood", "kl", 0.5)], meta=_meta("memit", "cf", 4))
+    found = R.collect(ex, results, report=False, experiments=[exp])
+    sweep = found["specificity"][1]
+    assert sweep.exists and sweep.store == committed and sweep.run_id == "r"
+    assert (results / "locality_sweep" / "summary.csv").is_file()
+    assert sweep.summary.loc[sweep.summary["metric"] == "neighborhood/kl", "mean"].tolist() == [0.5]
