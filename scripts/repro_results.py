@@ -24,8 +24,10 @@ whose store exists, the latest run of the store (runs are never pooled) gives:
   column, as the paper's table does (``rank_stability.csv``; ``editlens.evaluate.meta.rank_stability``).
 
 ``docs/reproductions.md`` is rendered from these files and from ``results/verdicts.toml`` (experiment key ->
-``verdict`` = agree | partly | disagree, ``reason``), written by a person after reading the figures; an
-experiment without a verdict there reads "not run yet" when none of its stores exists, else "no verdict yet".
+``verdict`` = agree | partly | disagree, ``reason``, optionally a one-line ``summary`` that the overview tables
+show instead of the full reason), written by a person after reading the figures; an experiment without a verdict
+there reads "not run yet" when none of its stores exists, else "no verdict yet"; both tables add "(run
+incomplete)" while a spec's run has fewer units done than it plans.
 ``--readme`` writes a compact table between the markers ``<!-- repro:begin -->`` and ``<!-- repro:end -->`` of
 README.md (exit 1 when they are missing).
 """
@@ -349,8 +351,22 @@ def load_verdicts(path: Path) -> dict[str, dict[str, str]]:
             raise SystemExit(f"{path}: [{k}]: unknown experiment; known: {', '.join(sorted(keys))}")
         if not isinstance(v, dict) or v.get("verdict") not in VERDICTS or not str(v.get("reason", "")).strip():
             raise SystemExit(f"{path}: [{k}]: needs verdict = one of {', '.join(VERDICTS)} and a non-empty reason")
+        if "summary" in v and not (isinstance(v["summary"], str) and v["summary"].strip()):
+            raise SystemExit(f"{path}: [{k}]: summary, when given, must be a non-empty string")
         out[k] = {"verdict": str(v["verdict"]), "reason": str(v["reason"]).strip()}
+        if "summary" in v:
+            out[k]["summary"] = v["summary"].strip()
     return out
+
+
+def _short_reason(v: dict[str, str]) -> str:
+    """The overview tables' reason: the verdict's one-line ``summary`` when it has one, else its ``reason`` (the
+    full reason is always in the experiment's section of the docs)."""
+    return v.get("summary") or v["reason"]
+
+
+def _incomplete(ran: Sequence["SpecResult"]) -> bool:
+    return any(r.units_done < r.units_planned for r in ran)
 
 
 def _cell(mean: float, sem: float, n: int) -> str:
@@ -447,8 +463,8 @@ def render_docs(found: dict[str, list[SpecResult]], verdicts: dict[str, dict[str
         ran = [r for r in found.get(e.key, []) if r.exists]
         v = verdicts.get(e.key)
         verdict = v["verdict"] if v else ("not run yet" if not ran else "no verdict yet")
-        reason = v["reason"] if v else ""
-        if any(r.units_done < r.units_planned for r in ran):
+        reason = _short_reason(v) if v else ""
+        if _incomplete(ran):
             verdict += " (run incomplete)"
         specs = ", ".join(f"[{s}]({examples_rel}/{s}.toml)" for s in e.specs)
         out.append(f"| {e.number} | {_md_escape(e.title)} | {specs} | {_md_escape(our_figure(e, ran))} | "
@@ -482,7 +498,9 @@ def render_readme_table(found: dict[str, list[SpecResult]], verdicts: dict[str, 
     for e in EXPERIMENTS:
         ran = [r for r in found.get(e.key, []) if r.exists]
         v = verdicts.get(e.key)
-        verdict = (f"{v['verdict']}: {v['reason']}" if v else ("not run yet" if not ran else "no verdict yet"))
+        verdict = (f"{v['verdict']}: {_short_reason(v)}" if v else ("not run yet" if not ran else "no verdict yet"))
+        if _incomplete(ran):
+            verdict += " (run incomplete)"
         specs = ", ".join(f"[{s}](examples/{s}.toml)" for s in e.specs)
         lines.append(f"| {e.number} | {_md_escape(e.title)} | {_md_escape(e.paper)} | {specs} | "
                      f"{_md_escape(our_figure(e, ran))} | {_md_escape(verdict)} |")

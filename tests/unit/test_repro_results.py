@@ -248,3 +248,25 @@ def test_reused_example_reads_its_committed_store(R, tmp_path):
     assert sweep.exists and sweep.store == committed and sweep.run_id == "r"
     assert (results / "locality_sweep" / "summary.csv").is_file()
     assert sweep.summary.loc[sweep.summary["metric"] == "neighborhood/kl", "mean"].tolist() == [0.5]
+
+
+def test_verdict_summary_and_incomplete_runs_in_both_tables(R, tmp_path):
+    """The overview tables (README and docs) show a verdict's one-line summary when it has one, the docs section
+    its full reason, and both say '(run incomplete)' while a run has fewer units done than planned."""
+    ex = _build(tmp_path)
+    verdicts = tmp_path / "verdicts.toml"
+    verdicts.write_text('[specificity]\nverdict = "partly"\nreason = "the long reason, with every caveat"\n'
+                        'summary = "the direction only"\n')
+    v = R.load_verdicts(verdicts)
+    found = R.collect(ex, tmp_path / "results", report=False)
+    found["specificity"][0].units_done = 5
+    readme = R.render_readme_table(found, v)
+    row2 = next(line for line in readme.splitlines() if line.startswith("| 2 |"))
+    assert "partly: the direction only (run incomplete)" in row2 and "long reason" not in row2
+    docs = R.render_docs(found, v)
+    over = next(line for line in docs.splitlines() if line.startswith("| 2 |"))
+    assert "partly (run incomplete) | the direction only |" in over
+    assert "**Verdict:** partly — the long reason, with every caveat" in docs
+    verdicts.write_text('[specificity]\nverdict = "partly"\nreason = "r"\nsummary = "  "\n')
+    with pytest.raises(SystemExit, match=r"\[specificity\]: summary"):
+        R.load_verdicts(verdicts)
