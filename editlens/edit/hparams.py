@@ -157,8 +157,10 @@ class LocateHParams(HParams):
         for key in ("v_weight_decay", "kl_factor", "early_stop_loss"):
             if getattr(self, key) < 0:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be >= 0")
+        from editlens.edit.locate import PREFIX_STARTS  # the one list of starts (locate samples from it)
+
         for key, allowed in (("v_decay", ("reference", "squared")), ("early_stop_on", ("total", "nll")),
-                             ("prefix_start", ("words", "document"))):
+                             ("prefix_start", PREFIX_STARTS)):
             if getattr(self, key) not in allowed:
                 raise HParamsError(f"hyperparameter {key!r} of method {self.method!r} must be one of "
                                    f"{', '.join(map(repr, allowed))}, got {getattr(self, key)!r}")
