@@ -307,15 +307,31 @@ def second_moment(lm: "LM", layers: Sequence[int], corpus: "str | os.PathLike | 
     Returns:
         ``{layer: C [d_in, d_in]}`` on CPU.
 
+    Thread safety: holds the model's lock (:attr:`editlens.lm.LM.lock`) for the whole computation, like an edit.
+
     Raises:
         StatsError: a layer outside the model or an empty corpus; DataFormatError: an unreadable corpus file.
     """
+    from editlens.edit.base import _model_lock
+
     layers = sorted({int(l) for l in layers})
     for l in layers:
         if not 0 <= l < lm.n_layers:
             raise StatsError(f"layer {l} is outside the model ({lm.n_layers} layers, 0..{lm.n_layers - 1})")
     if n_samples < 1 or max_length < 1:
         raise StatsError(f"n_samples and max_length must be >= 1 (got {n_samples}, {max_length})")
+    # The model's lock is held throughout (re-entrant: an edit that asks for statistics already holds it), so
+    # another thread cannot edit or undo between reading the weights' fingerprint (the cache key) and the last
+    # forward pass: the statistics stored under a fingerprint are those of the weights it names.
+    with _model_lock(lm):
+        return _second_moment(lm, layers, corpus, n_samples, max_length, max_tokens, cache_dir, progress,
+                              one_pass, seed, batch_tokens, use_cache, out_dtype, info)
+
+
+def _second_moment(lm: "LM", layers: list[int], corpus, n_samples: int, max_length: int, max_tokens: int | None,
+                   cache_dir, progress: bool, one_pass: bool, seed: int, batch_tokens: int, use_cache: bool,
+                   out_dtype: torch.dtype, info: dict | None) -> dict[int, torch.Tensor]:
+    """:func:`second_moment` after its checks, with the model's lock held."""
     cache = stats_dir(cache_dir)
     docs: list[str] | None = None
     if corpus is None:  # the key of the sampled corpus is known without sampling it

@@ -123,3 +123,41 @@ def test_cli_stats_prints_time_split_and_tokens(tmp_path, monkeypatch):
     assert r2.exit_code == 0 and "all layers read from the cache" in r2.output
     bad = CliRunner().invoke(cli, args[:-4] + ["--n-samples", "-1"])
     assert bad.exit_code != 0 and "--n-samples" in bad.output and "must be >= 1" in bad.output
+
+
+def test_second_moment_holds_the_model_lock_throughout(tiny_llama, tmp_path, monkeypatch):
+    """Another thread cannot edit or undo while statistics are computed: the fingerprint read for the cache key
+    names the weights the keys were recorded from. Checked from inside both phases (sampling the corpus and the
+    accumulation): a second thread fails to take ``lm.lock`` there, and takes it once the call has returned."""
+    import threading
+
+    def other_thread_gets_lock() -> bool:
+        got = []
+
+        def run():
+            ok = tiny_llama.lock.acquire(blocking=False)
+            got.append(ok)
+            if ok:
+                tiny_llama.lock.release()
+
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        return got[0]
+
+    seen = []
+    real_docs, real_acc = st._docs_and_key, st._accumulate
+
+    def docs_spy(*a, **k):
+        seen.append(("sampling", other_thread_gets_lock()))
+        return real_docs(*a, **k)
+
+    def acc_spy(*a, **k):
+        seen.append(("accumulation", other_thread_gets_lock()))
+        return real_acc(*a, **k)
+
+    monkeypatch.setattr(st, "_docs_and_key", docs_spy)
+    monkeypatch.setattr(st, "_accumulate", acc_spy)
+    st.second_moment(tiny_llama, [1], n_samples=2, max_length=6, cache_dir=tmp_path, progress=False)
+    assert seen == [("sampling", False), ("accumulation", False)]
+    assert other_thread_gets_lock()
