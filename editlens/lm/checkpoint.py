@@ -92,6 +92,8 @@ def save_checkpoint(lm: "LM", directory: str | os.PathLike, *, force: bool = Fal
     """
     from safetensors import safe_open
 
+    from editlens.lm import placement
+
     target = check_save_target(directory, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=str(target.parent)))
@@ -101,7 +103,8 @@ def save_checkpoint(lm: "LM", directory: str | os.PathLike, *, force: bool = Fal
             lm.tokenizer.save_pretrained(str(tmp))
             n_checked = 0
             if verify:
-                params = dict(lm.model.state_dict())
+                # offloaded (``meta``) parameters of a dispatched model are compared with their stored values
+                params = dict(placement.state_tensors(lm.model))
                 files = sorted(tmp.glob("*.safetensors"))
                 if not files:
                     raise EditlensError(f"saving {lm.name} wrote no .safetensors file into {tmp}")

@@ -192,3 +192,27 @@ def test_set_weight_and_get_weight_round_trip(pair):
         placement.set_weight(lm, name, w0.T)
     placement.set_weight(lm, name, w0)
     assert torch.equal(placement.get_weight(lm, name), w0)
+
+
+def test_save_pretrained_of_an_edit_on_offloaded_layers(pair, tmp_path):
+    """An edit of offloaded layers saves as a plain checkpoint: transformers writes the offloaded values from
+    accelerate's weights map, and the read-back check compares them with those values (not with the ``meta``
+    placeholders). The reloaded weights are the edited ones, bit for bit, and equal the undispatched model's edit."""
+    ref, lm = pair
+    before = _values(lm)
+    e_ref, e = edit(ref, _cases(1), "memit"), edit(lm, _cases(1), "memit")
+    try:
+        edited, edited_ref = _values(lm), _values(ref)
+        layers = e.diagnostics["layers"]
+        assert layers and set(layers) <= {1, 2}  # the edited layers are offloaded
+        with pytest.warns(UserWarning, match="offloaded"):  # transformers' note on saving offloaded modules
+            saved = e.save_pretrained(tmp_path / "edited")
+        back = editlens.load_model(str(saved))
+        sd = back.model.state_dict()
+        assert set(sd) <= set(edited)
+        assert all(torch.equal(sd[k], edited[k]) and torch.equal(sd[k], edited_ref[k]) for k in sd)
+        changed = sorted(k for k in sd if not torch.equal(sd[k], before[k]))
+        assert changed == [f"model.layers.{l}.mlp.down_proj.weight" for l in layers]  # the edit, saved
+    finally:
+        e.undo()
+        e_ref.undo()
