@@ -31,7 +31,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -621,6 +621,18 @@ def meta_step(kind: str, bank: HyperBank, lm: "LM", modules: Sequence[str], batc
 
 
 # ============================================================================================ hyperparameters
+@dataclass
+class HyperEditHParams(HParams):
+    """Edit-time hyperparameters of a trained hyper-network editor (MEND, MALMEN: the same for both).
+
+    Attributes:
+        lr_scale: factor on every learned step size ``α_l`` (1: as trained).
+    """
+
+    lr_scale: float = 1.0
+    RANGES: ClassVar[Mapping[str, Range]] = {"lr_scale": Range(0.0, lo_open=True)}
+
+
 @dataclass
 class HyperTrainHParams(HParams):
     """Training hyperparameters shared by MEND and MALMEN.

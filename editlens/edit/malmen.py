@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from editlens.edit.base import HParams, Range, register_method
-from editlens.edit.hypernet import HyperEditor, HyperTrainHParams
+from editlens.edit.base import register_method
+from editlens.edit.hypernet import HyperEditHParams, HyperEditor, HyperTrainHParams
 
 _TINY_TRAIN = dict(rank=16, epochs=2, batch_size=4, val_every=4, max_val=4, edit_lr=1e-3, lr=1e-3, lr_lr=1e-3)
 
@@ -39,15 +39,8 @@ class MALMENTrainHParams(HyperTrainHParams):
 
 
 @dataclass
-class MALMENHParams(HParams):
-    """Edit-time hyperparameters of MALMEN.
-
-    Attributes:
-        lr_scale: factor on every learned step size ``α_l`` (1: as trained).
-    """
-
-    lr_scale: float = 1.0
-    RANGES: ClassVar[Mapping[str, Range]] = {"lr_scale": Range(0.0, lo_open=True)}
+class MALMENHParams(HyperEditHParams):
+    """Edit-time hyperparameters of MALMEN (``lr_scale``: see :class:`~editlens.edit.hypernet.HyperEditHParams`)."""
 
 
 @register_method("malmen")

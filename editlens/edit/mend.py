@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from editlens.edit.base import HParams, Range, register_method
-from editlens.edit.hypernet import HyperEditor, HyperTrainHParams
+from editlens.edit.base import register_method
+from editlens.edit.hypernet import HyperEditHParams, HyperEditor, HyperTrainHParams
 
 #: training settings of the built-in tiny random models (tests: a few seconds)
 _TINY_TRAIN = dict(rank=16, epochs=2, val_every=10, max_val=4, edit_lr=1e-3, lr=1e-3, lr_lr=1e-3)
@@ -41,15 +41,8 @@ class MENDTrainHParams(HyperTrainHParams):
 
 
 @dataclass
-class MENDHParams(HParams):
-    """Edit-time hyperparameters of MEND.
-
-    Attributes:
-        lr_scale: factor on every learned step size ``α_l`` (1: as trained).
-    """
-
-    lr_scale: float = 1.0
-    RANGES: ClassVar[Mapping[str, Range]] = {"lr_scale": Range(0.0, lo_open=True)}
+class MENDHParams(HyperEditHParams):
+    """Edit-time hyperparameters of MEND (``lr_scale``: see :class:`~editlens.edit.hypernet.HyperEditHParams`)."""
 
 
 @register_method("mend")
