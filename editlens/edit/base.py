@@ -805,8 +805,24 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
         PromptFormatError: an unknown ``prompt_format``, or ``chat`` for a model without a chat template (before
             any work).
     """
+    editor, fmt, cases, hp = _prepare(lm, cases, method, hparams, overrides, evk_align, prompt_format, trained,
+                                      "edit(lm, cases, 'memit')")
+    t0 = time.perf_counter()
+    with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
+        result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
+        _check_system_format(editor, result, fmt)
+    result.diagnostics["wall_time_s"] = time.perf_counter() - t0
+    result.diagnostics.setdefault("evk_align", evk_settings(evk_align))
+    return result
+
+
+def _prepare(lm: "LM", cases: Any, method: Any, hparams: Any, overrides: Mapping[str, Any], evk_align: Any,
+             prompt_format: Any, trained: Any, example: str) -> tuple["Editor", Any, list, HParams]:
+    """The checks and set-up shared by :func:`edit` and :func:`edit_sequential`, all before any work: the method
+    (a registered name), the prompt format, EVK-Align and offloading support, the cases and their context length,
+    the hyperparameters, the trained editor. Returns ``(editor, prompt format, cases, hparams)``."""
     if not isinstance(method, str):
-        raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. edit(lm, cases, 'memit')")
+        raise MethodError(f"method must be a name (str), got {type(method).__name__}; e.g. {example}")
     editor = get_method(method)()
     fmt = _set_prompt_format(editor, lm, prompt_format)
     _check_evk_support(editor, evk_align)
@@ -815,13 +831,7 @@ def edit(lm: "LM", cases: Sequence["EditCase"] | "EditCase", method: str = "memi
     check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
     hp = _resolve_hparams(editor, lm, hparams, overrides)
     _set_trained(editor, lm, trained)
-    t0 = time.perf_counter()
-    with _model_lock(lm):  # no other thread edits, undoes or reads the weights while this edit is computed
-        result = editor.apply(lm, cases, hp, evk_align=evk_align, progress=progress)
-        _check_system_format(editor, result, fmt)
-    result.diagnostics["wall_time_s"] = time.perf_counter() - t0
-    result.diagnostics.setdefault("evk_align", evk_settings(evk_align))
-    return result
+    return editor, fmt, cases, hp
 
 
 def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch_size: int = 1,
@@ -845,14 +855,8 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     """
     if batch_size < 1:
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
-    editor = get_method(method)()
-    fmt = _set_prompt_format(editor, lm, prompt_format)
-    _check_evk_support(editor, evk_align)
-    _check_offload_support(editor, lm)
-    cases = _check_cases(cases)
-    check_rewrites(lm, cases, fmt)  # every rewrite fits the model's context (ContextLengthError names the case)
-    hp = _resolve_hparams(editor, lm, hparams, overrides)
-    _set_trained(editor, lm, trained)
+    editor, fmt, cases, hp = _prepare(lm, cases, method, hparams, overrides, evk_align, prompt_format, trained,
+                                      "edit_sequential(lm, cases, 'memit')")
     state = editor.begin_sequence(lm, hp, seed=seed)
     marks = sorted({int(c) for c in checkpoints})
     run_id = uuid.uuid4().hex[:8]

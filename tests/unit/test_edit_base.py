@@ -1,6 +1,7 @@
 """The editing API contract: registry, hyperparameter overrides, reversible edits, sequential runs."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -45,6 +46,15 @@ def test_registry_and_unknown_method():
     assert get_method("_test_add") is _AddEditor
     with pytest.raises(MethodError, match="registered methods"):
         get_method("no-such-method")
+
+
+@pytest.mark.parametrize("fn, example", [(edit, "edit(lm, cases, 'memit')"),
+                                         (edit_sequential, "edit_sequential(lm, cases, 'memit')")])
+def test_method_and_cases_swapped_is_refused_before_any_work(tiny_llama, fn, example):
+    before = _state(tiny_llama)
+    with pytest.raises(MethodError, match=r"method must be a name \(str\), got list; e\.g\. " + re.escape(example)):
+        fn(tiny_llama, "_test_add", _cases(1))
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.model.state_dict().items())
 
 
 def test_hparams_for_model_and_unknown_override(tiny_llama):
