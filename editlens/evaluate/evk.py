@@ -383,8 +383,22 @@ def _span_arg(name: str, arg: str | None) -> list[str]:
     return [arg]
 
 
+class _EvkSpanMetric(EvkStability):
+    """An :class:`EvkStability` of one measure, built from a span alone (``cls(span, **kw)``): the registered
+    ``evk_kl`` and ``evk_topk``."""
+
+    @classmethod
+    def check_instances(cls) -> list[Metric]:
+        """Every span, 2 virtual samples per σ (the contract does not depend on the number of samples)."""
+        return [cls(s, n_samples=2) for s in SPANS]
+
+    @classmethod
+    def from_name(cls, name: str, arg: str | None) -> list[Metric]:
+        return [cls(s) for s in _span_arg(name, arg)]
+
+
 @register_metric("evk_kl")
-class EvkKL(EvkStability):
+class EvkKL(_EvkSpanMetric):
     """EVK embedding stability, KL(base ‖ edited) on virtual samples; ``evk_kl@<span>`` (default: every span)."""
 
     value_range = (0.0, float("inf"))
@@ -395,18 +409,9 @@ class EvkKL(EvkStability):
     def __init__(self, span: str = "relation", **kw: Any):
         super().__init__("kl", span, **kw)
 
-    @classmethod
-    def check_instances(cls) -> list[Metric]:
-        """Every span, 2 virtual samples per σ (the contract does not depend on the number of samples)."""
-        return [cls(s, n_samples=2) for s in SPANS]
-
-    @classmethod
-    def from_name(cls, name: str, arg: str | None) -> list[Metric]:
-        return [cls(s) for s in _span_arg(name, arg)]
-
 
 @register_metric("evk_topk")
-class EvkTopK(EvkStability):
+class EvkTopK(_EvkSpanMetric):
     """EVK embedding stability, top-5 overlap on virtual samples; ``evk_topk@<span>`` (default: every span)."""
 
     value_range = (0.0, 1.0)
@@ -416,15 +421,6 @@ class EvkTopK(EvkStability):
 
     def __init__(self, span: str = "relation", **kw: Any):
         super().__init__("topk", span, **kw)
-
-    @classmethod
-    def check_instances(cls) -> list[Metric]:
-        """Every span, 2 virtual samples per σ (the contract does not depend on the number of samples)."""
-        return [cls(s, n_samples=2) for s in SPANS]
-
-    @classmethod
-    def from_name(cls, name: str, arg: str | None) -> list[Metric]:
-        return [cls(s) for s in _span_arg(name, arg)]
 
 
 @register_metric("evk_text_kl")
