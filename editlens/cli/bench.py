@@ -54,10 +54,14 @@ from editlens.cli.progress_option import apply_quiet, quiet_option
 @click.option("--device-map", default=None, metavar="MAP",
               help="Spread the model over devices with accelerate: auto, balanced, balanced_low_0 or sequential "
                    "(overrides the spec's [model] device_map; recorded with the run, so it is another run id).")
+@click.option("--reuse-units", is_flag=True,
+              help="Before running, copy into this run the units that other runs in the store finished with the "
+                   "same work, model, versions and runner options (a spec that gained a method, dataset or seed "
+                   "keeps what it had); each copied unit is printed.")
 @quiet_option
 def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray_address: str | None, ray_cpus: int,
           report: bool, run_id: str | None, eval_cases: int | None, eval_chunk: int | None, no_baseline: bool,
-          truncate: str | None, device_map: str | None, quiet: bool) -> None:
+          truncate: str | None, device_map: str | None, reuse_units: bool, quiet: bool) -> None:
     """Run the experiment SPEC (TOML or YAML) into a results store and write its report."""
     from editlens.errors import SpecError
     from editlens.runs.runner import (RunOptions, default_store_path, judge_endpoint_lines, load_validated_spec,
@@ -96,7 +100,8 @@ def bench(spec: Path, store_path: Path | None, dry_run: bool, executor: str, ray
         ex = RayExecutor(address=ray_address, num_cpus=ray_cpus)
     t0 = time.perf_counter()
     try:
-        rid = run_spec(s, store=store, executor=ex, progress=not quiet, run_id=run_id, options=options)
+        rid = run_spec(s, store=store, executor=ex, progress=not quiet, run_id=run_id, options=options,
+                       reuse_units=reuse_units)
     finally:
         if executor == "ray":
             ex.shutdown()  # only stops a Ray instance this command started

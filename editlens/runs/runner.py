@@ -766,7 +766,7 @@ def unit_meta(unit: Unit, spec: Spec, options: RunOptions) -> dict[str, Any]:
 
 def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None" = None, executor: str | Any = "local",
              progress: bool = True, *, run_id: str | None = None, options: RunOptions | None = None,
-             lm: "LM | None" = None) -> str:
+             lm: "LM | None" = None, reuse_units: bool = False) -> str:
     """Run (or resume) an experiment spec into a results store; returns the run id.
 
     Args:
@@ -778,6 +778,10 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
         run_id: default :meth:`Spec.default_run_id` (a hash of the spec), so re-running a spec resumes it.
         options: :class:`RunOptions` (evaluation sample size of sequential units, baseline, batch tokens).
         lm: an already loaded model to use with the local executor (must be the spec's model, unedited).
+        reuse_units: before running, copy into this run the units that other runs of the same store finished
+            with the same work, model fingerprint, versions and runner options
+            (:meth:`~editlens.runs.store.Store.reuse_units`): a spec that gains a method, dataset or seed keeps
+            the units it had. Each copied unit is printed and marked in its diagnostics.
 
     Raises:
         SpecError: invalid spec (key and line named), StoreError: the run id exists with another spec/model,
@@ -808,6 +812,11 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
             restore_threads = _resume_threads(st, rid, ex, progress)
         units = spec.plan()
         metas = {u.id: unit_meta(u, spec, options) for u in units}
+        if reuse_units:
+            for uid, src in st.reuse_units(rid, metas).items():
+                if progress:
+                    print(f"  {uid}: reused from run {src} (same unit, model, versions and runner options)",
+                          file=sys.stderr, flush=True)
         finished = st.finished_units(rid)
         todo = [u for u in units if u.id not in finished]
         done_steps = {u.id: {c.step for c in st.checkpoints(rid, u.id)} for u in todo}
@@ -849,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-chunk", type=int, default=None)
     p.add_argument("--truncate", choices=["left"], default=None)
     p.add_argument("--device-map", default=None)
+    p.add_argument("--reuse-units", action="store_true")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
@@ -857,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = with_device_map(load_validated_spec(a.spec), a.device_map)
         rid = run_spec(spec, a.store, a.executor, progress=not a.quiet, run_id=a.run_id,
                        options=RunOptions(eval_cases=a.eval_cases, truncate=a.truncate,
-                                          eval_chunk=a.eval_chunk))
+                                          eval_chunk=a.eval_chunk), reuse_units=a.reuse_units)
     except EditlensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,6 +67,8 @@ ROW_FIELDS: tuple[str, ...] = ("step", "n_edits", "case_id", "probe_kind", "metr
 #: every column of the ``rows`` table.
 ROW_COLUMNS: tuple[str, ...] = ("run_id", "unit", *ROW_FIELDS)
 DIAG_COLUMNS: tuple[str, ...] = ("run_id", "unit", "step", "key", "value", "value_json")
+#: diagnostics key of a unit copied from another run by :meth:`Store.reuse_units` (``value_json``: that run's id)
+REUSED_KEY = "reused_from_run"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS store_info(key TEXT PRIMARY KEY, value TEXT);
@@ -398,6 +400,68 @@ class Store:
                                                                       "{}"))
             con.executemany("INSERT INTO rows VALUES(?,?,?,?,?,?,?,?)", tuples)
         return len(tuples)
+
+    def reuse_units(self, run_id: str, metas: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+        """Copy into ``run_id`` the finished units of other runs of this store that did exactly the same work.
+
+        A spec that gains a method, dataset or seed gets a new run id (its hash changed), yet its old units are
+        the same computations. A unit ``u`` of ``metas`` (``{unit id: unit metadata}``, as the runner stores
+        them) that is not done in ``run_id`` is taken from another run ``R`` when all of these hold: ``R`` has
+        ``u`` done with the same metadata (method, hyperparameters, dataset name and source, seed, regime,
+        metrics, evaluation sample...; the unit id itself hashes the method, data, regime and model settings);
+        ``R`` has the same model fingerprint, the same versions (editlens, runner, torch, transformers, torch
+        thread count: the rows are bit-reproducible only then), the same ``model`` and ``runner`` entries of
+        its spec, and the same entry for the unit's dataset (resolved path, limit, sample, seed). The unit's
+        rows, diagnostics and checkpoints are copied in one transaction with its start and finish times, plus
+        a diagnostics row ``(step NULL, key`` :data:`REUSED_KEY` ``, value_json = R)`` saying where they came
+        from; a partial attempt of ``u`` in ``run_id`` is deleted first. The newest matching run wins.
+
+        Returns ``{unit id: source run id}`` of the units copied.
+        """
+        out: dict[str, str] = {}
+        with self._write() as con:
+            me = con.execute("SELECT spec_json, versions_json, model_fingerprint FROM runs WHERE run_id=?",
+                             (run_id,)).fetchone()
+            if me is None:
+                raise StoreError(f"store {self.path}: no run {run_id!r}; call start_run() first")
+            spec = json.loads(me[0] or "null") or {}
+            candidates = []
+            for rid, sj, vj, fp in con.execute(
+                    "SELECT run_id, spec_json, versions_json, model_fingerprint FROM runs WHERE run_id<>? "
+                    "ORDER BY created DESC", (run_id,)).fetchall():
+                other = json.loads(sj or "null") or {}
+                if (json.loads(vj or "{}") == json.loads(me[1] or "{}") and (fp or None) == (me[2] or None)
+                        and other.get("model") == spec.get("model") and other.get("runner") == spec.get("runner")):
+                    candidates.append((rid, other))
+            if not candidates:
+                return out
+            done = {r[0] for r in con.execute("SELECT unit FROM units WHERE run_id=? AND status='done'", (run_id,))}
+            for unit, meta in metas.items():
+                if unit in done:
+                    continue
+                want = json.loads(_json(dict(meta), "unit meta", self.path))
+                dataset = _dataset_entry(spec, want.get("dataset"))
+                for rid, other in candidates:
+                    if dataset is None or _dataset_entry(other, want.get("dataset")) != dataset:
+                        continue
+                    row = con.execute("SELECT started, finished, meta_json FROM units WHERE run_id=? AND unit=? "
+                                      "AND status='done'", (rid, unit)).fetchone()
+                    if row is None or json.loads(row[2] or "{}") != want:
+                        continue
+                    for table in ("rows", "diagnostics", "checkpoints", "units"):
+                        con.execute(f"DELETE FROM {table} WHERE run_id=? AND unit=?", (run_id, unit))
+                    con.execute("INSERT INTO units VALUES(?,?,?,?,?,?)", (run_id, unit, "done", *row))
+                    con.execute("INSERT INTO rows SELECT ?, unit, step, n_edits, case_id, probe_kind, metric, value "
+                                "FROM rows WHERE run_id=? AND unit=? ORDER BY rowid", (run_id, rid, unit))
+                    con.execute("INSERT INTO diagnostics SELECT ?, unit, step, key, value, value_json "
+                                "FROM diagnostics WHERE run_id=? AND unit=? ORDER BY rowid", (run_id, rid, unit))
+                    con.execute("INSERT INTO checkpoints SELECT ?, unit, step, n_edits, state_json, created "
+                                "FROM checkpoints WHERE run_id=? AND unit=?", (run_id, rid, unit))
+                    con.execute("INSERT INTO diagnostics VALUES(?,?,?,?,?,?)",
+                                (run_id, unit, None, REUSED_KEY, None, json.dumps(rid)))
+                    out[unit] = rid
+                    break
+        return out
 
     def is_done(self, run_id: str, unit: str) -> bool:
         """Whether the unit was committed completely."""
@@ -783,6 +847,14 @@ class StoreLock:
         except Exception:
             pass
 
+
+
+def _dataset_entry(spec: Mapping[str, Any], name: Any) -> Any:
+    """The ``datasets`` entry named ``name`` of a stored spec dict (``None`` when there is none)."""
+    for d in spec.get("datasets") or ():
+        if isinstance(d, Mapping) and d.get("name") == name:
+            return d
+    return None
 
 def _hostname() -> str:
     import socket

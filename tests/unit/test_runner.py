@@ -386,3 +386,115 @@ def test_ray_missing_gives_install_hint(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(EditlensError, match=r"pip install editlens\[ray\]"):
         executors.get_executor("ray")
+
+
+# ------------------------------------------------------------------ reusing the units of an earlier run
+GROWN = BATCH.replace('''    [[methods]]
+    name = "none"
+''', '''    [[methods]]
+    name = "none"
+
+    [[methods]]
+    name = "toyedit"
+    label = "toy_big"
+    hparams = { scale = 0.5 }
+''')
+
+
+def test_a_grown_spec_reuses_the_finished_units_and_equals_a_fresh_run(batch_run, lm, tmp_path):
+    """The spec gains a method: a new run id, whose old units are copied (not recomputed) with
+    ``reuse_units=True``; only the new method's units run, and every row equals a run of the grown spec from
+    scratch (so the copied rows are what the computation gives)."""
+    import shutil
+
+    from editlens.runs.store import REUSED_KEY
+
+    spec, store, rid, _, _ = batch_run
+    shutil.copy(store, tmp_path / "s.sqlite")
+    grown = write(tmp_path, "g.toml", GROWN)
+    ToyEditor.calls = 0
+    rid2 = run_spec(grown, store=tmp_path / "s.sqlite", lm=lm, progress=False, reuse_units=True)
+    assert rid2 != rid
+    assert ToyEditor.calls == 2  # toy_big on seeds 0 and 1; the 4 toyedit and 2 none units were copied
+    with Store(tmp_path / "s.sqlite", readonly=True) as st:
+        old_units, new_units = st.units(rid), st.units(rid2)
+        reused = st.diagnostics(rid2, key=REUSED_KEY)
+        assert set(st.finished_units(rid)) < set(st.finished_units(rid2))
+    assert sorted(reused["unit"]) == sorted(old_units["unit"]) and set(reused["value"]) == {rid}
+    assert reused["step"].isna().all()
+    assert len(new_units) == len(old_units) + 2 and (new_units["status"] == "done").all()
+    # the copied rows are the first run's, and a fresh run of the grown spec computes the same rows
+    copied = [r for r in sorted_rows(tmp_path / "s.sqlite", rid2) if not r[1].startswith("toy_big")]
+    assert [r[1:] for r in copied] == [r[1:] for r in sorted_rows(store, rid)]
+    ToyEditor.calls = 0
+    assert run_spec(grown, store=tmp_path / "fresh.sqlite", lm=lm, progress=False) == rid2
+    assert ToyEditor.calls == 6
+    assert sorted_rows(tmp_path / "fresh.sqlite", rid2) == sorted_rows(tmp_path / "s.sqlite", rid2)
+    from editlens.report import build_report
+
+    build_report(tmp_path / "s.sqlite", run_id=rid2).to_html()  # the provenance rows do not upset the report
+    # a second call finds everything done and copies nothing again
+    ToyEditor.calls = 0
+    run_spec(grown, store=tmp_path / "s.sqlite", lm=lm, progress=False, reuse_units=True)
+    with Store(tmp_path / "s.sqlite", readonly=True) as st:
+        assert ToyEditor.calls == 0 and len(st.diagnostics(rid2, key=REUSED_KEY)) == len(old_units)
+
+
+@pytest.mark.parametrize("change", ["versions", "fingerprint", "runner", "dataset", "meta"])
+def test_units_of_a_run_that_differs_are_not_reused(batch_run, lm, tmp_path, change):
+    """Other versions (e.g. torch thread count), another model, other runner options, another dataset file or
+    other unit metadata: nothing is copied, the units are computed."""
+    import json
+    import shutil
+    import sqlite3
+
+    spec, store, rid, _, _ = batch_run
+    shutil.copy(store, tmp_path / "s.sqlite")
+    con = sqlite3.connect(tmp_path / "s.sqlite")
+    sj, vj = con.execute("SELECT spec_json, versions_json FROM runs WHERE run_id=?", (rid,)).fetchone()
+    sj, vj = json.loads(sj), json.loads(vj)
+    if change == "versions":
+        vj["torch_threads"] = vj["torch_threads"] + 1
+    elif change == "fingerprint":
+        con.execute("UPDATE runs SET model_fingerprint='another-model' WHERE run_id=?", (rid,))
+    elif change == "runner":
+        sj["runner"]["batch_tokens"] = sj["runner"]["batch_tokens"] + 1
+    elif change == "dataset":
+        sj["datasets"][0]["path"] = "/elsewhere/synthetic"
+    else:
+        con.execute("UPDATE units SET meta_json=replace(meta_json, '\"seed\": 1', '\"seed\": 7') WHERE run_id=?",
+                    (rid,))
+    con.execute("UPDATE runs SET spec_json=?, versions_json=? WHERE run_id=?", (json.dumps(sj), json.dumps(vj), rid))
+    con.commit()
+    con.close()
+    ToyEditor.calls = 0
+    run_spec(write(tmp_path, "g.toml", GROWN), store=tmp_path / "s.sqlite", lm=lm, progress=False,
+             reuse_units=True)
+    assert ToyEditor.calls == (4 if change == "meta" else 6)  # meta: only the seed-0 units match
+
+
+def test_reuse_replaces_a_partial_attempt(batch_run, lm, tmp_path):
+    import shutil
+
+    from editlens.runs.spec import load_spec as _load
+    from editlens.runs.runner import unit_meta
+
+    spec, store, rid, _, _ = batch_run
+    shutil.copy(store, tmp_path / "s.sqlite")
+    grown = _load(write(tmp_path, "g.toml", GROWN))
+    rid2 = grown.default_run_id()
+    unit = next(u for u in grown.plan() if u.label == "toyedit")
+    with Store(tmp_path / "s.sqlite") as st:
+        st.start_run(rid2, grown.to_dict())  # another run id's record, to hold a partial attempt
+        st.append_rows(rid2, unit.id, [(1, 3, "x", "rewrite", "kl", 99.0)])
+        meta = unit_meta(unit, grown, RunOptions().for_spec(grown))
+        assert st.reuse_units(rid2, {unit.id: meta}) == {}  # versions and runner options differ from the run's
+        st._conn().execute("UPDATE runs SET spec_json=(SELECT spec_json FROM runs WHERE run_id=?), "
+                           "versions_json=(SELECT versions_json FROM runs WHERE run_id=?), "
+                           "model_fingerprint=(SELECT model_fingerprint FROM runs WHERE run_id=?) WHERE run_id=?",
+                           (rid, rid, rid, rid2))
+        st._conn().commit()
+        assert st.reuse_units(rid2, {unit.id: meta}) == {unit.id: rid}
+        assert 99.0 not in set(st.rows(rid2, unit.id)["value"])
+        assert sorted(map(tuple, st.rows(rid2, unit.id).drop(columns="run_id").astype(str).values)) == \
+            sorted(map(tuple, st.rows(rid, unit.id).drop(columns="run_id").astype(str).values))
