@@ -440,19 +440,28 @@ def test_a_grown_spec_reuses_the_finished_units_and_equals_a_fresh_run(batch_run
         assert ToyEditor.calls == 0 and len(st.diagnostics(rid2, key=REUSED_KEY)) == len(old_units)
 
 
-@pytest.mark.parametrize("change", ["versions", "fingerprint", "runner", "dataset", "meta"])
-def test_units_of_a_run_that_differs_are_not_reused(batch_run, lm, tmp_path, change):
+@pytest.mark.parametrize("change", [None, "versions", "fingerprint", "runner", "dataset", "meta"])
+def test_units_of_a_run_that_differs_are_not_reused(batch_run, tmp_path, change):
     """Other versions (e.g. torch thread count), another model, other runner options, another dataset file or
-    other unit metadata: nothing is copied, the units are computed."""
+    other unit metadata: nothing is copied (``None``: the unchanged run, everything is)."""
     import json
     import shutil
     import sqlite3
 
+    from editlens.runs.runner import unit_meta
+
     spec, store, rid, _, _ = batch_run
     shutil.copy(store, tmp_path / "s.sqlite")
+    grown = load_spec(write(tmp_path, "g.toml", GROWN))
+    rid2 = grown.default_run_id()
+    metas = {u.id: unit_meta(u, grown, RunOptions().for_spec(grown)) for u in grown.plan()}
     con = sqlite3.connect(tmp_path / "s.sqlite")
-    sj, vj = con.execute("SELECT spec_json, versions_json FROM runs WHERE run_id=?", (rid,)).fetchone()
+    # the new run: the grown spec, recorded like the first run (same versions, model and runner options)
+    sj, vj, fp = con.execute("SELECT spec_json, versions_json, model_fingerprint FROM runs WHERE run_id=?",
+                             (rid,)).fetchone()
     sj, vj = json.loads(sj), json.loads(vj)
+    con.execute("INSERT INTO runs VALUES(?,?,?,?,?,?)",
+                (rid2, json.dumps({**grown.to_dict(), "runner": sj["runner"]}), json.dumps(vj), fp, "[0, 1]", 0.0))
     if change == "versions":
         vj["torch_threads"] = vj["torch_threads"] + 1
     elif change == "fingerprint":
@@ -461,16 +470,18 @@ def test_units_of_a_run_that_differs_are_not_reused(batch_run, lm, tmp_path, cha
         sj["runner"]["batch_tokens"] = sj["runner"]["batch_tokens"] + 1
     elif change == "dataset":
         sj["datasets"][0]["path"] = "/elsewhere/synthetic"
-    else:
+    elif change == "meta":
         con.execute("UPDATE units SET meta_json=replace(meta_json, '\"seed\": 1', '\"seed\": 7') WHERE run_id=?",
                     (rid,))
     con.execute("UPDATE runs SET spec_json=?, versions_json=? WHERE run_id=?", (json.dumps(sj), json.dumps(vj), rid))
     con.commit()
     con.close()
-    ToyEditor.calls = 0
-    run_spec(write(tmp_path, "g.toml", GROWN), store=tmp_path / "s.sqlite", lm=lm, progress=False,
-             reuse_units=True)
-    assert ToyEditor.calls == (4 if change == "meta" else 6)  # meta: only the seed-0 units match
+    with Store(tmp_path / "s.sqlite") as st:
+        old = st.units(rid)
+        got = st.reuse_units(rid2, metas)
+    expect = {"meta": set(old[old["meta"].map(lambda m: m["seed"] == 0)]["unit"]), None: set(old["unit"])}
+    assert set(got) == expect.get(change, set()) and set(got.values()) <= {rid}
+    assert change != "meta" or 0 < len(got) < len(old)
 
 
 def test_reuse_replaces_a_partial_attempt(batch_run, lm, tmp_path):
