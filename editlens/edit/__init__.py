@@ -5,12 +5,13 @@ scanning this package and the ``editlens.methods`` entry points of installed pac
 :func:`registered_methods` lists them, :func:`method_import_errors` the modules that failed to import.
 """
 from editlens.edit.base import (Edit, Editor, HParams, SequenceState, WeightSnapshot, edit, edit_sequential,
-                                get_method, method_import_errors, model_keys, register_method, registered_methods)
+                                get_method, load_sequence, method_import_errors, model_keys, register_method,
+                                registered_methods, save_sequence)
 from editlens.edit.trained import TrainableEditor, TrainedEditor, train, trainable_methods
 
 __all__ = ["Edit", "Editor", "HParams", "SequenceState", "WeightSnapshot", "edit", "edit_sequential", "get_method",
            "method_import_errors", "model_keys", "register_method", "registered_methods", "TrainableEditor",
-           "TrainedEditor", "train", "trainable_methods"]
+           "TrainedEditor", "train", "trainable_methods", "save_sequence", "load_sequence"]
 
 
 def _make_callable() -> None:

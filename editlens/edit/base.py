@@ -838,7 +838,7 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
                     hparams: HParams | Mapping[str, Any] | None = None, checkpoints: Iterable[int] = (),
                     callback: Callable[[int, int, Edit], Any] | None = None, evk_align: Any = None,
                     progress: bool = False, seed: int = 0, prompt_format: Any = "raw", trained: Any = None,
-                    **overrides: Any) -> Edit:
+                    resume: Mapping[str, Any] | None = None, **overrides: Any) -> Edit:
     """Edit batch after batch (``batch_size`` cases each), in order; returns the run's reversible :class:`Edit`.
 
     ``callback(step, n_edits, edit_so_far)`` is called after the batch at which ``n_edits`` first reaches each
@@ -852,6 +852,14 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     ``prompt_format`` (``raw`` / ``chat`` / ``auto``) is the run's, as for :func:`edit`: every step is made in it and
     every ``edit_so_far.system`` poses prompts in it. ``trained`` is the trained editor of a trained method, as for
     :func:`edit`.
+
+    ``resume``: a run's state after some of its steps, as :func:`load_sequence` reads it from a file that
+    :func:`save_sequence` wrote (at a checkpoint, from ``edit_so_far``): the run goes on from there — the edited
+    weights, the method's accumulated state and the random-number state are restored, the first ``n_edits``
+    cases are not edited again — and ends exactly as the uninterrupted run would (bit for bit: tested for every
+    weight-editing method). ``lm`` must be unedited, and method, cases, batch size, seed and hyperparameters
+    those of the saved run (checked; :class:`MethodError` otherwise). Checkpoints at or before the resumed
+    point are not called back.
     """
     if batch_size < 1:
         raise MethodError(f"batch_size must be >= 1, got {batch_size}")
@@ -863,13 +871,25 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
     total = 0.0
     run_edit: Edit | None = None
     next_mark = 0
+    first = 0
+    if resume is not None:
+        total = _resume_sequence(lm, editor, hp, state, resume, cases, batch_size, seed)
+        first = state.n_edits
+        next_mark = sum(1 for m in marks if m <= first)
+        system = editor.base_system(lm)  # built after the run's tag was pushed: pinned to the resumed weights
+        run_edit = _RunEdit(system, editor.name, cases, hp, {"n_edits": state.n_edits, "step": state.step,
+                                                             "wall_time_s": total, "resumed_at": state.n_edits},
+                            lm=lm, state=state)
+        run_edit.tag = state.tag
     bar = None
     if progress:
         from editlens.progress import bar as progress_bar
 
         bar = progress_bar(total=len(cases), desc=f"{editor.name} sequential", unit="edit")
+        if first:
+            bar.update(first)
     try:
-        for start in range(0, len(cases), batch_size):
+        for start in range(first, len(cases), batch_size):
             batch = cases[start:start + batch_size]
             t0 = time.perf_counter()
             # each step (computation, weight update, new fingerprint tag) runs under the model's lock; the
@@ -934,6 +954,155 @@ def edit_sequential(lm: "LM", cases: Sequence["EditCase"], method: str, *, batch
             bar.close()
     assert run_edit is not None
     return run_edit
+
+
+class SequenceResumeError(MethodError):
+    """``edit_sequential(..., resume=...)`` was given the state of another run (or the model is edited); raised
+    before any weight is touched."""
+
+
+#: the ``format`` entry of a file written by :func:`save_sequence`
+SEQUENCE_FORMAT = "editlens sequence checkpoint v1"
+_PLAIN_LEAVES = (str, int, float, bool, type(None))
+
+
+def _is_plain(obj: Any) -> bool:
+    """Whether ``obj`` is tensors, numbers, strings and None in dicts, lists and tuples (what a file read with
+    ``torch.load(weights_only=True)`` may hold)."""
+    if isinstance(obj, (torch.Tensor,) + _PLAIN_LEAVES):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_is_plain(x) for x in obj)
+    if type(obj) is dict:
+        return all(_is_plain(k) and _is_plain(v) for k, v in obj.items())
+    return False
+
+
+def _cases_digest(cases: Sequence["EditCase"]) -> str:
+    h = hashlib.sha256()
+    for c in cases:
+        for r in c.rewrites:
+            h.update(f"{c.case_id}|{r.prompt}|{r.subject}|{r.target_new}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def sequence_payload(run: Edit) -> dict[str, Any] | None:
+    """What :func:`save_sequence` writes for a sequential run (``edit_so_far`` of :func:`edit_sequential`), or
+    ``None`` when the run cannot be saved: a method that keeps its edits outside the weights (GRACE, WISE, MELO,
+    SERAC, IKE, SCR: their memories are objects, not tensors) or a model with offloaded weights."""
+    state = getattr(run, "state", None)
+    lm = run.lm
+    if not isinstance(state, SequenceState) or state.on_undo is not None or lm is None:
+        return None
+    if getattr(lm, "device_map", None):
+        return None
+    if not _is_plain(state.data):
+        return None
+    weights = {name: live.detach().clone() for name, (live, _) in state.snapshot._saved.items()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if getattr(lm.device, "type", "cpu") == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(lm.device)
+    return {"format": SEQUENCE_FORMAT, "method": run.method, "hparams": repr(run.hparams),
+            "base_fingerprint": lm.base_fingerprint, "step": state.step, "n_edits": state.n_edits,
+            "seed": state.seed, "cases": _cases_digest(list(run.cases)[:state.n_edits]), "tag": state.tag,
+            "wall_time_s": float(run.diagnostics.get("wall_time_s", 0.0)), "weights": weights,
+            "data": state.data, "rng": rng}
+
+
+def save_sequence(run: Edit, path: Any, **extra: Any) -> bool:
+    """Write the state of a sequential run (``edit_so_far`` in :func:`edit_sequential`'s callback) to ``path``,
+    atomically, for :func:`load_sequence` / ``edit_sequential(..., resume=...)``: the edited weights (the tensors
+    the run changed), the method's accumulated state (``SequenceState.data``: AlphaEdit's ``K_p K_pᵀ``, LoRA's
+    adapters, the cached statistics...), the random-number state and what identifies the run (method,
+    hyperparameters, seed, the edited cases, the base model). Plain ``torch.save`` of tensors and plain
+    containers only, read back with ``weights_only=True`` (a file never makes editlens run code). ``extra``
+    plain values are stored beside (e.g. the runner's unit id). Returns ``False`` (nothing written) for a run
+    :func:`sequence_payload` cannot save."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    payload = sequence_payload(run)
+    if payload is None:
+        return False
+    payload["extra"] = dict(extra)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def load_sequence(path: Any, map_location: Any = None) -> dict[str, Any]:
+    """Read a file written by :func:`save_sequence` (``torch.load(weights_only=True)``: tensors and plain
+    containers only). Raises :class:`MethodError` naming the file when it cannot be read or is not one."""
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is refused with its reason
+        raise MethodError(f"sequence checkpoint {path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != SEQUENCE_FORMAT:
+        raise MethodError(f"sequence checkpoint {path}: not an editlens sequence checkpoint")
+    for key, typ in (("step", int), ("n_edits", int), ("weights", dict), ("data", dict), ("rng", dict)):
+        if not isinstance(obj.get(key), typ):
+            raise MethodError(f"sequence checkpoint {path}: field {key!r} is missing or not a {typ.__name__}")
+    return obj
+
+
+def _resume_sequence(lm: "LM", editor: "Editor", hp: HParams, state: SequenceState, saved: Mapping[str, Any],
+                     cases: Sequence["EditCase"], batch_size: int, seed: int) -> float:
+    """Put a saved run's state (:func:`load_sequence`) into ``lm`` and ``state`` (see ``edit_sequential``'s
+    ``resume``); returns the run's wall time so far. Everything is checked before the weights are touched."""
+    from editlens.lm.arch import weight_param
+
+    def refuse(why: str) -> MethodError:
+        return SequenceResumeError(f"edit_sequential(resume=...): {why}")
+
+    n, step = int(saved["n_edits"]), int(saved["step"])
+    if saved.get("method") != editor.name:
+        raise refuse(f"the saved run is of method {saved.get('method')!r}, not {editor.name!r}")
+    if saved.get("hparams") != repr(hp):
+        raise refuse(f"the saved run's hyperparameters differ: {saved.get('hparams')} vs {hp!r}")
+    if int(saved.get("seed", -1)) != int(seed):
+        raise refuse(f"the saved run has seed {saved.get('seed')}, not {seed}")
+    if not 0 < n <= len(cases) or step * batch_size != n:
+        raise refuse(f"the saved run is at {n} edits in {step} steps: not a point of a run of {len(cases)} cases "
+                     f"in batches of {batch_size}")
+    if saved.get("cases") != _cases_digest(cases[:n]):
+        raise refuse(f"the saved run edited other cases than the first {n} given")
+    if saved.get("base_fingerprint") != lm.base_fingerprint:
+        raise refuse("the saved run is of another model (base fingerprint differs)")
+    if lm.fingerprint != lm.base_fingerprint:
+        raise refuse("the model is edited; resume on the unedited model")
+    weights = dict(saved["weights"])
+    live = {}
+    for name, value in weights.items():
+        try:
+            param = weight_param(lm.module(name))
+        except Exception as e:  # noqa: BLE001
+            raise refuse(f"the saved weight {name!r} is not a module weight of this model ({e})") from None
+        if not isinstance(value, torch.Tensor) or value.shape != param.shape or value.dtype != param.dtype:
+            raise refuse(f"the saved weight {name!r} does not match the model's ({tuple(param.shape)}, {param.dtype})")
+        live[name] = param
+    with _model_lock(lm), torch.no_grad():
+        for name, param in live.items():
+            state.snapshot.save(name, param)
+            param.copy_(weights[name].to(param.device))
+        state.data.clear()
+        state.data.update(saved["data"])
+        state.step, state.n_edits, state.tag = step, n, str(saved.get("tag"))
+        lm.push_state(state.tag, state.snapshot)
+    rng = saved["rng"]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and getattr(lm.device, "type", "cpu") == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], lm.device)
+    return float(saved.get("wall_time_s", 0.0))
 
 
 class _RunEdit(Edit):

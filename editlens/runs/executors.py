@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from editlens.errors import EditlensError, SpecError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     from editlens.lm.load import LM
     from editlens.runs.runner import RunOptions, StepResult
     from editlens.runs.spec import Spec, Unit
@@ -68,12 +70,17 @@ class LocalExecutor:
 
     Args:
         lm: an already loaded (unedited) model to use instead of loading the spec's.
+
+    ``resume_dir`` (set by :func:`~editlens.runs.runner.run_spec` to a folder beside the store): where a sequential
+    unit saves its state at each committed checkpoint, so that a killed run resumes there instead of re-applying
+    its edits (see :func:`~editlens.runs.runner.execute_unit`).
     """
 
     name = "local"
 
     def __init__(self, lm: "LM | None" = None):
         self.lm = lm
+        self.resume_dir: "Path | None" = None
 
     def prepare(self, spec: "Spec", options: "RunOptions") -> str:
         from editlens.runs.spec import check_methods
@@ -101,7 +108,7 @@ class LocalExecutor:
                 print(f"  running {u.id} ({u.method}, {u.regime}, {u.n_edits} edits, dataset {u.dataset.name}, "
                       f"seed {u.seed}{', sweep ' + str(u.sweep) if u.sweep else ''})", file=sys.stderr, flush=True)
             execute_unit(self.lm, u, data[u.dataset.name], options, sink, done_steps=(done_steps or {}).get(u.id, ()),
-                         base_answers=base, prompt_format=fmt)
+                         base_answers=base, prompt_format=fmt, resume_dir=self.resume_dir)
 
 
 # ============================================================================================ Ray

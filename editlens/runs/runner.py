@@ -25,9 +25,14 @@ One unit
 Determinism and resume
 ----------------------
 Re-running the same spec into the same store resumes it: finished units are skipped; a sequential unit that was
-killed re-applies its edits from the start (the same cases in the same order with the same seed — weights are
-not stored) without re-evaluating the checkpoints it already committed, and goes on from there. A killed and
-resumed run ends with exactly the rows of an uninterrupted run because:
+killed goes on from its last committed checkpoint. With the local executor every committed checkpoint but the
+last also saves the unit's state (edited weights, the method's accumulated state, the random-number state:
+:func:`editlens.edit.save_sequence`) to ``<store>.resume/<run id>/<unit id>.pt``, and the resumed unit starts from
+that file (``edit_sequential(..., resume=...)``, bit for bit the uninterrupted run). Without a usable file
+(methods whose edits live outside the weights, Ray tasks, a file of another step or unit, a damaged file) the
+unit re-applies its edits from the start (the same cases in the same order with the same seed) without
+re-evaluating the checkpoints it already committed. A killed and resumed run ends with exactly the rows of an
+uninterrupted run because:
 
 * each unit seeds torch with its ``seed`` inside :func:`torch.random.fork_rng` (and passes it to
   ``edit_sequential``); evaluations run inside their own ``fork_rng`` so skipping one does not change the
@@ -80,6 +85,7 @@ unit metadata is :meth:`Unit.meta` plus ``eval_cases`` and the model name.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import time
@@ -459,7 +465,8 @@ def _stream(system: Any, bases: _ChunkBases, options: RunOptions, fmt: str, emit
 
 
 def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sink: Callable[[StepResult], None],
-                     done: set, prompt_format: str, trained: Any, evk: Any, is_none: bool) -> None:
+                     done: set, prompt_format: str, trained: Any, evk: Any, is_none: bool,
+                     state_dir: Path | None = None) -> None:
     """:func:`execute_unit` with ``options.eval_chunk`` (see "Streaming" in the module docstring); called inside
     the unit's ``fork_rng`` / truncation context, right after the unit's seed is set."""
     from editlens.edit.base import edit, edit_sequential
@@ -529,6 +536,8 @@ def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sin
             _stream(None, bases, options, prompt_format, emitter(0, 0), self_base=True)
             finish(0, 0, {"eval_time_s": time.perf_counter() - t0}, False)
 
+        saved = _SequenceFile(state_dir, unit, done)
+
         def callback(step: int, n_edits: int, so_far: Any) -> None:
             if step in done:
                 return
@@ -537,20 +546,26 @@ def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sin
             _stream(so_far.system, bases, options, prompt_format, emitter(step, n_edits))
             diag["eval_time_s"] = time.perf_counter() - t1
             finish(step, n_edits, diag, n_edits == last)
+            saved.save(so_far, step, n_edits == last)
 
-        run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
-                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
-                              prompt_format=prompt_format, trained=trained, progress=True)
+        run = saved.run(lambda resume: edit_sequential(
+            lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams), checkpoints=marks, callback=callback,
+            evk_align=evk, seed=unit.seed, prompt_format=prompt_format, trained=trained, progress=True,
+            resume=resume))
         run.undo()
+        saved.remove()
 
 
 def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options: RunOptions,
                  sink: Callable[[StepResult], None], *, done_steps: Iterable[int] = (),
-                 base_answers: BaseAnswers | None = None, prompt_format: str = "raw") -> None:
+                 base_answers: BaseAnswers | None = None, prompt_format: str = "raw",
+                 resume_dir: Path | None = None) -> None:
     """Run one unit on ``lm`` (unedited on entry and on return) and hand every evaluation point to ``sink``.
 
     ``done_steps`` are the steps already committed for this unit (resume): they are not re-evaluated, but the
-    edits are re-applied so that the later steps start from the same weights. With ``options.eval_chunk`` every
+    edits are re-applied so that the later steps start from the same weights — unless ``resume_dir`` holds the
+    unit's state saved at its last committed checkpoint (:func:`_SequenceFile`): then the run goes on from
+    there. With ``options.eval_chunk`` every
     evaluation is streamed (:func:`_execute_chunked`; a batch unit of staged ConflictEdit / RoundEdit records is
     evaluated as without it).
     """
@@ -581,7 +596,8 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
             from editlens.data.formats.pitfalls import is_staged
 
             if unit.regime == "sequential" or is_none or not any(is_staged(c) for c in cases):
-                _execute_chunked(lm, unit, cases, options, sink, done, prompt_format, trained, evk, is_none)
+                _execute_chunked(lm, unit, cases, options, sink, done, prompt_format, trained, evk, is_none,
+                                 resume_dir)
                 return
         if unit.regime != "sequential":
             fb = base_answers.get(lm, cases, unit.metrics, with_edited=is_none)
@@ -641,6 +657,8 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                     sink(StepResult(unit.id, s, n, _rows(res, s, n), {"eval_time_s": time.perf_counter() - t0},
                                     final=n == last))
             return
+        saved = _SequenceFile(resume_dir, unit, done)
+
         def callback(step: int, n_edits: int, so_far: Any) -> None:
             if step in done:
                 return
@@ -651,14 +669,88 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
             if n_edits == last:
                 diag[ANSWERS_KEY] = ans.record(so_far.system)
             sink(StepResult(unit.id, step, n_edits, _rows(res, step, n_edits), diag, final=n_edits == last))
+            saved.save(so_far, step, n_edits == last)
 
         ans = CaseAnswers(lm, sample, prompt_format=prompt_format, batch_tokens=options.batch_tokens,
                           cache=base_answers._cache)
 
-        run = edit_sequential(lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams),
-                              checkpoints=marks, callback=callback, evk_align=evk, seed=unit.seed,
-                              prompt_format=prompt_format, trained=trained, progress=True)
+        run = saved.run(lambda resume: edit_sequential(
+            lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams), checkpoints=marks, callback=callback,
+            evk_align=evk, seed=unit.seed, prompt_format=prompt_format, trained=trained, progress=True,
+            resume=resume))
         run.undo()
+        saved.remove()
+
+
+class _SequenceFile:
+    """The saved state of one sequential unit (``<resume_dir>/<unit id>.pt``, :func:`editlens.edit.save_sequence`),
+    written after each committed checkpoint but the last, so that a killed run resumes a unit at its last
+    committed checkpoint instead of re-applying every edit before it.
+
+    On resume the file is used only when it is this unit's and holds exactly the last committed step (a file
+    written before a commit that did not happen, or after one whose rows were lost, is ignored); a file that
+    cannot be read, or a run state ``edit_sequential`` refuses (another method, cases, seed or hyperparameters:
+    :class:`~editlens.edit.base.SequenceResumeError`, raised before any weight is touched), is reported and the
+    edits are re-applied as without it. Methods whose edits live outside the weights are never saved (they are
+    replayed). The file is removed when the unit is done. ``resume_dir=None`` (Ray tasks): nothing is saved.
+    """
+
+    def __init__(self, resume_dir: Path | None, unit: Unit, done: set[int]):
+        self.unit = unit
+        self.path = None if resume_dir is None else Path(resume_dir) / f"{unit.id}.pt"
+        self.resume: dict[str, Any] | None = None
+        if self.path is None or not self.path.is_file():
+            return
+        from editlens.edit.base import load_sequence
+        from editlens.errors import MethodError
+
+        why = None
+        try:
+            got = load_sequence(self.path)
+        except MethodError as e:
+            why = str(e)
+        else:
+            extra = got.get("extra") if isinstance(got.get("extra"), dict) else {}
+            if extra.get("unit") != unit.id:
+                why = f"it is for unit {extra.get('unit')!r}"
+            elif not done or int(extra.get("step", -1)) != max(done):
+                why = (f"it holds step {extra.get('step')} while the last committed step is "
+                       f"{max(done) if done else 'none'}")
+            else:
+                self.resume = got
+        if why is not None:
+            print(f"  {unit.id}: not resuming from {self.path} ({why}); re-applying the edits", file=sys.stderr,
+                  flush=True)
+
+    def run(self, go: Callable[[Any], Any]) -> Any:
+        """``go(resume)``: with the saved state, falling back to ``go(None)`` when it is refused."""
+        if self.resume is None:
+            return go(None)
+        from editlens.edit.base import SequenceResumeError
+
+        try:
+            run = go(self.resume)
+        except SequenceResumeError as e:
+            print(f"  {self.unit.id}: not resuming from {self.path} ({e}); re-applying the edits", file=sys.stderr,
+                  flush=True)
+            return go(None)
+        print(f"  {self.unit.id}: resumed at {self.resume['n_edits']} edits from {self.path}", file=sys.stderr,
+              flush=True)
+        return run
+
+    def save(self, so_far: Any, step: int, final: bool) -> None:
+        if self.path is None or final:
+            return
+        from editlens.edit.base import save_sequence
+
+        save_sequence(so_far, self.path, unit=self.unit.id, step=int(step))
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            for folder in (self.path.parent, self.path.parent.parent):  # <store>.resume/<run id>/, then <store>.resume/
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
 
 
 def _rng_devices(lm: "LM") -> list:
@@ -764,6 +856,13 @@ def unit_meta(unit: Unit, spec: Spec, options: RunOptions) -> dict[str, Any]:
     return meta
 
 
+def unit_state_dir(store_path: str | Path, run_id: str) -> Path:
+    """Where the local executor keeps the saved state of a run's unfinished sequential units:
+    ``<store>.resume/<run id>/`` beside the store (emptied as units finish)."""
+    p = Path(store_path)
+    return p.with_name(p.name + ".resume") / run_id
+
+
 def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None" = None, executor: str | Any = "local",
              progress: bool = True, *, run_id: str | None = None, options: RunOptions | None = None,
              lm: "LM | None" = None, reuse_units: bool = False) -> str:
@@ -830,6 +929,8 @@ def run_spec(spec_or_path: Spec | str | Path, store: "Store | str | Path | None"
             if dropped and progress:
                 print(f"  {u.id}: deleted {dropped} rows of an evaluation that did not finish; redoing it",
                       file=sys.stderr, flush=True)
+        if hasattr(ex, "resume_dir"):  # the local executor: sequential units save their state beside the store
+            ex.resume_dir = unit_state_dir(st.path, rid)
         sink = _Committer(st, rid, metas, progress, len(todo))
         from editlens.progress import settings as progress_settings
 

@@ -236,10 +236,47 @@ def test_sequential_resume_after_crash_gives_identical_rows(tmp_path, lm):
         assert not st.is_done(ref, unit)
         assert st.last_checkpoint(ref, unit).n_edits == 4
     ToyEditor.crash_at = None
+    # the unit's state was saved at its last committed checkpoint (4 edits), beside the store
+    from editlens.runs.runner import unit_state_dir
+
+    saved = unit_state_dir(tmp_path / "r.sqlite", ref) / f"{unit}.pt"
+    assert saved.is_file()
     ToyEditor.calls = 0
     run_spec(spec, store=tmp_path / "r.sqlite", lm=lm, progress=False)
-    assert ToyEditor.calls == 3  # edits re-applied from the start
+    assert ToyEditor.calls == 1  # resumed at 4 edits: only the last batch is edited again
     assert sorted_rows(tmp_path / "r.sqlite", ref) == sorted_rows(tmp_path / "ref.sqlite", ref)
+    assert not saved.exists() and not saved.parent.parent.exists()  # removed with the finished unit
+
+
+@pytest.mark.parametrize("damage", ["garbage", "stale step", "other unit"])
+def test_sequential_resume_with_an_unusable_state_file_reapplies_the_edits(tmp_path, lm, damage, capsys):
+    """A state file that cannot be read, holds another step than the last committed one, or belongs to another
+    unit is reported and ignored: the edits are re-applied and the rows are those of an uninterrupted run."""
+    from editlens.edit.base import load_sequence
+    from editlens.runs.runner import unit_state_dir
+
+    spec = write(tmp_path, "s.toml", SEQ)
+    ref = run_spec(spec, store=tmp_path / "ref.sqlite", lm=lm, progress=False)
+    ToyEditor.calls = 0
+    ToyEditor.crash_at = 3
+    with pytest.raises(_Crash):
+        run_spec(spec, store=tmp_path / "r.sqlite", lm=lm, progress=False)
+    ToyEditor.crash_at = None
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        (unit,) = st.units(ref)["unit"]
+    path = unit_state_dir(tmp_path / "r.sqlite", ref) / f"{unit}.pt"
+    if damage == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    else:
+        got = load_sequence(path)
+        got["extra"] = {"unit": unit, "step": 1} if damage == "stale step" else {"unit": "other-unit", "step": 2}
+        torch.save(got, path)
+    ToyEditor.calls = 0
+    run_spec(spec, store=tmp_path / "r.sqlite", lm=lm, progress=True)
+    assert ToyEditor.calls == 3  # edits re-applied from the start
+    assert "not resuming from" in capsys.readouterr().err
+    assert sorted_rows(tmp_path / "r.sqlite", ref) == sorted_rows(tmp_path / "ref.sqlite", ref)
+    assert not path.exists()
 
 
 def test_eval_cases_option_and_changed_options_refused(tmp_path, lm):
