@@ -143,50 +143,34 @@ def worker_eval(args) -> dict:
 
 
 def worker_seq(args) -> dict:
-    """A sequential AlphaEdit run of ``args.n`` edits, checkpointed every ``args.seq_save_every`` edits into
-    ``<state>/seq-ckpt.pt`` (edited weights + the run's accumulated method state + per-edit seconds) and resumed
-    from there; ``args.stop_after`` ends the process after that many edits in total (for testing the resume)."""
-    import torch
-
+    """A sequential AlphaEdit run of ``args.n`` edits, saved every ``args.seq_save_every`` edits into
+    ``<state>/seq-ckpt.pt`` (:func:`editlens.edit.save_sequence`: the edited weights, the run's accumulated method
+    state, the random-number state, plus the per-edit seconds so far) and resumed from there
+    (``edit_sequential(..., resume=load_sequence(...))``: a file of tensors and plain containers, read with
+    ``weights_only=True``); ``args.stop_after`` ends the process after that many edits in total (for testing the
+    resume)."""
     from benchmarks.common import peak_memory, sync
-    from editlens.edit import edit_sequential
-    from editlens.edit.base import get_method
+    from editlens.edit import edit_sequential, load_sequence, save_sequence
 
     lm = _load(args)
     cases = _cases(args.n, 1)
     ckpt = Path(args.out).with_name("seq-ckpt.pt")
-    done, times, data, resumed = 0, [], None, 0
+    hp = _hp(args, True)
+    config = {"n": args.n, "hp": hp, "model": args.model}
+    times: list[float] = []
+    resume = None
     if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
-        if saved["n"] != args.n or saved["hp"] != _hp(args, True) or saved["model"] != args.model:
-            raise RuntimeError(f"{ckpt} belongs to another configuration ({saved['n']} edits, {saved['hp']}); "
-                               "remove it or use another --state")
-        done, times, data = saved["done"], list(saved["times"]), saved["data"]
-        with torch.no_grad():
-            for pname, w in saved["weights"].items():
-                lm.model.get_parameter(pname).copy_(w)
-        resumed = 1
-    cls = get_method("alphaedit")
-    orig_begin = cls.begin_sequence
-
-    def begin(self, lm_, hp, *, seed=0):  # resume: the run's accumulated K_p K_pᵀ, projections, statistics
-        st = orig_begin(self, lm_, hp, seed=seed)
-        if data is not None:
-            st.data.update(data)
-        return st
-
-    cls.begin_sequence = begin
-    names = {p.data_ptr(): n for n, p in lm.model.named_parameters()}
+        resume = load_sequence(ckpt)
+        extra = resume.get("extra") or {}
+        if extra.get("config") != config:
+            raise RuntimeError(f"{ckpt} belongs to another configuration ({extra.get('config')}); remove it or use "
+                               "another --state")
+        times = [float(t) for t in extra.get("times", [])]
+        if len(times) != resume["n_edits"]:
+            raise RuntimeError(f"{ckpt}: {len(times)} edit times for {resume['n_edits']} edits")
+    done = len(times)
     stamp = [time.perf_counter()]
     stop = args.stop_after or args.n
-
-    def save(so_far, n_total: int) -> None:
-        st = so_far.state
-        weights = {names[live.data_ptr()]: live.detach().clone() for live, _ in st.snapshot.pairs()}
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"n": args.n, "hp": _hp(args, True), "model": args.model, "done": n_total, "times": times,
-                    "weights": weights, "data": st.data}, tmp)
-        os.replace(tmp, ckpt)
 
     class _Stop(Exception):
         pass
@@ -195,30 +179,28 @@ def worker_seq(args) -> dict:
         sync(args.device)
         now = time.perf_counter()
         times.append(now - stamp[0])
-        n_total = done + n_edits
-        if n_total % args.seq_save_every == 0 or n_total in (args.n, stop):
-            save(so_far, n_total)
-        if not args.quick and n_total % 50 == 0:
-            print(f"seq: {n_total}/{args.n} edits, last edit {times[-1]:.2f} s", flush=True)
-        if n_total >= stop and n_total < args.n:
+        if n_edits % args.seq_save_every == 0 or n_edits in (args.n, stop):
+            save_sequence(so_far, ckpt, config=config, times=list(times))
+        if not args.quick and n_edits % 50 == 0:
+            print(f"seq: {n_edits}/{args.n} edits, last edit {times[-1]:.2f} s", flush=True)
+        if n_edits >= stop and n_edits < args.n:
             raise _Stop
         stamp[0] = time.perf_counter()  # the checkpoint's save is not part of the next edit's time
 
-    todo = cases[done:]
-    if todo and done < stop:
+    if done < args.n and done < stop:
         with peak_memory(args.device) as mem:
             stamp[0] = time.perf_counter()
             try:
-                edit_sequential(lm, todo, "alphaedit", batch_size=1, callback=cb, progress=False,
-                                **_hp(args, True))
+                edit_sequential(lm, cases, "alphaedit", batch_size=1, callback=cb, progress=False, resume=resume,
+                                **hp)
             except _Stop:
                 pass
         peak = mem["mib"]
     else:
         peak = float("nan")
-    cls.begin_sequence = orig_begin
     return {"done": float(len(times)), "times": times,
-            "n": args.n, "resumed": float(resumed), "peak_mib": peak, "complete": float(len(times) >= args.n)}
+            "n": args.n, "resumed": float(resume is not None), "peak_mib": peak,
+            "complete": float(len(times) >= args.n)}
 
 
 WORKERS = {"prepare": worker_prepare, "edit": worker_edit, "eval": worker_eval, "seq": worker_seq}
