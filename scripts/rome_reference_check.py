@@ -121,7 +121,7 @@ def worker(job_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32,
                                                  attn_implementation=job["attn_implementation"]).to(device).eval()
     model.config.n_embd = model.config.hidden_size  # compute_v sizes δ by GPT-2's config name
-    C = torch.load(job["cov_path"], map_location=device)
+    C = torch.load(job["cov_path"], map_location=device, weights_only=True)
 
     class _Moment:
         def __init__(self, m):
@@ -479,7 +479,7 @@ def main(argv=None) -> int:
     e_key = hashlib.sha256((own_hash + json.dumps([fact_list, job["hparams"], prefixes, hp.update_key, hp.v_decay,
                                                    hp.early_stop_on, hp.early_stop_loss, hp.kl_template])).encode()
                            + C.numpy().tobytes()).hexdigest()
-    saved = torch.load(e_path, weights_only=False) if args.reuse and e_path.is_file() else None
+    saved = torch.load(e_path, weights_only=True) if args.reuse and e_path.is_file() else None
     if saved is not None and saved["key"] == e_key:
         e_deltas, e_steps = saved["deltas"], saved["steps"]
         print(f"editlens side: reused {e_path}", flush=True)
@@ -569,7 +569,7 @@ def run_worker(py: Path, job: dict, job_path: Path, out_path: Path, work: Path, 
         print(f"{label}: {time.time() - t0:.0f} s", flush=True)
     else:
         print(f"{label}: reused {out_path}", flush=True)
-    return torch.load(out_path, weights_only=False)  # written by the worker of this run (or a reused identical job)
+    return torch.load(out_path, weights_only=True)  # tensors and plain containers only: a file never runs code
 
 
 def _tree_digest(src: Path) -> str:
