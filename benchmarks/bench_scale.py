@@ -4,7 +4,7 @@ a sequential run to 1,000 edits — each against its small counterpart measured 
 ``python -m benchmarks scale [--quick] --device cpu`` (defaults) or, with every option,
 ``python -m benchmarks.bench_scale [--quick] [--device cpu] [--model NAME] [--state DIR] [--n 1000] [--base-n 100]
 [--eval-cases 2000] [--eval-base 200] [--eval-chunk 100] [--seq-edits 1000] [--v-steps K] [--seq-v-steps 5]
-[--v-chunk-size C] [--only edit,eval,seq]`` prints and returns:
+[--v-chunk-size C] [--only edit,eval,seq] [--methods memit,alphaedit]`` prints and returns:
 
 * ``scale.{memit,alphaedit}_batch{n}_s`` / ``..._peak_mib`` for the small batch (100) and the large one (N =
   1,000), ``scale.{method}_time_ratio`` (large / small; linear scaling gives N/100) and
@@ -25,7 +25,8 @@ state directory (``--state``, default ``~/.cache/editlens/bench-scale/<model>``,
 ``--quick``) as one JSON file per configuration; a configuration with a result file is not run again, and the
 sequential run saves its weights and AlphaEdit's accumulated state every ``--seq-save-every`` edits and resumes
 from there. So the full run (hours on 2 CPU cores) can be started in the background and restarted after an
-interruption: ``nohup python -m benchmarks.bench_scale --state DIR > scale.log 2>&1 &``; ``--only`` picks parts.
+interruption: ``nohup python -m benchmarks.bench_scale --state DIR > scale.log 2>&1 &``; ``--only`` picks parts,
+``--methods`` the batch methods of the edit part.
 """
 from __future__ import annotations
 
@@ -241,7 +242,8 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
         state: str | None = None, n: int | None = None, base_n: int | None = None, eval_cases: int | None = None,
         eval_base: int | None = None, eval_chunk: int | None = None, seq_edits: int | None = None,
         v_steps: int | None = None, seq_v_steps: int | None = 5, seq_save_every: int | None = None,
-        only: str = "edit,eval,seq", v_chunk_size: int | None = None) -> dict[str, float]:
+        only: str = "edit,eval,seq", v_chunk_size: int | None = None,
+        methods: str = "memit,alphaedit") -> dict[str, float]:
     """Run (or resume) the scale benchmark; returns ``{figure: value}``."""
     if quick:
         n, base_n = n or 12, base_n or 6
@@ -262,6 +264,9 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     bad = parts - {"edit", "eval", "seq"}
     if bad:
         raise ValueError(f"--only: unknown part(s) {sorted(bad)}; use edit, eval, seq")
+    batch_methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not batch_methods or set(batch_methods) - {"memit", "alphaedit"}:
+        raise ValueError(f"--methods: {methods!r}; use memit, alphaedit or both")
     print(f"scale: state in {state}", flush=True)
     if v_steps:
         print(f"scale: value optimisation shortened to v_num_grad_steps={v_steps} in the batches (speed and memory "
@@ -273,7 +278,7 @@ def run(device: str = "cpu", model: str = "smollm2-135m", quick: bool = False, d
     if parts & {"edit", "seq"}:
         _cached(args, "prepare", "prepare")
     if "edit" in parts:
-        for method in ("memit", "alphaedit"):
+        for method in batch_methods:
             got = {k: _cached(args, "edit", f"edit-{method}-{k}", method=method, n=k) for k in (base_n, n)}
             for k, g in got.items():
                 out[f"scale.{method}_batch{k}_s"] = g["s"]
@@ -333,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="v_chunk_size of the batches (default: the method's, 100; 0 = unchunked, for comparison)")
     ap.add_argument("--seq-save-every", type=int, default=None, help="checkpoint the sequential run every K edits")
     ap.add_argument("--only", default="edit,eval,seq", help="comma-separated parts: edit, eval, seq")
+    ap.add_argument("--methods", default="memit,alphaedit", help="batch methods of the edit part: memit, alphaedit")
     # worker mode (internal: one configuration per subprocess)
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     run(device=a.device, model=a.model, quick=a.quick, dtype=a.dtype, state=a.state, n=a.n, base_n=a.base_n,
         eval_cases=a.eval_cases, eval_base=a.eval_base, eval_chunk=a.eval_chunk, seq_edits=a.seq_edits,
         v_steps=a.v_steps, seq_v_steps=a.seq_v_steps, seq_save_every=a.seq_save_every, only=a.only,
-        v_chunk_size=a.v_chunk_size)
+        v_chunk_size=a.v_chunk_size, methods=a.methods)
     return 0
 
 
