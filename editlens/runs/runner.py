@@ -469,7 +469,7 @@ def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sin
                      state_dir: Path | None = None) -> None:
     """:func:`execute_unit` with ``options.eval_chunk`` (see "Streaming" in the module docstring); called inside
     the unit's ``fork_rng`` / truncation context, right after the unit's seed is set."""
-    from editlens.edit.base import edit, edit_sequential
+    from editlens.edit.base import edit
 
     chunk = int(options.eval_chunk)  # type: ignore[arg-type]
     kw = dict(prompt_format=prompt_format, batch_tokens=options.batch_tokens)
@@ -536,8 +536,6 @@ def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sin
             _stream(None, bases, options, prompt_format, emitter(0, 0), self_base=True)
             finish(0, 0, {"eval_time_s": time.perf_counter() - t0}, False)
 
-        saved = _SequenceFile(state_dir, unit, done)
-
         def callback(step: int, n_edits: int, so_far: Any) -> None:
             if step in done:
                 return
@@ -546,14 +544,8 @@ def _execute_chunked(lm: "LM", unit: Unit, cases: list, options: RunOptions, sin
             _stream(so_far.system, bases, options, prompt_format, emitter(step, n_edits))
             diag["eval_time_s"] = time.perf_counter() - t1
             finish(step, n_edits, diag, n_edits == last)
-            saved.save(so_far, step, n_edits == last)
 
-        run = saved.run(lambda resume: edit_sequential(
-            lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams), checkpoints=marks, callback=callback,
-            evk_align=evk, seed=unit.seed, prompt_format=prompt_format, trained=trained, progress=True,
-            resume=resume))
-        run.undo()
-        saved.remove()
+        _run_sequential(lm, unit, cases, callback, done, state_dir, evk, prompt_format, trained)
 
 
 def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options: RunOptions,
@@ -564,12 +556,12 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
 
     ``done_steps`` are the steps already committed for this unit (resume): they are not re-evaluated, but the
     edits are re-applied so that the later steps start from the same weights — unless ``resume_dir`` holds the
-    unit's state saved at its last committed checkpoint (:func:`_SequenceFile`): then the run goes on from
+    unit's state saved at its last committed checkpoint (:class:`_SequenceFile`): then the run goes on from
     there. With ``options.eval_chunk`` every
     evaluation is streamed (:func:`_execute_chunked`; a batch unit of staged ConflictEdit / RoundEdit records is
     evaluated as without it).
     """
-    from editlens.edit.base import edit, edit_sequential
+    from editlens.edit.base import edit
     from editlens.runs.answers import ANSWERS_KEY, CaseAnswers
 
     done = set(int(s) for s in done_steps)
@@ -657,8 +649,6 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
                     sink(StepResult(unit.id, s, n, _rows(res, s, n), {"eval_time_s": time.perf_counter() - t0},
                                     final=n == last))
             return
-        saved = _SequenceFile(resume_dir, unit, done)
-
         def callback(step: int, n_edits: int, so_far: Any) -> None:
             if step in done:
                 return
@@ -669,17 +659,34 @@ def execute_unit(lm: "LM", unit: Unit, all_cases: Sequence["EditCase"], options:
             if n_edits == last:
                 diag[ANSWERS_KEY] = ans.record(so_far.system)
             sink(StepResult(unit.id, step, n_edits, _rows(res, step, n_edits), diag, final=n_edits == last))
-            saved.save(so_far, step, n_edits == last)
 
         ans = CaseAnswers(lm, sample, prompt_format=prompt_format, batch_tokens=options.batch_tokens,
                           cache=base_answers._cache)
+        _run_sequential(lm, unit, cases, callback, done, resume_dir, evk, prompt_format, trained)
 
-        run = saved.run(lambda resume: edit_sequential(
-            lm, cases, unit.method, batch_size=bs, hparams=dict(unit.hparams), checkpoints=marks, callback=callback,
-            evk_align=evk, seed=unit.seed, prompt_format=prompt_format, trained=trained, progress=True,
-            resume=resume))
-        run.undo()
-        saved.remove()
+
+def _run_sequential(lm: "LM", unit: Unit, cases: list, callback: Callable[[int, int, Any], None], done: set[int],
+                    state_dir: Path | None, evk: Any, prompt_format: str, trained: Any) -> None:
+    """The edits of a sequential unit (both evaluation paths): ``edit_sequential`` with the unit's settings, calling
+    ``callback`` at each checkpoint and then saving the unit's state there (:class:`_SequenceFile`), started from
+    the state saved at the last committed checkpoint when there is a usable one; the run is undone and its state
+    file removed at the end."""
+    from editlens.edit.base import edit_sequential
+
+    saved = _SequenceFile(state_dir, unit, done)
+    last = unit.checkpoints[-1]
+
+    def checkpoint(step: int, n_edits: int, so_far: Any) -> None:
+        callback(step, n_edits, so_far)
+        if step not in done:
+            saved.save(so_far, step, n_edits == last)
+
+    run = saved.run(lambda resume: edit_sequential(
+        lm, cases, unit.method, batch_size=unit.batch_size, hparams=dict(unit.hparams),
+        checkpoints=list(unit.checkpoints), callback=checkpoint, evk_align=evk, seed=unit.seed,
+        prompt_format=prompt_format, trained=trained, progress=True, resume=resume))
+    run.undo()
+    saved.remove()
 
 
 class _SequenceFile:
