@@ -35,7 +35,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field, fields, replace as dc_replace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -539,9 +539,8 @@ class Editor:
 
         snap = snapshot if snapshot is not None else self.snapshot_for(sequence)
         h = hashlib.sha256(f"{self.name}|{hparams!r}|".encode())
-        for c in cases:
-            for r in c.rewrites:
-                h.update(f"{c.case_id}|{r.prompt}|{r.subject}|{r.target_new}".encode())
+        for key in _rewrite_keys(cases):
+            h.update(key.encode())
         sums = []
         for name, delta in deltas.items():
             if not applied:
@@ -978,11 +977,18 @@ def _is_plain(obj: Any) -> bool:
     return False
 
 
-def _cases_digest(cases: Sequence["EditCase"]) -> str:
-    h = hashlib.sha256()
+def _rewrite_keys(cases: Sequence["EditCase"]) -> Iterator[str]:
+    """``case_id|prompt|subject|target_new`` of every rewrite, in order: what identifies the edited facts (in an
+    edit's fingerprint tag and a saved sequential run)."""
     for c in cases:
         for r in c.rewrites:
-            h.update(f"{c.case_id}|{r.prompt}|{r.subject}|{r.target_new}\n".encode())
+            yield f"{c.case_id}|{r.prompt}|{r.subject}|{r.target_new}"
+
+
+def _cases_digest(cases: Sequence["EditCase"]) -> str:
+    h = hashlib.sha256()
+    for key in _rewrite_keys(cases):
+        h.update(f"{key}\n".encode())
     return h.hexdigest()[:16]
 
 
